@@ -1,0 +1,198 @@
+"""The Streamlit page of ``brainseg app``. Thin: every computation is in :mod:`brainseg.app.logic`.
+
+Settings come from the environment (see ``logic.AppSettings``). A ready backend placed in
+``st.session_state["backend"]`` / ``["survival"]`` is used instead of loading one (tests,
+embedding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from brainseg.app import logic
+
+BACKEND_KEY, SURVIVAL_KEY, ANALYSIS_KEY = "backend", "survival", "analysis"
+UPLOAD, EXAMPLE = "Upload files", "Bundled synthetic example"
+
+st.set_page_config(page_title="brainseg: LGG tumor segmentation", layout="wide")
+settings = logic.AppSettings.from_env()
+
+
+@st.cache_resource(show_spinner="Loading the segmentation model...")
+def load_segmenter(model_uri: str, endpoint: str | None):
+    return logic.make_segmenter(logic.AppSettings(model_uri=model_uri, endpoint=endpoint))
+
+
+@st.cache_resource(show_spinner="Loading the survival model...")
+def load_survival(model_uri: str):
+    return logic.SurvivalBackend.load(model_uri)
+
+
+def segmenter():
+    if BACKEND_KEY in st.session_state:
+        return st.session_state[BACKEND_KEY]
+    try:
+        return load_segmenter(settings.model_uri, settings.endpoint)
+    except Exception as exc:  # noqa: BLE001 - shown on the page, never as a traceback
+        st.error(f"The segmentation model {settings.endpoint or settings.model_uri} cannot be "
+                 f"loaded: {exc}")
+        st.stop()
+
+
+def survival_model():
+    """(backend or None, why not)."""
+    if SURVIVAL_KEY in st.session_state:
+        return st.session_state[SURVIVAL_KEY], ""
+    if not settings.survival_uri:
+        return None, "No survival model is configured for this page."
+    try:
+        return load_survival(settings.survival_uri), ""
+    except Exception as exc:  # noqa: BLE001
+        return None, f"The survival model {settings.survival_uri} cannot be loaded: {exc}"
+
+
+def read_inputs():
+    """(key identifying the inputs, function giving the parsed Upload)."""
+    mode = st.radio("Slices from", [UPLOAD, EXAMPLE], horizontal=True)
+    if mode == EXAMPLE:
+        title = st.selectbox("Example", list(logic.EXAMPLES))
+        return ("example", title), lambda: logic.example_upload(title)
+    files = st.file_uploader(
+        "Slices (.tif or .png; add the *_mask.tif files to see the Dice), a .zip of a patient "
+        "folder, and optionally data.csv", type=logic.UPLOAD_TYPES, accept_multiple_files=True)
+    files = files or []
+    key = ("upload", tuple((f.file_id, f.name, f.size) for f in files))
+    return key, lambda: logic.parse_uploads((f.name, f.getvalue()) for f in files)
+
+
+def analyse(key, parse) -> dict:
+    """Parse and segment once per set of inputs; reruns (slider moves) reuse the session's copy."""
+    state = st.session_state.get(ANALYSIS_KEY)
+    backend = segmenter()
+    if state is not None and state["key"] == (key, id(backend)):
+        return state
+    upload = parse()
+    bar = st.progress(0.0, text="Segmenting...") if upload.slices else None
+    results, problems = logic.analyse(upload.slices, backend, progress=lambda done, n: bar.progress(
+        done / n, f"Segmenting: {done}/{n} slices"))
+    if bar:
+        bar.empty()
+    patients, patient_problems = logic.patient_table(results)
+    state = {"key": (key, id(backend)), "upload": upload, "results": results,
+             "problems": upload.problems + problems + patient_problems, "patients": patients,
+             "provenance": backend.describe(),
+             "masks_zip": logic.masks_zip(results) if results else b"",
+             "survival": {}}
+    st.session_state[ANALYSIS_KEY] = state
+    return state
+
+
+def show_features(state: dict) -> None:
+    table = logic.slice_table(state["results"])
+    st.subheader("Features per slice")
+    st.dataframe(table.round(3), hide_index=True)
+    left, right = st.columns(2)
+    features_csv = logic.csv_bytes(logic.with_provenance(table, state["provenance"]))
+    left.download_button("Download features (CSV)", features_csv, "features.csv", "text/csv")
+    right.download_button("Download predicted masks (zip of PNG)", state["masks_zip"], "masks.zip",
+                          "application/zip")
+
+
+def show_slice(group: list[logic.SliceResult], patient: str) -> None:
+    index = 0
+    if len(group) > 1:
+        index = st.slider("Slice (position in the uploaded volume)", 1, len(group),
+                          logic.default_slice(group) + 1, key=f"slice-{patient}") - 1
+    r = group[index]
+    st.caption(f"Slice number {r.item.slice}: tumor {'yes' if r.features['tumor'] else 'no'}, "
+               f"area {r.features['area_px']} px")
+    for column, (caption, picture) in zip(st.columns(3), logic.slice_views(r)):
+        column.image(picture, caption=caption, width=300)
+
+
+def show_patient(state: dict, patient: str, group: list[logic.SliceResult]) -> None:
+    rows = state["patients"]
+    row = rows[rows["patient"] == patient] if not rows.empty else rows
+    if row.empty:
+        return
+    info = row.iloc[0]
+    left, middle, right = st.columns(3)
+    left.metric("Tumor volume (px, predicted)", f"{int(info['tumor_volume_px']):,}")
+    middle.metric("Slices with tumor", f"{int(info['tumor_slices'])} of {int(info['slices'])}")
+    if "volume_dice" in info and not math.isnan(info["volume_dice"]):
+        right.metric("Volume Dice vs truth", f"{info['volume_dice']:.3f}")
+    st.line_chart(logic.area_by_slice(group), x_label="slice number", y_label="tumor area (px)")
+    model, why = survival_model()
+    if model is None:
+        st.info(why)
+    else:
+        if patient not in state["survival"]:
+            try:
+                probs = model.probabilities(row, state["upload"].clinical)
+                state["survival"][patient] = float(probs["death01_probability"].iloc[0])
+            except Exception as exc:  # noqa: BLE001
+                state["survival"][patient] = f"survival model failed: {exc}"
+        value = state["survival"][patient]
+        if isinstance(value, str):
+            st.error(value)
+        else:
+            upload = state["upload"]
+            clinical = (f"clinical data from {upload.clinical_name}" if upload.clinical
+                        else "no data.csv uploaded: clinical fields imputed")
+            st.metric("Survival model: probability of death01 = 1", f"{value:.1%}",
+                      help=f"From the volume features of the {len(group)} uploaded slices; "
+                           f"{clinical}.")
+            st.caption(logic.provenance_line(model.describe()))
+    st.warning(logic.SURVIVAL_DISCLAIMER)
+
+
+def deployment_note() -> str:
+    if BACKEND_KEY in st.session_state:
+        return "Segmenter provided by the hosting application."
+    if settings.endpoint:
+        return (f"Slices are sent to the served model at {settings.endpoint}; it reports its run "
+                "and data version with each result.")
+    registry = settings.model_uri.startswith("models:/")
+    where = "the MLflow model registry" if registry else "a model file"
+    return f"Model loaded from {where} and run in this process."
+
+
+def main() -> None:
+    st.title("Lower-grade glioma: tumor segmentation on brain MRI")
+    st.caption("Research software, not a medical device: results are not a diagnosis.")
+    backend = segmenter()
+    with st.sidebar:
+        st.header("Model")
+        st.write(logic.provenance_line(backend.describe()))
+        st.caption(deployment_note())
+    key, parse = read_inputs()
+    try:
+        state = analyse(key, parse)
+    except Exception as exc:  # noqa: BLE001 - the page keeps working whatever the input
+        st.error(f"These inputs could not be processed: {type(exc).__name__}: {exc}")
+        return
+    for problem in state["problems"]:
+        st.error(problem)
+    if not state["results"]:
+        st.info("Upload .tif/.png slices or a .zip of a patient folder, or pick a bundled example.")
+        return
+    st.caption("Result produced by " + logic.provenance_line(state["provenance"]))
+    show_features(state)
+    groups = logic.by_patient(state["results"])
+    patient = st.selectbox("Patient", list(groups)) if len(groups) > 1 else next(iter(groups))
+    st.subheader(f"Patient {patient}")
+    show_slice(groups[patient], patient)
+    if len(groups[patient]) > 1:
+        show_patient(state, patient, groups[patient])
+    if not state["patients"].empty and (state["patients"]["slices"] > 1).any():
+        st.subheader("Per-patient volume features")
+        st.dataframe(state["patients"].round(3), hide_index=True)
+        patients = logic.with_provenance(state["patients"], state["provenance"])
+        patients_csv = logic.csv_bytes(patients)
+        st.download_button("Download patient features (CSV)", patients_csv, "patients.csv",
+                           "text/csv")
+
+
+main()

@@ -1,0 +1,1 @@
+"""Data layer: layout discovery, TIFF I/O and validation, manifest, split, preprocessing."""

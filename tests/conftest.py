@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny synthetic datasets, and the real LGG sample where the project sits beside
+shared/."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from brainseg.data.synth import generate
+
+REAL_SKIP = ("real LGG sample not available: ../shared/data/lgg/unpack.sh missing "
+             "(the tests use it where the project sits beside shared/)")
+
+
+def shared_lgg_dir() -> Path | None:
+    """The folder holding ``unpack.sh``: ``$BRAINSEG_SHARED_DATA`` (the lgg folder or a parent of
+    it), else ``../shared/data/lgg`` beside the project. None when neither has ``unpack.sh``."""
+    candidates = []
+    env = os.environ.get("BRAINSEG_SHARED_DATA")
+    if env:
+        candidates += [Path(env), Path(env) / "lgg", Path(env) / "data" / "lgg"]
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg")
+    for c in candidates:
+        if (c / "unpack.sh").is_file():
+            return c
+    return None
+
+
+def unpack_real(dest: Path, which: str = "sample") -> Path:
+    """Run ``unpack.sh DEST which`` and return ``DEST/kaggle_3m``."""
+    lgg = shared_lgg_dir()
+    if lgg is None:
+        raise FileNotFoundError(REAL_SKIP)
+    done = subprocess.run(["bash", str(lgg / "unpack.sh"), str(dest), which],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{lgg / 'unpack.sh'} {dest} {which} failed: {done.stderr.strip()}")
+    return Path(dest) / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def real_sample(tmp_path_factory) -> Path:
+    """The real 6-patient, 176-slice sample as a kaggle_3m folder (read-only: do not modify it)."""
+    if shared_lgg_dir() is None:
+        pytest.skip(REAL_SKIP)
+    return unpack_real(tmp_path_factory.mktemp("lgg-real"), "sample")
+
+
+@pytest.fixture
+def make_synth(tmp_path_factory):
+    """Factory: ``make_synth(patients=3, slices=4, size=32, seed=0)`` -> a new kaggle_3m folder."""
+    def make(patients: int = 3, slices: int = 4, size: int = 32, seed: int = 0) -> Path:
+        out = tmp_path_factory.mktemp("synth") / "kaggle_3m"
+        return generate(out, patients=patients, slices=slices, size=size, seed=seed)
+
+    return make
+
+
+@pytest.fixture
+def synth_root(tmp_path) -> Path:
+    """3 synthetic patients x 4 slices of 32x32 in ``tmp_path/kaggle_3m``, free to damage."""
+    return generate(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=0)
+
+
+# ------------------------------------------------------------------ a tiny project to run commands in
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str):
+    """Run a brainseg command in-process; returns typer's Result (exit_code, output)."""
+    from typer.testing import CliRunner
+
+    from brainseg.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def make_project(path: Path, patients: int = 10, slices: int = 8, size: int = 64) -> Path:
+    """A project folder: params.yaml, experiments/ and synthetic data with manifest and split."""
+    import shutil
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "params.yaml", path / "params.yaml")
+    shutil.copytree(PROJECT_ROOT / "experiments", path / "experiments", dirs_exist_ok=True)
+    generate(path / "data/raw/kaggle_3m", patients=patients, slices=slices, size=size, seed=1)
+    return path
+
+
+class Tracking:
+    """Points MLflow (tracking and registry) at a SQLite file for the duration of a test."""
+
+    def __init__(self, db: Path):
+        self.uri = f"sqlite:///{db}"
+
+    def __enter__(self):
+        import mlflow
+
+        self._env = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        return self
+
+    def __exit__(self, *exc):
+        import mlflow
+
+        while mlflow.active_run():
+            mlflow.end_run()
+        if self._env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._env
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="session")
+def tuned_project(tmp_path_factory):
+    """A project that went through manifest, split and a 2-trial smoke study (shared, read-only)."""
+    path = make_project(tmp_path_factory.mktemp("project"))
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        with Tracking(path / "mlflow.db"):
+            for args in (("data", "manifest"), ("data", "split"), ("tune", "--profile", "smoke")):
+                result = invoke(*args)
+                assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(old)
+    return path
+
+
+@pytest.fixture
+def in_project(tuned_project, monkeypatch):
+    """Run the test inside the tuned project, with its MLflow database."""
+    monkeypatch.chdir(tuned_project)
+    with Tracking(tuned_project / "mlflow.db") as t:
+        yield t

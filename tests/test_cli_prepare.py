@@ -1,0 +1,22 @@
+"""`brainseg data prepare`: what `mlflow run . -e tune` does first on a fresh checkout."""
+
+import pandas as pd
+
+from conftest import PROJECT_ROOT, invoke
+
+
+def test_prepare_generates_the_synthetic_default_then_manifest_and_split(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(PROJECT_ROOT / "experiments", tmp_path / "experiments")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("data", "prepare", "--no-dvc", "--set", "data.synth.patients=6", "--set", "data.synth.slices=5")
+    assert result.exit_code == 0, result.output
+    assert "generated the synthetic default" in result.output
+    manifest = pd.read_csv("data/processed/manifest.csv")
+    split = pd.read_csv("data/processed/split.csv")
+    assert manifest["patient"].nunique() == 6 and len(manifest) == 30
+    assert set(split["patient"]) == set(manifest["patient"])
+    again = invoke("data", "prepare", "--no-dvc")
+    assert again.exit_code == 0 and "using the synthetic dataset already there" in again.output

@@ -1,0 +1,186 @@
+"""Settings: params.yaml <- profile <- --set overrides; errors name the key, profile or file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brainseg.config import (
+    ConfigError, PrepConfig, TrainConfig, apply_overrides, deep_merge, flatten, load_settings,
+    parse_override,
+)
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+PARAMS = {
+    "profile": "small",
+    "data": {"root": "data/raw/kaggle_3m", "synth": {"patients": 16, "size": 64}},
+    "train": {"arch": "unet", "lr": 0.001, "epochs": 30, "loss": {"bce": 0.5, "dice": 1.0},
+              "encoder_weights": None},
+}
+PROFILES = {
+    "small": {"train": {"epochs": 2}},
+    "big": {"train": {"epochs": 80, "loss": {"focal": 1.0}}, "data": {"synth": {"size": 128}}},
+    "empty": None,
+}
+
+
+@pytest.fixture
+def files(tmp_path):
+    params, profiles = tmp_path / "params.yaml", tmp_path / "profiles.yaml"
+    params.write_text(yaml.safe_dump(PARAMS))
+    profiles.write_text(yaml.safe_dump(PROFILES))
+    return {"params_file": params, "profiles_file": profiles}
+
+
+@pytest.mark.parametrize("base, override, expected", [
+    ({"a": 1}, {"b": 2}, {"a": 1, "b": 2}),
+    ({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}, {"a": {"b": 1, "c": 3}}),
+    ({"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"d": 3}}}, {"a": {"b": {"c": 1, "d": 3}}}),
+    ({"a": {"b": 1}}, {"a": 5}, {"a": 5}),                       # a value replaces a section
+    ({"a": 5}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+    # a loss mapping is replaced whole, never merged
+    ({"loss": {"bce": 0.5, "dice": 1.0}}, {"loss": {"focal": 1.0}}, {"loss": {"focal": 1.0}}),
+    ({"a": [1, 2]}, {"a": [3]}, {"a": [3]}),
+])
+def test_deep_merge(base, override, expected):
+    base_copy = yaml.safe_load(yaml.safe_dump(base))
+    override_copy = yaml.safe_load(yaml.safe_dump(override))
+    assert deep_merge(base, override) == expected
+    assert base == base_copy and override == override_copy  # inputs untouched
+
+
+def test_deep_merge_result_does_not_share_nested_dicts():
+    base = {"a": {"b": 1}}
+    merged = deep_merge(base, {})
+    merged["a"]["b"] = 2
+    assert base["a"]["b"] == 1
+
+
+@pytest.mark.parametrize("text, path, value", [
+    ("train.lr=0.01", ["train", "lr"], 0.01),
+    ("train.epochs=5", ["train", "epochs"], 5),
+    ("train.encoder_weights=null", ["train", "encoder_weights"], None),
+    ("train.encoder_weights=", ["train", "encoder_weights"], None),
+    ("train.sharpen=true", ["train", "sharpen"], True),
+    ("train.arch=unetpp", ["train", "arch"], "unetpp"),
+    ("train.loss={dice: 1.0, bce: 0.2}", ["train", "loss"], {"dice": 1.0, "bce": 0.2}),
+    ("data.root=a=b", ["data", "root"], "a=b"),
+    (" profile =cpu", ["profile"], "cpu"),
+])
+def test_parse_override(text, path, value):
+    assert parse_override(text) == (path, value)
+
+
+@pytest.mark.parametrize("text, message", [("train.lr", "expected KEY=VALUE"), ("=3", "empty key")])
+def test_parse_override_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_override(text)
+
+
+def test_load_settings_uses_the_default_profile(files):
+    s = load_settings(**files)
+    assert s["profile"] == "small"
+    assert s["train"]["epochs"] == 2
+    assert s["train"]["lr"] == 0.001 and s["train"]["arch"] == "unet"
+
+
+def test_load_settings_named_profile_merges_deeply(files):
+    s = load_settings("big", **files)
+    assert s["profile"] == "big"
+    assert s["train"]["epochs"] == 80
+    assert s["train"]["loss"] == {"focal": 1.0}
+    assert s["data"]["synth"] == {"patients": 16, "size": 128}
+    assert s["data"]["root"] == "data/raw/kaggle_3m"
+
+
+def test_load_settings_empty_profile_keeps_params(files):
+    s = load_settings("empty", **files)
+    assert s["train"] == PARAMS["train"]
+
+
+def test_overrides_apply_after_the_profile(files):
+    overrides = ["train.epochs=3", "data.synth.size=32", "train.loss={dice: 1.0}"]
+    s = load_settings("big", overrides, **files)
+    assert s["train"]["epochs"] == 3
+    assert s["data"]["synth"]["size"] == 32
+    assert s["train"]["loss"] == {"dice": 1.0}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.1", "unknown key 'train.lrr'"),
+    ("train.loss.focal=1", "unknown key 'train.loss.focal'"),
+    ("trian.lr=0.1", "'trian' is not a section"),
+    ("train.lr.x=1", "'lr' is not a section"),
+    ("nothing=1", "unknown key 'nothing'"),
+])
+def test_unknown_override_key_is_named(files, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(overrides=[override], **files)
+
+
+def test_unknown_profile(files):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge'.*\['big', 'empty', 'small'\]"):
+        load_settings("huge", **files)
+
+
+def test_missing_and_bad_files(tmp_path, files):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_settings(params_file=tmp_path / "nope.yaml", profiles_file=files["profiles_file"])
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_settings(params_file=tmp_path / "bad.yaml", profiles_file=files["profiles_file"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_settings(params_file=tmp_path / "list.yaml", profiles_file=files["profiles_file"])
+
+
+def test_apply_overrides_does_not_modify_its_input():
+    cfg = {"train": {"lr": 0.1}}
+    assert apply_overrides(cfg, ["train.lr=0.2"]) == {"train": {"lr": 0.2}}
+    assert cfg == {"train": {"lr": 0.1}}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "gpu"])
+def test_project_profiles_give_valid_train_configs(profile):
+    s = load_settings(profile, params_file=PROJECT / "params.yaml",
+                      profiles_file=PROJECT / "experiments" / "profiles.yaml")
+    cfg = TrainConfig.from_dict(s["train"])
+    assert cfg.prep.size == s["train"]["size"]
+    assert cfg.to_dict() == TrainConfig.from_dict(cfg.to_dict()).to_dict()
+
+
+def test_train_config_errors():
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['lrr'\]"):
+        TrainConfig.from_dict({"lrr": 0.1})
+    with pytest.raises(ConfigError, match="tumor_fraction"):
+        TrainConfig.from_dict({"tumor_fraction": 1.5})
+    with pytest.raises(ConfigError, match="train.loss"):
+        TrainConfig.from_dict({"loss": {}})
+    with pytest.raises(ConfigError, match="size: 100"):
+        TrainConfig.from_dict({"size": 100})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(channels="t1"), "channels: 't1'"),
+    (dict(normalize="minmax"), "normalize: 'minmax'"),
+    (dict(size=48), "multiple of 32"),
+    (dict(size=2048), "multiple of 32"),
+])
+def test_prep_config_errors(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        PrepConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, n, key", [
+    (dict(), 1, "flair-128-zscore-plain"),
+    (dict(channels="all", size=64, normalize="unit", sharpen=True), 3, "all-64-unit-sharp"),
+])
+def test_prep_config_channels_and_key(kw, n, key):
+    prep = PrepConfig(**kw)
+    assert prep.n_channels == n and prep.key() == key
+
+
+def test_flatten():
+    nested = {"a": {"b": 1, "c": {"d": 2}}, "e": {}, "f": None}
+    assert flatten(nested) == {"a.b": 1, "a.c.d": 2, "e": {}, "f": None}

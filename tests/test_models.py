@@ -1,0 +1,87 @@
+"""Architecture factory and losses by name."""
+
+import brainseg.keras_env  # noqa: F401
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brainseg.config import TrainConfig
+from brainseg.models.factory import build_model, check_names
+from brainseg.models.losses import TverskyLoss, make_loss
+
+
+@pytest.mark.parametrize("arch,encoder,channels", [
+    ("unet", "resnet18", "flair"),
+    ("linknet", "resnet18", "all"),
+    ("fpn", "mobilenetv2", "all"),
+    ("unetpp", "resnet18", "flair"),
+    ("plain_unet", "resnet18", "all"),
+])
+def test_every_architecture_maps_a_slice_to_a_probability_mask(arch, encoder, channels):
+    cfg = TrainConfig.from_dict({"arch": arch, "encoder": encoder, "channels": channels, "size": 64,
+                                 "base_filters": 4})
+    model = build_model(cfg)
+    x = np.zeros((2, 64, 64, cfg.prep.n_channels), np.float32)
+    y = model(x, training=False).numpy()
+    assert y.shape == (2, 64, 64, 1)
+    assert (y >= 0).all() and (y <= 1).all()
+
+
+def test_unetpp_deep_supervision_averages_heads_into_one_output():
+    cfg = TrainConfig.from_dict({"arch": "unetpp", "size": 32, "base_filters": 4, "deep_supervision": True})
+    model = build_model(cfg)
+    assert model.output_shape == (None, 32, 32, 1)
+    assert sum(layer.name.startswith("head") for layer in model.layers) == 4
+
+
+def test_pspnet_needs_a_size_divisible_by_48():
+    with pytest.raises(ValueError, match="divisible by 48"):
+        build_model(TrainConfig.from_dict({"arch": "pspnet", "encoder": "resnet18", "size": 64}))
+
+
+@pytest.mark.parametrize("arch,encoder,match", [("segformer", "resnet18", "unknown architecture"),
+                                                ("unet", "resnet999", "unknown encoder")])
+def test_unknown_names_are_refused(arch, encoder, match):
+    with pytest.raises(ValueError, match=match):
+        check_names(arch, encoder)
+
+
+def test_encoder_weights_must_be_a_local_file(tmp_path):
+    cfg = TrainConfig.from_dict({"arch": "unet", "encoder": "resnet18", "size": 64, "channels": "all",
+                                 "encoder_weights": str(tmp_path / "missing.h5")})
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        build_model(cfg)
+
+
+def _tensors():
+    gt = np.zeros((1, 4, 4, 1), np.float32)
+    gt[0, :2, :2] = 1
+    pr = np.full((1, 4, 4, 1), 0.2, np.float32)
+    pr[0, :2, :] = 0.9
+    return tf.constant(gt), tf.constant(pr)
+
+
+def test_weighted_loss_is_the_weighted_sum_of_its_terms():
+    gt, pr = _tensors()
+    bce, dice = make_loss({"bce": 1.0}), make_loss({"dice": 1.0})
+    both = make_loss({"bce": 0.5, "dice": 2.0})
+    assert float(both(gt, pr)) == pytest.approx(0.5 * float(bce(gt, pr)) + 2.0 * float(dice(gt, pr)), rel=1e-5)
+
+
+def test_tversky_with_equal_weights_is_the_dice_loss():
+    gt, pr = _tensors()
+    tp = float(tf.reduce_sum(gt * pr))
+    fp = float(tf.reduce_sum((1 - gt) * pr))
+    fn = float(tf.reduce_sum(gt * (1 - pr)))
+    expected = 1 - (tp + 1) / (tp + 0.5 * fp + 0.5 * fn + 1)
+    assert float(TverskyLoss(0.5, 0.5)(gt, pr)) == pytest.approx(expected, rel=1e-5)
+    # alpha > beta punishes false positives more: this prediction has more FP than FN
+    assert float(TverskyLoss(0.7, 0.3)(gt, pr)) > float(TverskyLoss(0.3, 0.7)(gt, pr))
+
+
+@pytest.mark.parametrize("weights,match", [({"hinge": 1.0}, "unknown"), ({"bce": 0.0}, "all weights are zero"),
+                                           ({"dice": -1.0}, "negative"), ({}, "expected a mapping")])
+def test_bad_loss_specs_are_refused(weights, match):
+    with pytest.raises(ValueError, match=match):
+        make_loss(weights)

@@ -1,0 +1,66 @@
+"""Tracking glue: behaviour that only shows up when several workers share one tracking server."""
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from brainseg import tracking
+
+ROWS = pd.DataFrame({"patient": ["TCGA_AA_0001"], "slice": [1], "tumor_px": [10]})
+
+
+def test_dataset_input_retries_a_concurrent_insert_race(monkeypatch, tmp_path):
+    calls = []
+
+    def flaky(ds, context):
+        calls.append(context)
+        if len(calls) == 1:
+            raise MlflowException('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value '
+                                  'violates unique constraint "dataset_pk"')
+
+    monkeypatch.setattr(mlflow, "log_input", flaky)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+    assert calls == ["train", "train"]
+
+
+def test_dataset_input_gives_up_on_a_persistent_race(monkeypatch, tmp_path):
+    calls = []
+
+    def always(ds, context):
+        calls.append(context)
+        raise MlflowException("unique constraint dataset_pk")
+
+    monkeypatch.setattr(mlflow, "log_input", always)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    with pytest.raises(MlflowException):
+        tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+    assert len(calls) == 4
+
+
+def test_dataset_input_does_not_retry_other_errors(monkeypatch, tmp_path):
+    calls = []
+
+    def broken(ds, context):
+        calls.append(context)
+        raise MlflowException("permission denied")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with pytest.raises(MlflowException, match="permission denied"):
+        tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+    assert calls == ["train"]
+
+
+def test_dataset_input_is_linked_to_the_run(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        # An explicit experiment: earlier tests may leave another store's experiment id active.
+        experiment_id = mlflow.create_experiment("tracking-glue")
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+            tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "val")
+        inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+        assert {i.dataset.name for i in inputs} == {"kaggle_3m@files-abc"}
+        assert len(inputs) >= 1
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -1,0 +1,79 @@
+"""`brainseg train` and `brainseg evaluate` as a user runs them, on tiny synthetic data."""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import invoke
+
+
+def _run_of(output: str):
+    run_id = output.split("run ", 1)[1].split(":", 1)[0].split(";", 1)[0].strip()
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+def test_train_logs_a_complete_mlflow_run(in_project):
+    result = invoke("train", "--profile", "smoke", "--verbose", "0")
+    assert result.exit_code == 0, result.output
+    run = _run_of(result.output)
+    client = mlflow.MlflowClient()
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["arch"] == "plain_unet" and p["profile"] == "smoke" and float(p["loss_w_dice"]) == 1.0
+    epochs = int(run.data.metrics["epochs_run"])
+    for name in ("loss", "val_loss", "dice", "val_dice", "iou", "val_iou", "val_patient_dice"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == epochs, name
+    best = max(m.value for m in client.get_metric_history(run.info.run_id, "val_patient_dice"))
+    assert run.data.metrics["best_val_patient_dice"] == pytest.approx(best)
+    assert run.data.tags["data_version"] and run.data.tags["git_commit"]
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"training", "validation"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"learning_curves.png", "val_overlays.png", "val_per_patient_metrics.csv"} <= artifacts
+    per_patient = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="val_per_patient_metrics.csv"))
+    split = pd.read_csv("data/processed/split.csv")
+    assert sorted(per_patient["patient"]) == sorted(split.loc[split.subset == "val", "patient"])
+    logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    assert len(logged) == 1 and logged[0].name == "model"
+
+
+def test_train_refuses_unknown_architecture_before_training(in_project):
+    result = invoke("train", "--profile", "smoke", "--set", "train.arch=segformer")
+    assert result.exit_code == 2
+    assert "unknown architecture 'segformer'" in result.output
+
+
+def test_evaluate_reports_per_patient_dice_with_counts_and_baseline(in_project, tmp_path):
+    result = invoke("evaluate", "--tune", "reports/tune.json", "--subset", "test", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    manifest = pd.read_csv("data/processed/manifest.csv")
+    split = pd.read_csv("data/processed/split.csv")
+    test_rows = manifest[manifest.patient.isin(split.loc[split.subset == "test", "patient"])]
+    assert metrics["n_slices"] == len(test_rows)
+    assert metrics["n_tumor_slices"] == int((test_rows.tumor_px > 0).sum())
+    assert metrics["n_empty_slices"] == int((test_rows.tumor_px == 0).sum())
+    assert metrics["n_patients"] == test_rows.patient.nunique()
+    assert metrics["baseline_empty_patient_dice_mean"] == 0.0
+    assert metrics["baseline_empty_smoothed_slice_dice_all"] == pytest.approx(
+        (test_rows.tumor_px == 0).mean(), abs=0.05)
+    per_patient = pd.read_csv(tmp_path / "per_patient.csv")
+    assert metrics["patient_dice_mean"] == pytest.approx(per_patient["volume_dice"].mean())
+    assert "per-patient volume Dice, mean" in result.output and "all-empty baseline" in result.output
+
+
+def test_evaluate_on_a_folder_of_the_public_layout(in_project, make_synth, tmp_path):
+    folder = make_synth(patients=2, slices=4, size=48, seed=5)
+    best = json.loads(open("reports/tune.json").read())["best_model_uri"]
+    result = invoke("evaluate", "--model", best, "--folder", str(folder), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_slices"] == 8  # 48x48 slices, resized
+
+
+def test_evaluate_unknown_model_is_a_clear_error(in_project, tmp_path):
+    result = invoke("evaluate", "--model", "models:/no-such-model@champion", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert "no-such-model" in result.output
