@@ -19,12 +19,16 @@ app = typer.Typer(help="LGG FLAIR-abnormality segmentation and outcome predictio
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Dataset: synthesize, validate, import, manifest, split.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+profile_app = typer.Typer(help="Budget profiles (experiments/profiles.yaml), written into params.yaml.",
+                          no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
 # soft_wrap: messages and BAD lines name long paths; never break them across lines
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
-ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Budget profile: smoke, cpu or gpu "
-                                                   "(default: params.yaml's `profile`).")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Apply a budget profile (smoke, cpu, gpu) "
+                                                   "in memory for this command (default: none, params.yaml as "
+                                                   "written; `brainseg profile use` writes one into it).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set train.lr=0.0005 "
                                                      "(repeatable).")]
 EXPERIMENT = "brainseg"
@@ -36,8 +40,12 @@ def fail(message: str, code: int = 1):
 
 
 def settings_or_fail(profile: str | None, overrides: list[str] | None) -> dict:
+    """Settings with every value type- and range-checked (exit 2 naming the key, before any run)."""
+    from brainseg.config import validate_settings
+
     try:
-        return load_settings(profile, overrides or [])
+        settings = load_settings(profile, overrides or [])
+        return validate_settings(settings, load_settings(profile, []) if overrides else None)
     except ConfigError as exc:
         fail(str(exc), 2)
 
@@ -122,6 +130,9 @@ def data_manifest(profile: ProfileOpt = None, set_: SetOpt = None,
         fail(f"{len(result.problems)} problem(s) in {root}; fix them or remove the files (see above)")
     output.parent.mkdir(parents=True, exist_ok=True)
     result.manifest.to_csv(output, index=False)
+    from brainseg.data.context import stamp_manifest
+
+    stamp_manifest(output, root)  # the data version it was built from: train/tune rebuild it when stale
     s = result.summary()
     out.print(f"manifest: {s['patients']} patients, {s['slices']} slices ({s['tumor_slices']} with tumor) -> {output}")
 
@@ -167,7 +178,10 @@ def data_prepare(profile: ProfileOpt = None, set_: SetOpt = None,
 # ------------------------------------------------------------------------------------ training
 @app.command()
 def train(profile: ProfileOpt = None, set_: SetOpt = None,
-          verbose: Annotated[int, typer.Option(help="Keras progress: 0 silent, 1 bar, 2 one line per epoch.")] = 1):
+          progress: Annotated[str, typer.Option(help="Epoch progress: auto (a bar on a terminal, one line per "
+                                                "epoch otherwise), bar, lines or none.")] = "auto",
+          keras_verbose: Annotated[Optional[int], typer.Option("--verbose", hidden=True,
+                                                               help="Old spelling: 0 none, 1 bar, 2 lines.")] = None):
     """Train one segmenter on the train patients, select the best epoch on val, log it all to MLflow."""
     from brainseg import tracking
     from brainseg.config import TrainConfig
@@ -184,73 +198,121 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
     tracking.set_experiment(EXPERIMENT)
-    res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=verbose)
+    from brainseg.progress import epoch_progress
+
+    try:
+        if keras_verbose is not None:  # `train --verbose N` (before --progress existed)
+            progress = {0: "none", 1: "bar"}.get(keras_verbose, "lines")
+        bar = epoch_progress(cfg.epochs, progress, console=out)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,
+                           callbacks=[bar] if bar else [], report_test=True)
     m = res["metrics"]
-    out.print(f"run {res['run_id']}: best epoch {res['best_epoch'] + 1}, validation per-patient Dice "
-              f"mean {m['patient_dice_mean']:.3f} / median {m['patient_dice_median']:.3f} "
-              f"(n={m['n_patients']} patients), empty-slice FP rate {m['empty_slice_fp_rate']:.3f} "
-              f"(n={m['n_empty_slices']})")
+    out.print(f"run {res['run_id']}: best epoch {res['best_epoch']}; inference settings chosen on val: "
+              + ", ".join(f"{k}={v}" for k, v in res["inference"].items() if k != "batch_size"))
+    out.print(f"validation per-patient Dice mean {m['patient_dice_mean']:.3f} / median "
+              f"{m['patient_dice_median']:.3f} (n={m['n_patients']} patients), empty-slice FP rate "
+              f"{m['empty_slice_fp_rate']:.3f} (n={m['n_empty_slices']})")
+    if "test_patient_dice_mean" in m:
+        out.print(f"test (report only, chose nothing): per-patient Dice mean {m['test_patient_dice_mean']:.3f} / "
+                  f"median {m['test_patient_dice_median']:.3f} (n={m['test_n_patients']}), tumor-slice Dice "
+                  f"{m['test_tumor_slice_dice_mean']:.3f}, empty-slice FP rate {m['test_empty_slice_fp_rate']:.3f} "
+                  f"(n={m['test_n_empty_slices']})")
     out.print(f"model: {res['model_uri']}")
 
 
 @app.command()
 def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
              = "models:/brainseg-segmenter@champion",
-             subset: Annotated[Optional[str], typer.Option(help="train, val, test, all (default: evaluate.subset).")] = None,
+             subset: Annotated[Optional[str], typer.Option(help="train, val, test, all (default: evaluate.subset, "
+                                                           "val). Metrics are logged as SUBSET_*.")] = None,
              folder: Annotated[Optional[Path], typer.Option(help="Evaluate on all patients of this folder "
                                                             "(public layout) instead of the split.")] = None,
              output: Annotated[Path, typer.Option("--out", help="Where metrics.json and CSVs go.")] = Path("reports/evaluate"),
              tune_summary: Annotated[Optional[Path], typer.Option("--tune", help="Evaluate the best trial of this "
                                                                   "`brainseg tune` summary instead of --model.")] = None,
+             skip_unlabelled: Annotated[bool, typer.Option("--skip-unlabelled", help="If the subset's masks are "
+                                                           "missing or unreadable, write a report saying so and "
+                                                           "exit 0 (the pipeline's test report).")] = False,
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Per-patient volume Dice (mean, median), IoU, tumor-slice Dice, empty-slice FP rate, baseline."""
     from brainseg import tracking
     from brainseg.data.context import DataContext
-    from brainseg.evaluate import EvalSettings
-    from brainseg.workflows import tracked_evaluation
+    from brainseg.workflows import MasksUnavailable, tracked_evaluation
 
     settings = settings_or_fail(profile, set_)
-    ev = EvalSettings.from_dict(settings["evaluate"])
     subset = subset or settings["evaluate"]["subset"]
     if tune_summary is not None:
         best = json.loads(tune_summary.read_text()) if tune_summary.is_file() else {}
         if not best.get("best_model_uri"):
             fail(f"{tune_summary}: no completed trial with a model (run `brainseg tune`)", 2)
-        model = best["best_model_uri"]
+        model = (best.get("refit") or {}).get("model_uri") or best["best_model_uri"]  # the refit, if any
     try:
         ctx = (DataContext.from_folder(folder, Path(settings["data"]["cache_dir"])) if folder
                else DataContext.from_settings(settings))
         tracking.set_experiment(EXPERIMENT)
-        res = tracked_evaluation(settings, model, ctx, "test" if folder else subset, ev, output)
+        res = tracked_evaluation(settings, model, ctx, "test" if folder else subset, out_dir=output)
+    except MasksUnavailable as exc:
+        if not skip_unlabelled:
+            fail(str(exc), 2)
+        write_unavailable_report(output, "test" if folder else subset, str(exc))
+        out.print(f"{exc}: no {subset} report (nothing else depends on it) -> {output / 'metrics.json'}")
+        return
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), 2)
     print_metrics(res["metrics"], f"{model} on {folder or subset}")
     out.print(f"run {res['run_id']}; metrics -> {output / 'metrics.json'}")
 
 
+def write_unavailable_report(output: Path, subset: str, reason: str) -> None:
+    """The report's files when the masks are unavailable: a flag as metric, empty tables, the reason."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps({f"{subset}_masks_available": False}, indent=2))
+    (output / "per_patient.csv").write_text("patient,volume_dice\n")
+    (output / "per_slice.csv").write_text("patient,slice\n")
+    (output / "unavailable.txt").write_text(reason + "\n")
+
+
 @app.command()
 def tune(profile: ProfileOpt = None, set_: SetOpt = None,
-         study_name: Annotated[Optional[str], typer.Option(help="Default: tune.study_name + profile + data version.")] = None,
+         study_name: Annotated[Optional[str], typer.Option(help="Default: tune.study_name + profile + data version "
+                                                           "(+ the project run under `mlflow run`).")] = None,
          storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (sqlite:///optuna.db, postgresql://...) "
                                                      "or journal:FILE (default: tune.storage).")] = None,
-         n_trials: Annotated[Optional[float], typer.Option(help="Trials for this worker (default: the profile's).")] = None,
-         timeout: Annotated[Optional[float], typer.Option(help="Seconds for this worker (default: the profile's).")] = None,
+         n_trials: Annotated[Optional[float], typer.Option(help="Trials to add, all workers together (default: the profile's).")] = None,
+         timeout: Annotated[Optional[float], typer.Option(help="Seconds for the search (default: the profile's).")] = None,
          create_only: Annotated[bool, typer.Option(help="Create the study and its parent run, then exit "
                                                    "(run once before starting several workers).")] = False,
+         refit: Annotated[Optional[bool], typer.Option(help="Train the best configuration at full fidelity "
+                                                       "afterwards (default: tune.refit).")] = None,
+         register: Annotated[Optional[bool], typer.Option(help="Register the refit model (default: tune.register).")] = None,
+         worker: Annotated[Optional[int], typer.Option(help="Run as worker K of a shared study: trials only.")] = None,
+         study_trials: Annotated[Optional[int], typer.Option(hidden=True)] = None,
          output: Annotated[Path, typer.Option("--out", help="Summary JSON (best trial, run, model).")] = Path("reports/tune.json")):
-    """Optuna search over architectures, encoders and loss weights; each trial a nested MLflow run."""
+    """Optuna search (multi-fidelity, from the hand-set recipe), then a full-fidelity refit; MLflow runs."""
+    import os
+
     from brainseg.data.context import DataContext
+    from brainseg.tracking import PIPELINE_ENV, PROJECT_ENV
     from brainseg.tune import plan_from_settings, run_study
 
     settings = settings_or_fail(profile, set_)
     try:
         ctx = DataContext.from_settings(settings)
         name = study_name or f"{settings['tune']['study_name']}-{settings['profile']}-{ctx.version[:8]}"
+        if not study_name and os.environ.get(PROJECT_ENV) and not os.environ.get(PIPELINE_ENV):
+            name += f"-{os.environ[PROJECT_ENV][:8]}"  # each `mlflow run` its own study
         plan = plan_from_settings(settings, name, storage or None, int(n_trials or 0), float(timeout or 0))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
+    refit = settings["tune"].get("refit", False) if refit is None else refit
+    register = settings["tune"].get("register", False) if register is None else register
+    settings_args = [*(["--profile", profile] if profile else []), *[a for s in set_ or [] for a in ("--set", s)]]
     try:
-        summary = run_study(plan, ctx, EXPERIMENT, create_only=create_only)
+        summary = run_study(plan, ctx, EXPERIMENT, create_only=create_only, worker=worker, study_trials=study_trials,
+                            refit=bool(refit) and worker is None, register=bool(register),
+                            settings_args=settings_args, echo=out.print)
     except Exception as exc:  # storage unreachable, bad URL: before any trial started
         if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
             fail(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "
@@ -260,133 +322,88 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
     output.write_text(json.dumps(summary, indent=2, default=str))
     if create_only:
         out.print(f"study {name} ready (parent run {summary['parent_run_id']}); start workers with "
-                  f"`brainseg tune --study-name {name} --storage ...`")
+                  f"`brainseg tune --study-name {name} --storage ... --worker K`")
+        return
+    if worker is not None:
         return
     states = ", ".join(f"{k.lower()} {v}" for k, v in summary["states"].items() if v)
     out.print(f"study {name}: {summary['trials']} trials ({states}); parent run {summary['parent_run_id']}")
     if "best_trial" in summary:
         out.print(f"best: trial {summary['best_trial']}, val per-patient Dice {summary['best_value']:.3f}, "
                   f"run {summary['best_run_id']}")
+    if "refit" in summary:
+        r = summary["refit"]
+        test = r.get("test_patient_dice_mean")
+        out.print(f"refit of trial {r['trial']} at {r['size']} px: val per-patient Dice "
+                  f"{r['val_patient_dice_mean'] or float('nan'):.3f} (best epoch {r['best_epoch']} of {r['epochs']}), "
+                  f"test {'n/a' if test is None else f'{test:.3f}'} (report only); run {r['run_id']}"
+                  + (f"; registered version {r['registered']['version']}" if r.get("registered") else ""))
 
 
 @app.command()
 def features(root: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: data.root).")] = None,
              model: Annotated[Optional[str], typer.Option(help="Segment with this model (folder, runs:/, models:/).")] = None,
              truth: Annotated[bool, typer.Option("--truth", help="Use the ground-truth masks instead of a model.")] = False,
+             oof: Annotated[bool, typer.Option("--oof", help="Out-of-fold predicted masks: one cheap segmenter per "
+                                               "split fold (survival.oof), each predicting the patients it never saw.")]
+             = False,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/features"),
              profile: ProfileOpt = None, set_: SetOpt = None):
-    """Tumor area, centroid, spread and shape per slice and per patient (slices.csv, patients.csv)."""
-    from brainseg.data.arrays import load_full_images, load_full_masks
-    from brainseg.data.layout import find_root
-    from brainseg.data.manifest import scan
-    from brainseg.features import features_for_manifest
+    """Tumor area, centroid, spread and shape per slice and per patient (slices.csv, patients.csv, source.json)."""
+    from brainseg.outcome.workflow import compute_features
 
     settings = settings_or_fail(profile, set_)
-    if truth == (model is not None):
-        fail("give exactly one of --model URI or --truth", 2)
     try:
-        found = find_root(root or Path(settings["data"]["root"]))
-    except (FileNotFoundError, ValueError) as exc:
+        res = compute_features(settings, out_dir=output, root=root, truth=truth, model=model, oof=oof,
+                               echo=lambda line: console.print(line, markup=False, highlight=False))
+    except (FileNotFoundError, ValueError, ConfigError) as exc:
         fail(str(exc), 2)
-    result = scan(found)
-    for p in result.problems:
-        console.print(f"skipped: {p}", markup=False, highlight=False)
-    m = result.manifest
-    if m.empty:
-        fail(f"{found}: no usable slices", 2)
-    images = load_full_images(m)
-    if truth:
-        masks = load_full_masks(m)
-    else:
-        from brainseg.evaluate import EvalSettings, segment_images
-        from brainseg.serving import load_segmenter
-
-        try:
-            net, cfg = load_segmenter(model)
-        except FileNotFoundError as exc:
-            fail(str(exc), 2)
-        ev = EvalSettings.from_dict({**settings["evaluate"], "threshold": cfg.threshold})
-        masks = []
-        for i in range(0, len(images), 64):
-            masks += segment_images(net, cfg, images[i:i + 64], ev)[0]
-    slices, patients = features_for_manifest(m, masks, images)
-    output.mkdir(parents=True, exist_ok=True)
-    slices.to_csv(output / "slices.csv", index=False)
-    patients.to_csv(output / "patients.csv", index=False)
-    (output / "source.json").write_text(json.dumps({"masks": "truth" if truth else model, "root": str(found)}))
-    out.print(f"features of {len(slices)} slices, {len(patients)} patients "
-              f"({'ground-truth' if truth else 'predicted'} masks) -> {output}/slices.csv, patients.csv")
+    out.print(f"features of {res['slices']} slices, {res['patients']} patients (masks: {res['features_from']}; "
+              f"{'synthetic' if res['synthetic'] else 'real'} data {res['data_version'][:12]}) -> "
+              f"{output}/slices.csv, patients.csv")
 
 
 @app.command()
-def survival(features_csv: Annotated[Path, typer.Option("--features", help="Per-patient features (brainseg features).")]
+def survival(features_csv: Annotated[Path, typer.Option("--features", help="Per-patient features the final model is "
+                                                        "fitted on (brainseg features --oof).")]
              = Path("reports/features/patients.csv"),
+             compare_csv: Annotated[Optional[list[Path]], typer.Option("--compare", help="More per-patient feature "
+                                                                       "tables to compare (e.g. --truth ones).")] = None,
              clinical_csv: Annotated[Optional[Path], typer.Option("--clinical", help="data.csv (default: data.root/data.csv).")] = None,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/survival"),
              profile: ProfileOpt = None, set_: SetOpt = None):
-    """Cross-validated death01 classifiers (3 models x 3 feature sets), then the final pipeline, in MLflow."""
-    import pandas as pd
-
-    from brainseg import tracking
-    from brainseg.data.clinical import ClinicalError, read_clinical
-    from brainseg.data.version import data_version
-    from brainseg.survival import compare, join_features
-    from brainseg.survival_log import log_final_model, log_survival_runs
+    """Repeated-CV comparison of death01 candidates, then the final pipeline of params.yaml, in MLflow."""
+    from brainseg.data.clinical import ClinicalError
+    from brainseg.outcome.workflow import run_survival
 
     settings = settings_or_fail(profile, set_)
-    sv = settings["survival"]
-    root = Path(settings["data"]["root"])
-    clinical_csv = clinical_csv or root / "data.csv"
-    source = features_csv.with_name("source.json")
-    features_from = json.loads(source.read_text())["masks"] if source.is_file() else str(features_csv)
+    if not features_csv.is_file():
+        fail(f"{features_csv}: per-patient features not found; compute them first with `brainseg features "
+             f"--truth --out {features_csv.parent}` (ground-truth masks) or `brainseg features --oof --out "
+             f"{features_csv.parent}` (predicted masks), or pass --features CSV", 2)
     try:
-        imaging = pd.read_csv(features_csv)
-        X, y, report = join_features(read_clinical(clinical_csv), imaging)
-        results = compare(X, y, classifiers=sv["classifiers"], feature_sets=sv["feature_sets"], folds=sv["folds"],
-                          repeats=sv["repeats"], seed=sv["seed"], knn_neighbors=sv["knn_neighbors"])
+        s = run_survival(settings, features_csv=features_csv, out_dir=output, clinical_csv=clinical_csv,
+                         compare_csvs=compare_csv or [], experiment=EXPERIMENT + "-survival")
     except (FileNotFoundError, ClinicalError, ValueError, KeyError) as exc:
         fail(str(exc), 2)
-    out.print(f"joined {report['matched']} patients (data.csv {report['clinical_patients']}, imaging "
-              f"{report['imaging_patients']}); excluded for missing death01: {report['excluded_missing_target']}; "
-              f"imaging features from: {features_from}")
-    if report.get("imaging_without_clinical"):
-        out.print(f"patients with imaging but not in data.csv: {', '.join(report['imaging_without_clinical'][:10])}")
-    version = data_version(root) if root.exists() else "unknown"
-    tags = {**tracking.lineage_tags(version, settings), "features_from": features_from}
-    tracking.set_experiment(EXPERIMENT + "-survival")
-    logged = log_survival_runs(results, features_from=features_from, tags=tags, join_report=report,
-                               knn_neighbors=sv["knn_neighbors"])
-    table = Table(title=f"death01, repeated stratified {results[0].cv['folds']}-fold CV over patients "
-                        f"(x{results[0].cv['repeats']})")
-    for col in ("classifier", "features", "ROC-AUC (2.5-97.5% of folds)", "bal. acc.", "Brier", "baseline Brier"):
+    j = s["join"]
+    out.print(f"{s['patients']} patients ({s['positives']} with death01 = 1; data.csv {j['clinical_patients']}, "
+              f"imaging {j['imaging_patients']}, excluded for missing death01 {j['excluded_missing_target']}); "
+              f"{s['fitted_on']} data {s['data_version'][:12]}")
+    r0 = s["results"][0]
+    table = Table(title=f"death01: repeated stratified CV over patients; mean (2.5-97.5% of {int(r0.get('patients', 0))}"
+                        "-patient folds)")
+    for col in ("candidate", "ROC-AUC", "balanced acc.", "Brier", "prevalence Brier"):
         table.add_column(col)
-    for r in results:
-        cv = r.cv
-        table.add_row(r.classifier, r.feature_set, f"{cv['roc_auc_mean']:.3f} ({cv['roc_auc_ci_low']:.2f}-{cv['roc_auc_ci_high']:.2f})",
-                      f"{cv['balanced_accuracy']:.3f}", f"{cv['brier']:.3f}", f"{cv['baseline_brier']:.3f}")
+    for r in s["results"]:
+        table.add_row(r["key"] + (" (final)" if r["key"] == s["final"]["key"] else ""),
+                      *(f"{r[f'{m}_mean']:.3f} ({r[f'{m}_low']:.2f}-{r[f'{m}_high']:.2f})"
+                        for m in ("roc_auc", "balanced_accuracy", "brier")), f"{r['baseline_brier']:.3f}")
     out.print(table)
-    final = next((r for r in results if r.classifier == sv["final"]["classifier"]
-                  and r.feature_set == sv["final"]["feature_set"]), None)
-    if final is None:
-        fail(f"survival.final {sv['final']} is not among the compared classifiers/feature sets", 2)
-    run_id, model_uri = log_final_model(final.pipeline, X, columns=final.columns, run_id=None,
-                                        tags={**tags, "final": "true"},
-                                        params={"classifier": final.classifier, "feature_set": final.feature_set})
-    from brainseg.survival_log import METRIC_KEYS
-
-    summary = {"features_from": features_from, "join": report, "final_run_id": run_id, "final_model_uri": model_uri,
-               "final": {"classifier": final.classifier, "feature_set": final.feature_set,
-                         **{k: final.cv[k] for k in METRIC_KEYS if k in final.cv}},
-               "results": [{"classifier": r.classifier, "feature_set": r.feature_set,
-                            **{k: r.cv[k] for k in METRIC_KEYS if k in r.cv}} for r in results],
-               "parent_run_id": logged["parent_run_id"]}
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "cv.json").write_text(json.dumps(summary, indent=2, default=float))
-    (output / "metrics.json").write_text(json.dumps({f"{r.classifier}_{r.feature_set}_roc_auc": r.cv["roc_auc_mean"]
-                                                     for r in results} | {"final_roc_auc": final.cv["roc_auc_mean"],
-                                                     "baseline_roc_auc": final.cv["baseline_roc_auc"]}, indent=2))
-    out.print(f"final model ({final.classifier}, {final.feature_set}, chosen in params.yaml before seeing scores): "
-              f"{model_uri}")
+    for note in s["notes"]:
+        out.print(f"note: {note}", markup=False, highlight=False)
+    out.print(f"final model {s['final']['key']} (declared in params.yaml before scores were seen): "
+              f"{s['final_model_uri']}; importances -> {output}/importances.csv")
 
 
 @app.command()
@@ -395,15 +412,20 @@ def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help
              run_id: Annotated[Optional[str], typer.Option("--run", help="Register this training run instead.")] = None,
              survival_summary: Annotated[Optional[Path], typer.Option("--survival", help="Summary of `brainseg survival` "
                                                                      "(skipped when missing).")] = Path("reports/survival/cv.json"),
-             force: Annotated[bool, typer.Option(help="Make the new version champion whatever the scores.")] = False,
+             promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote", help="Put the new versions "
+                                                             "through the promotion gate (default: register.promote).")]
+             = None,
+             force: Annotated[bool, typer.Option(help="Make the new versions champion whatever the scores.")] = False,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/register.json"),
              profile: ProfileOpt = None, set_: SetOpt = None):
-    """Register the best trial's segmenter and the survival model; champion alias only if they beat it."""
+    """Register the best trial's segmenter and the survival model, tagged with their validation / CV
+    figures. `@champion` moves only with --promote (or register.promote: true), through the gate."""
     from brainseg import tracking
     from brainseg.data.context import DataContext
-    from brainseg.workflows import register_segmenter, register_survival
+    from brainseg.promotion import register_segmenter, register_survival
 
     settings = settings_or_fail(profile, set_)
+    promote = bool(settings["register"].get("promote", False)) if promote is None else promote
     tracking.set_experiment(EXPERIMENT)
     results = {}
     try:
@@ -420,16 +442,19 @@ def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help
             summary = json.loads(tune_summary.read_text())
             if not summary.get("best_run_id"):
                 fail(f"{tune_summary}: the study has no completed trial to register", 2)
-            run_id, model_uri = summary["best_run_id"], summary["best_model_uri"]
+            refit = summary.get("refit") or {}  # the full-fidelity refit of the best trial, if any
+            run_id = refit.get("run_id") or summary["best_run_id"]
+            model_uri = refit.get("model_uri") or summary["best_model_uri"]
         ctx = DataContext.from_settings(settings)
-        results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, force)
+        results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, promote=promote, force=force)
         out.print(results["segmenter"]["decision"])
         if survival_summary and survival_summary.is_file():
-            results["survival"] = register_survival(settings, json.loads(survival_summary.read_text()), force)
+            results["survival"] = register_survival(settings, json.loads(survival_summary.read_text()),
+                                                    promote=promote, force=force)
             out.print(results["survival"]["decision"])
         else:
             out.print(f"survival: {survival_summary} not found, not registered")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
         fail(str(exc), 2)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
@@ -449,27 +474,28 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
     """Segment slices: <stem>_pred.png masks, overlays, features.csv (per slice), patients.csv (per patient)."""
     from rich.progress import Progress
 
-    from brainseg.evaluate import EvalSettings
+    from brainseg.inference import Segmenter
     from brainseg.predict import collect_inputs, predict_files
-    from brainseg.serving import load_segmenter
+    from brainseg.serving import resolve_model_dir
 
     settings = settings_or_fail(profile, set_)
-    files, problems = collect_inputs(inputs)
+    files, problems = collect_inputs(inputs, exclude=[output])  # never read our own outputs
     if not files:
         for p in problems:
             console.print(p, markup=False)
         fail("no slice files (.tif, .tiff, .png) found in the inputs", 2)
     try:
-        net, cfg = load_segmenter(model)
+        segmenter = Segmenter.from_dir(resolve_model_dir(model))
     except FileNotFoundError as exc:
         fail(str(exc), 2)
-    ev = EvalSettings.from_dict({**settings["evaluate"], "threshold": threshold or cfg.threshold})
+    if threshold is not None:
+        segmenter = segmenter.with_settings(threshold=threshold)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"segmenting {len(files)} slices", total=len(files))
-        pred = predict_files(net, cfg, files, output, ev, progress=lambda n: bar.advance(task, n))
+        pred = predict_files(segmenter, files, output, progress=lambda n: bar.advance(task, n))
     problems += pred.problems
     if with_survival and not pred.patients.empty:
-        from brainseg.survival_serving import survival_probabilities
+        from brainseg.outcome.client import survival_probabilities
 
         try:
             probs = survival_probabilities(survival_model, pred.patients, clinical_csv, files)
@@ -486,21 +512,64 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
         raise typer.Exit(1)
 
 
+@app.command()
+def promote(name: Annotated[str, typer.Argument(help="Registered model: register.segmenter_name or survival_name.")],
+            version: Annotated[str, typer.Argument(help="Its version number.")],
+            force: Annotated[bool, typer.Option(help="Make it champion whatever the gate says.")] = False,
+            profile: ProfileOpt = None, set_: SetOpt = None):
+    """Put a registered version through the promotion gate; `@champion` moves to it only if it passes.
+
+    Segmenter: challenger vs champion on the validation patients of the current data version.
+    Survival: the version fitted with the pre-registered survival.final (no AUC comparison).
+    """
+    from brainseg import tracking
+    from brainseg.promotion import promote as gate
+
+    settings = settings_or_fail(profile, set_)
+    tracking.set_experiment(EXPERIMENT)
+    try:
+        result = gate(settings, name, version, force=force)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    out.print(result["decision"])
+
+
+@profile_app.command("use")
+def profile_use(name: Annotated[str, typer.Argument(help="A profile of experiments/profiles.yaml.")],
+                dry_run: Annotated[bool, typer.Option(help="Show the changes, write nothing.")] = False):
+    """Copy a budget profile's values into params.yaml (comments kept): what DVC records is what runs."""
+    from brainseg.profiles import use_profile
+
+    try:
+        diff = use_profile(name, dry_run=dry_run)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    for key, old, new in diff:
+        out.print(f"{key}: {old!r} -> {new!r}", markup=False, highlight=False)
+    verb = "would change" if dry_run else "changed"
+    out.print(f"params.yaml: {verb} {len(diff)} value(s) for profile {name}" if diff
+              else f"params.yaml already has profile {name}'s values")
+
+
 @app.command("run")
 def run_pipeline(profile: ProfileOpt = None,
                  dvc: Annotated[bool, typer.Option(help="Run through `dvc repro` (only changed stages re-run); "
-                                                   "without it the stages of dvc.yaml run in order.")] = True):
-    """The whole pipeline (validate, manifest, split, tune, evaluate, features, survival, register).
+                                                   "without it the stages of dvc.yaml run in order.")] = True,
+                 promote: Annotated[bool, typer.Option(help="After the pipeline, put the versions it registered "
+                                                       "through the promotion gate.")] = True):
+    """The whole pipeline (validate, manifest, split, tune, test report, features, survival, register),
+    then the promotion gate for the registered versions.
 
-    With no dataset imported it generates the synthetic default first. `--profile cpu` sets
-    params.yaml's profile (DVC then re-runs what depends on it).
+    With no dataset imported it generates the synthetic default first. `--profile cpu` copies the
+    cpu profile's values into params.yaml (`brainseg profile use cpu`; DVC then re-runs what they
+    change). `dvc repro` / `dvc exp run` alone never move `@champion` (register.promote: false).
     """
     import subprocess
 
-    from brainseg.pipeline import FINAL_WORDS, run
+    from brainseg.run_pipeline import FINAL_WORDS, run
 
     try:
-        run(profile, use_dvc=dvc, echo=out.print)
+        run(profile, use_dvc=dvc, promote=promote, echo=out.print)
     except ConfigError as exc:
         fail(str(exc), 2)
     except subprocess.CalledProcessError as exc:
@@ -530,22 +599,27 @@ def bench(profile: Annotated[str, typer.Option(help="Model settings from this pr
           arch: Optional[str] = None, encoder: Optional[str] = None, size: Optional[int] = None,
           channels: Optional[str] = None, train_batch: Optional[int] = None,
           train_steps: int = 8, batch_size: Annotated[Optional[list[int]], typer.Option("--batch-size")] = None,
-          repeats: int = 20, load_seconds: float = 20.0, clients: int = 4,
+          repeats: Annotated[int, typer.Option(help="Interleaved rounds at batch 1.")] = 200,
+          batch_repeats: Annotated[int, typer.Option(help="Interleaved rounds at larger batches.")] = 20,
+          load_seconds: float = 20.0, clients: int = 4,
+          training: Annotated[bool, typer.Option(help="Measure training throughput (needed without --model).")] = True,
           tuning: Annotated[bool, typer.Option(help="Also compare a small study with and without pruning.")] = True,
           trials: int = 4, tuning_epochs: int = 4,
-          model: Annotated[Optional[str], typer.Option(help="Measure this model instead of a fresh one.")] = None,
+          model: Annotated[Optional[str], typer.Option(help="Measure this model (folder, runs:/, models:/ in the "
+                                                            "tracking store) instead of a fresh one.")] = None,
           output: Annotated[Path, typer.Option("--out")] = Path("reports/bench.json")):
-    """Training pipeline vs in-memory, inference (predict, tf.function, pyfunc, REST), load, memory, pruning."""
+    """Training pipeline vs in-memory, inference (network, Segmenter, pyfunc, REST), load, memory, pruning."""
     from brainseg.bench import run_bench
 
     try:
         run_bench(profile=profile, arch=arch, encoder=encoder, size=size, channels=channels,
                   train_batch=train_batch, train_steps=train_steps, batch_sizes=batch_size or [1, 32],
-                  repeats=repeats, load_seconds=load_seconds, clients=clients, tuning=tuning, trials=trials,
-                  tuning_epochs=tuning_epochs, model=model, output=output, console=out)
+                  repeats=repeats, batch_repeats=batch_repeats, load_seconds=load_seconds, clients=clients,
+                  training=training, tuning=tuning, trials=trials, tuning_epochs=tuning_epochs, model=model,
+                  output=output, console=out)
     except (ValueError, ConfigError) as exc:
         fail(str(exc), 2)
-    except RuntimeError as exc:
+    except (RuntimeError, FileNotFoundError) as exc:
         fail(str(exc), 1)
 
 
@@ -571,23 +645,25 @@ def print_metrics(m: dict, title: str) -> None:
               f"(here {m.get('n_patients_empty_truth', 0)}); empty slices count in the FP rate, never as Dice 1.")
 
 
-def quiet_libraries() -> None:
-    """Silence known-harmless library warnings so the user sees the project's own output."""
-    import logging
-    import warnings
+def quiet_libraries(verbose: bool = False) -> None:
+    """Library start-up noise and known-harmless warnings off (:mod:`brainseg.quiet`), unless ``verbose``."""
+    from brainseg import quiet
 
-    for pattern in ("You are saving your model as an HDF5 file", "Hint: Inferred schema contains integer",
-                    ".*is experimental", "Some regimes for parameter", ".*Passing a Python object as"):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    quiet.configure(verbose or quiet.verbose_requested())
+
+
+@app.callback()
+def root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own start-up "
+                                               "logs and warnings (TensorFlow, absl, MLflow); also "
+                                               "BRAINSEG_VERBOSE=1.")] = False):
+    """LGG FLAIR-abnormality segmentation and outcome prediction, tracked in MLflow."""
+    quiet_libraries(verbose)
 
 
 def main():  # console-script entry with a clean exit for Ctrl-C
+    quiet_libraries(bool({"--verbose", "-v"} & set(sys.argv[1:2])))  # before MLflow and TF load
     from brainseg.tracking import adopt_project_run
 
-    quiet_libraries()
     adopt_project_run()
     try:
         app()

@@ -1,64 +1,20 @@
-"""Honest evaluation at the original slice size: per-patient volume Dice first, counts beside."""
+"""Honest evaluation at the original slice size: per-patient volume Dice first, counts beside.
+
+Scoring only: masks come from :class:`brainseg.inference.Segmenter`, the path every consumer
+uses, so what is evaluated is what is served. Post-processing is chosen here on validation
+patients (never test) and stored with the model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pandas as pd
-from skimage import measure, morphology
 
-from brainseg.config import TrainConfig
-from brainseg.data.preprocess import prepare_image, probability_to_mask
+from brainseg.inference import InferenceSettings, Segmenter, final_masks
 from brainseg.metrics import empty_baseline, patient_table, slice_table, smoothed_slice_dice, summarize
-from brainseg.train import predict_probs
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    threshold: float = 0.5
-    min_component_px: int = 0
-    keep_largest: bool = False
-    tta: bool = False
-    batch_size: int = 32
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EvalSettings":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
-
-
-def postprocess(mask: np.ndarray, min_component_px: int = 0, keep_largest: bool = False) -> np.ndarray:
-    """Drop connected components under ``min_component_px`` pixels; optionally keep only the largest."""
-    mask = np.asarray(mask, bool)
-    if min_component_px > 0:
-        mask = morphology.remove_small_objects(mask, max_size=int(min_component_px) - 1)
-    if keep_largest and mask.any():
-        labels = measure.label(mask, connectivity=2)
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    return mask
-
-
-def masks_from_probs(probs: np.ndarray, shapes: list[tuple[int, int]], ev: EvalSettings) -> list[np.ndarray]:
-    """(N, S, S) probabilities -> N bool masks at each slice's own (H, W), post-processed."""
-    return [postprocess(probability_to_mask(p, shape, ev.threshold), ev.min_component_px, ev.keep_largest)
-            for p, shape in zip(probs, shapes, strict=True)]
-
-
-def segment_images(model, cfg: TrainConfig, images: list[np.ndarray], ev: EvalSettings
-                   ) -> tuple[list[np.ndarray], np.ndarray]:
-    """(H, W, 3) uint8 slices -> (bool masks at input size, (N, S, S) probabilities).
-
-    The path of ``predict``, the served model and the web page.
-    """
-    if not images:
-        return [], np.zeros((0, cfg.size, cfg.size), np.float32)
-    # float16, as load_arrays stores training/evaluation inputs: served masks equal evaluate's
-    X = np.stack([prepare_image(im, cfg.prep).astype(np.float16) for im in images])
-    probs = predict_probs(model, X, ev.batch_size, ev.tta)
-    return masks_from_probs(probs, [im.shape[:2] for im in images], ev), probs
 
 
 @dataclasses.dataclass
@@ -79,18 +35,55 @@ class EvalResult:
         return out
 
 
-def evaluate_probs(manifest: pd.DataFrame, probs: np.ndarray, truths: list[np.ndarray], ev: EvalSettings) -> EvalResult:
-    """Score network probabilities for the manifest's slices against full-size truth masks."""
-    shapes = [t.shape for t in truths]
-    preds = masks_from_probs(probs, shapes, ev)
+def score(manifest: pd.DataFrame, preds: list[np.ndarray], truths: list[np.ndarray]) -> EvalResult:
+    """Score final (H, W) bool masks against full-size truth masks, one per manifest row."""
     st = slice_table(manifest["patient"].tolist(), preds, truths)
     slices = pd.concat([manifest.reset_index(drop=True)[["patient", "patient_dir", "slice", "image_path"]],
                         st.drop(columns="patient")], axis=1)
     return EvalResult(slices, patient_table(st), summarize(st), empty_baseline(st), preds)
 
 
-def evaluate(model, cfg: TrainConfig, manifest: pd.DataFrame, X: np.ndarray, truths: list[np.ndarray],
-             ev: EvalSettings) -> EvalResult:
-    """Predict the prepared inputs ``X`` (N, S, S, C) and score them at the original size."""
-    probs = predict_probs(model, X, ev.batch_size, ev.tta)
-    return evaluate_probs(manifest, probs, truths, ev)
+def evaluate(segmenter: Segmenter, manifest: pd.DataFrame, images: list[np.ndarray],
+             truths: list[np.ndarray]) -> EvalResult:
+    """Segment the manifest's slices (patients' slices grouped, in slice order) and score them."""
+    masks = segmenter.segment(images, groups=manifest["patient"].tolist()).masks
+    return score(manifest, masks, truths)
+
+
+# Candidates, simplest first: ties go to the simpler setting.
+POSTPROCESS_GRID = {"tta": (False, True), "min_component_px": (0, 64), "largest_3d": (False, True)}
+
+
+def postprocess_candidates(base: InferenceSettings, grid: dict | None = None) -> list[InferenceSettings]:
+    """Every combination of ``grid`` values on top of ``base`` (order: simplest first)."""
+    grid = POSTPROCESS_GRID if grid is None else grid
+    keys = list(grid)
+    return [base.replace(**dict(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def select_postprocessing(segmenter: Segmenter, manifest: pd.DataFrame, images: list[np.ndarray],
+                          truths: list[np.ndarray], grid: dict | None = None
+                          ) -> tuple[InferenceSettings, pd.DataFrame]:
+    """Choose TTA and post-processing by mean per-patient Dice on these (validation) slices.
+
+    The network runs once per TTA value; each candidate only re-thresholds and post-processes.
+    Returns the best settings and a table of every candidate's scores (for the run's record).
+    """
+    groups = manifest["patient"].tolist()
+    X, boxes = segmenter.prepare(images)
+    shapes = [im.shape[:2] for im in images]
+    probs_by_tta: dict[bool, np.ndarray] = {}
+    rows, best, best_score = [], None, -np.inf
+    for cand in postprocess_candidates(segmenter.settings, grid):
+        if cand.tta not in probs_by_tta:
+            probs_by_tta[cand.tta] = segmenter.with_settings(tta=cand.tta).probs(X)
+        masks = final_masks(probs_by_tta[cand.tta], shapes, boxes, cand, groups)
+        s = score(manifest, masks, truths).summary
+        rows.append({"tta": cand.tta, "min_component_px": cand.min_component_px,
+                     "largest_3d": cand.largest_3d, "keep_largest": cand.keep_largest,
+                     "patient_dice_mean": s["patient_dice_mean"], "patient_dice_median": s["patient_dice_median"],
+                     "empty_slice_fp_rate": s["empty_slice_fp_rate"]})
+        value = s["patient_dice_mean"] if s["patient_dice_mean"] == s["patient_dice_mean"] else -1.0
+        if value > best_score + 1e-9:
+            best, best_score = cand, value
+    return best, pd.DataFrame(rows)

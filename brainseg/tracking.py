@@ -69,13 +69,62 @@ def clean_metrics(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+# Keras log keys renamed in MLflow so that no metric shares a name with a parameter (param `lr`)
+# or with a summary metric (the full-size evaluation's `val_empty_slice_fp_rate`).
+EPOCH_METRIC_RENAMES = {"lr": "learning_rate", "val_empty_slice_fp_rate": "val_empty_fp_rate"}
+
+
+def history_name(key: str) -> str:
+    """The MLflow name of a per-epoch history key; ``best_`` + this names its best-epoch value.
+
+    >>> history_name("val_patient_dice"), history_name("lr"), history_name("val_empty_slice_fp_rate")
+    ('val_patient_dice', 'learning_rate', 'val_empty_fp_rate')
+    """
+    return EPOCH_METRIC_RENAMES.get(key, key)
+
+
+def epoch_metrics(logs: dict) -> dict[str, float]:
+    """One epoch's Keras logs as MLflow metrics under :func:`history_name` (NaN left out).
+
+    >>> epoch_metrics({"loss": 0.5, "lr": 0.001, "val_patient_dice": float("nan")})
+    {'loss': 0.5, 'learning_rate': 0.001}
+    """
+    return clean_metrics({history_name(k): v for k, v in (logs or {}).items()})
+
+
+def best_epoch_summary(history: dict, best_epoch: int, epochs_run: int) -> dict[str, float]:
+    """The best epoch's values as ``best_<history name>`` plus ``best_epoch`` counted from 1.
+
+    ``best_epoch`` is 0-based here (Keras); -1 means no epoch had a value.
+
+    >>> best_epoch_summary({"loss": [0.9, 0.5, 0.7], "val_empty_slice_fp_rate": [1.0, 0.79, 1.0]}, 1, 3)
+    {'best_epoch': 2.0, 'epochs_run': 3.0, 'best_loss': 0.5, 'best_val_empty_fp_rate': 0.79}
+    """
+    out = {"best_epoch": best_epoch + 1, "epochs_run": epochs_run}
+    if best_epoch >= 0:
+        for key, values in history.items():
+            if best_epoch < len(values):
+                out[f"best_{history_name(key)}"] = values[best_epoch]
+    return clean_metrics(out)
+
+
 def epoch_logger():
-    """Keras callback logging every epoch's metrics (loss, Dice, IoU, val_patient_dice, lr) in one batch."""
+    """Keras callback logging every epoch's metrics in one batch, at step = epoch number counted
+    from 1 (as the console and ``best_epoch`` count)."""
     import tf_keras as keras
 
     class MlflowEpochLogger(keras.callbacks.Callback):
+        # The running best val_patient_dice goes first in the first batch: MLflow keeps metrics in
+        # the order first logged and its Compare view defaults to the first one (the headline).
+        best = None
+
         def on_epoch_end(self, epoch, logs=None):
-            mlflow.log_metrics(clean_metrics(logs or {}), step=epoch)
+            metrics = epoch_metrics(logs or {})
+            value = metrics.get("val_patient_dice")
+            if value is not None and (self.best is None or value > self.best):
+                self.best = value
+            head = {"best_val_patient_dice": self.best} if self.best is not None else {}
+            mlflow.log_metrics({**head, **metrics}, step=epoch + 1)
 
     return MlflowEpochLogger()
 
@@ -158,12 +207,20 @@ def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None
     return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
 
 
+def with_note(name: str, tags: dict) -> dict:
+    """``tags`` plus the run's description (``mlflow.note.content``) unless one is given."""
+    from brainseg.modelcard import NOTE_TAG, run_note
+
+    return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
+
+
 @contextlib.contextmanager
 def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
     """Start an MLflow run; an exception marks it FAILED, Ctrl-C marks it KILLED.
 
     Exceptions of the types in ``finished_on`` (e.g. a pruned trial) end it FINISHED and propagate.
     """
+    tags = with_note(name, tags)
     active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags), nested=nested)
     try:
         yield active
@@ -181,9 +238,11 @@ def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
 
 
 def train_config_params(cfg: TrainConfig) -> dict:
+    """The training config as MLflow params; the loss mapping is ``loss_weights`` (JSON) and
+    ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch)."""
     d = cfg.to_dict()
     loss = d.pop("loss")
-    d["loss"] = json.dumps(loss, sort_keys=True)
+    d["loss_weights"] = json.dumps(loss, sort_keys=True)
     for name in ("bce", "dice", "jaccard", "focal", "tversky"):
         d[f"loss_w_{name}"] = float(loss.get(name, 0) or 0)
     return d
@@ -197,7 +256,7 @@ def client() -> mlflow.MlflowClient:
 def create_parent_run(experiment: str, name: str, tags: dict, params: dict) -> str:
     """A run that is not active in this process (several workers attach children to it)."""
     exp = mlflow.set_experiment(experiment)
-    r = client().create_run(exp.experiment_id, run_name=name, tags=_with_project_parent(tags))
+    r = client().create_run(exp.experiment_id, run_name=name, tags=_with_project_parent(with_note(name, tags)))
     items = [mlflow.entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
     client().log_batch(r.info.run_id, params=items)
     return r.info.run_id
@@ -211,11 +270,11 @@ def set_tags(run_id: str, tags: dict) -> None:
     client().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_metrics_to(run_id: str, metrics: dict) -> None:
+def log_metrics_to(run_id: str, metrics: dict, step: int = 0) -> None:
     import time
 
     ts = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), ts, 0)
+    client().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), ts, int(step))
                                         for k, v in clean_metrics(metrics).items()])
 
 
@@ -233,3 +292,16 @@ def terminate(run_id: str, status: str) -> None:
             client().set_terminated(run_id, status)
     except mlflow.exceptions.MlflowException:
         pass
+
+
+def log_model_card(name: str, version: str, run_id: str, markdown: str, facts: dict, tags: dict) -> None:
+    """A registered version's model card: ``model_card.md`` / ``.json`` artifacts of its source run,
+    the version's description (the card, cut to MLflow's limit) and ``card.*`` version tags."""
+    from brainseg import modelcard
+
+    c = client()
+    c.log_text(run_id, markdown, modelcard.CARD_FILE)
+    c.log_dict(run_id, facts, modelcard.FACTS_FILE)
+    c.update_model_version(name, str(version), description=modelcard.description(markdown))
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))

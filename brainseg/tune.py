@@ -1,4 +1,4 @@
-"""Optuna tuning: one function maps a trial to a config; each trial is a nested MLflow run.
+"""Optuna tuning: search space, fidelity, sampler, pruner and storage (no MLflow here).
 
 The search space is YAML in ``experiments/`` (no code). Each parameter is one of::
 
@@ -8,13 +8,24 @@ The search space is YAML in ``experiments/`` (no code). Each parameter is one of
     name: {type: ..., when: {arch: [unet, fpn]}}     # conditional: only for those values
 
 Names are ``train`` settings (``lr``, ``arch``, ``encoder``, ...) or loss weights ``loss.bce``,
-``loss.dice``, ``loss.focal``, ``loss.tversky``, ``loss.jaccard``.
+``loss.dice``, ``loss.focal``, ``loss.tversky``, ``loss.jaccard`` (a suggested weight replaces that
+one weight of the recipe's loss; the others stay).
+
+Multi-fidelity: trials train at the search fidelity (``tune.size`` px, ``tune.steps_per_epoch``
+steps, at most ``tune.epochs`` epochs); the resource is the epoch, reported to Optuna after each
+epoch, so successive halving / Hyperband stop the weak trials at the rungs
+``min_resource * reduction_factor**k``. The refit (brainseg/tune_refit.py) trains the best
+configuration at full fidelity (``train.size``).
+
+The MLflow side (parent run, child runs, progress, plots) is in brainseg/tune_runs.py.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import math
 from pathlib import Path
 
 import optuna
@@ -22,7 +33,7 @@ import yaml
 
 from brainseg.config import ConfigError, TrainConfig
 
-PRUNERS = ("hyperband", "median", "none")
+PRUNERS = ("hyperband", "sha", "median", "none")
 OBJECTIVE = "val_patient_dice"
 
 
@@ -42,6 +53,12 @@ class Param:
         if t == "float":
             return trial.suggest_float(self.name, float(s["low"]), float(s["high"]), log=bool(s.get("log", False)))
         return trial.suggest_int(self.name, int(s["low"]), int(s["high"]), log=bool(s.get("log", False)))
+
+    def contains(self, value) -> bool:
+        s = self.spec
+        if s["type"] == "categorical":
+            return value in s["choices"]
+        return value is not None and float(s["low"]) <= float(value) <= float(s["high"])
 
 
 def load_search_space(path: Path) -> list[Param]:
@@ -89,35 +106,114 @@ def check_choices(params: list[Param], path: Path) -> None:
             raise ConfigError(f"{path}: parameter {p.name!r} has unknown name(s) {bad}")
 
 
-def trial_config(trial: optuna.Trial, base: dict, space: list[Param]) -> TrainConfig:
-    """Map a trial to a TrainConfig: ``base`` train settings with the suggested values on top.
+def apply_params(base: dict, params: dict) -> dict:
+    """``base`` train settings with trial ``params`` on top; ``loss.NAME`` sets one loss weight.
 
-    Suggested loss weights (``loss.NAME``) replace the base loss as a whole.
+    >>> apply_params({"lr": 0.001, "loss": {"bce": 0.5, "dice": 1.0}}, {"lr": 0.002, "loss.focal": 1.0})
+    {'lr': 0.002, 'loss': {'bce': 0.5, 'dice': 1.0, 'focal': 1.0}}
     """
     d = copy.deepcopy(base)
+    for name, value in params.items():
+        if name.startswith("loss."):
+            d["loss"] = {**d.get("loss", {}), name.split(".", 1)[1]: value}
+        else:
+            d[name] = value
+    return d
+
+
+def trial_config(trial: optuna.Trial, base: dict, space: list[Param]) -> TrainConfig:
+    """Map a trial to a TrainConfig: ``base`` train settings with the suggested values on top."""
     chosen: dict = {}
-    loss: dict = {}
+    for p in space:
+        if p.applies(chosen):
+            chosen[p.name] = p.suggest(trial)
+    return TrainConfig.from_dict(apply_params(base, chosen))
+
+
+def recipe_params(recipe: dict, space: list[Param], path: Path | str = "search space") -> dict:
+    """The hand-set recipe (``train`` settings) as trial params, to enqueue as the first trial.
+
+    Loss weights absent from the recipe count as 0. A recipe value outside the space fails, naming it.
+    """
+    chosen: dict = {}
     for p in space:
         if not p.applies(chosen):
             continue
-        chosen[p.name] = value = p.suggest(trial)
-        if p.name.startswith("loss."):
-            loss[p.name.split(".", 1)[1]] = value
-        else:
-            d[p.name] = value
-    if loss:
-        d["loss"] = loss
-    return TrainConfig.from_dict(d)
+        value = (float((recipe.get("loss") or {}).get(p.name.split(".", 1)[1], 0.0))
+                 if p.name.startswith("loss.") else recipe.get(p.name))
+        if not p.contains(value):
+            raise ConfigError(f"{path}: the hand-set recipe's {p.name}={value!r} is outside parameter "
+                              f"{p.name!r} ({p.spec.get('choices') or [p.spec.get('low'), p.spec.get('high')]}); "
+                              "widen the range so the study can start from the recipe")
+        chosen[p.name] = value
+    return chosen
 
 
-def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+# ------------------------------------------------------------------------------ fidelity
+@dataclasses.dataclass(frozen=True)
+class Fidelity:
+    """Search fidelity and the rung schedule (resource = epochs)."""
+
+    size: int             # px of a trial's network input (low fidelity), e.g. 64
+    steps_per_epoch: int | None
+    min_resource: int     # epochs before the first rung
+    max_resource: int     # epochs of a trial that is never pruned (tune.epochs)
+    reduction_factor: int
+
+    def rungs(self) -> list[int]:
+        """Epochs at which successive halving compares trials.
+
+        >>> Fidelity(64, 60, 2, 18, 3).rungs()
+        [2, 6, 18]
+        """
+        out, r = [], self.min_resource
+        while r <= self.max_resource:
+            out.append(r)
+            r *= self.reduction_factor
+        return out
+
+    def trial_settings(self, train: dict) -> dict:
+        """``train`` settings at search fidelity."""
+        return {**train, "size": self.size, "epochs": self.max_resource,
+                "steps_per_epoch": self.steps_per_epoch}
+
+
+def fidelity_from(tune: dict, train: dict) -> Fidelity:
+    f = Fidelity(int(tune.get("size") or train["size"]),
+                 tune.get("steps_per_epoch") or train.get("steps_per_epoch"),
+                 int(tune.get("min_resource", 1)), int(tune["epochs"]), int(tune.get("reduction_factor", 3)))
+    if f.max_resource < 1 or not 1 <= f.min_resource <= f.max_resource:
+        raise ConfigError(f"tune.min_resource ({f.min_resource}) must be in 1..tune.epochs ({f.max_resource})")
+    if f.reduction_factor < 2:
+        raise ConfigError(f"tune.reduction_factor: {f.reduction_factor} must be >= 2")
+    return f
+
+
+def make_pruner(name: str, fid: Fidelity) -> optuna.pruners.BasePruner:
+    """Pruner on the epoch resource. ``sha``: one successive-halving bracket; ``hyperband``:
+    several brackets with different first rungs (more robust to ``min_resource``, costs more)."""
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=fid.min_resource, max_resource=fid.max_resource,
+                                              reduction_factor=fid.reduction_factor)
+    if name == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=fid.min_resource,
+                                                      reduction_factor=fid.reduction_factor)
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=fid.min_resource)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"tune.pruner: {name!r} is not one of {', '.join(PRUNERS)}")
+
+
+def derive_seed(base_seed: int, study_name: str, n_trials_in_storage: int, worker: int) -> int:
+    """Sampler seed of one worker session: a resumed worker (more trials in storage) or a second
+    worker (another index) gets another seed, so it never replays the same random points.
+
+    >>> derive_seed(0, "s", 0, 0) == derive_seed(0, "s", 0, 0) != derive_seed(0, "s", 2, 0)
+    True
+    """
+    text = f"{base_seed}:{study_name}:{n_trials_in_storage}:{worker}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 def make_storage(url: str, heartbeat: int = 60, on_stale=None):
@@ -142,25 +238,7 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-# ------------------------------------------------------------------- study with MLflow runs
-PARENT_ATTR = "mlflow_parent_run_id"
-RUN_ATTR = "mlflow_run_id"
-
-
-def _fail_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat callback: a killed worker's trial became FAIL, so its MLflow run ends FAILED too."""
-    from brainseg import tracking
-
-    run_id = trial.user_attrs.get(RUN_ATTR)
-    if run_id:
-        tracking.set_tags(run_id, {"state": "FAIL", "failure": "worker stopped (no heartbeat)"})
-        tracking.terminate(run_id, "FAILED")
-
-
-def study_storage(url: str, heartbeat: int):
-    return make_storage(url, heartbeat, on_stale=_fail_stale_run)
-
-
+# ---------------------------------------------------------------------------------- plan
 @dataclasses.dataclass
 class StudyPlan:
     settings: dict
@@ -170,6 +248,14 @@ class StudyPlan:
     timeout: float
     space: list[Param]
     space_path: Path
+    fidelity: Fidelity = None
+    recipe: dict = dataclasses.field(default_factory=dict)
+    workers: int = 1
+    threads: int = 0          # TensorFlow threads per worker (0: TensorFlow decides)
+
+    @property
+    def tune(self) -> dict:
+        return self.settings["tune"]
 
 
 def plan_from_settings(settings: dict, study_name: str | None, storage: str | None,
@@ -180,150 +266,52 @@ def plan_from_settings(settings: dict, study_name: str | None, storage: str | No
         raise ConfigError(f"tune.pruner: {t['pruner']!r} is not one of {', '.join(PRUNERS)}")
     space_path = Path(t["search_space"])
     space = load_search_space(space_path)
-    base = {**settings["train"], "epochs": int(t["epochs"])}
+    fid = fidelity_from(t, settings["train"])
+    base = fid.trial_settings(settings["train"])
     TrainConfig.from_dict(base)
+    TrainConfig.from_dict({**settings["train"]})
     from brainseg.models.factory import check_names
 
     check_names(base["arch"], base["encoder"])
+    recipe = recipe_params(settings["train"], space, space_path) if t.get("enqueue_recipe", True) else {}
+    workers, threads = int(t.get("workers", 1) or 1), int(t.get("threads", 0) or 0)
+    if workers < 1 or threads < 0:
+        raise ConfigError(f"tune.workers ({workers}) must be >= 1 and tune.threads ({threads}) >= 0")
     return StudyPlan(settings, study_name or t["study_name"], storage or t["storage"],
-                     int(n_trials or t["n_trials"]), float(timeout or t["timeout"]), space, space_path)
+                     int(n_trials or t["n_trials"]), float(timeout or t["timeout"]), space, space_path,
+                     fid, recipe, workers, threads)
 
 
-def open_plan_study(plan: StudyPlan) -> optuna.Study:
-    t = plan.settings["tune"]
-    storage = study_storage(plan.storage_url, int(t.get("heartbeat", 60)))
-    sampler = optuna.samplers.TPESampler(seed=int(t["sampler_seed"]), n_startup_trials=4)
-    return optuna.create_study(study_name=plan.study_name, storage=storage, direction="maximize",
-                               sampler=sampler, pruner=make_pruner(t["pruner"], int(t["epochs"])),
-                               load_if_exists=True)
+def open_plan_study(plan: StudyPlan, worker: int = 0, storage=None) -> optuna.Study:
+    """Create or load the study; a new (empty) study gets the hand-set recipe as its first trial.
+
+    The sampler seed comes from :func:`derive_seed` (study, trials already stored, worker).
+    """
+    storage = storage if storage is not None else make_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
+    study = optuna.create_study(study_name=plan.study_name, storage=storage, direction="maximize",
+                                pruner=make_pruner(plan.tune["pruner"], plan.fidelity), load_if_exists=True)
+    n = len(study.get_trials(deepcopy=False))
+    if n == 0 and plan.recipe:
+        study.enqueue_trial(plan.recipe, user_attrs={"recipe": "hand-set"}, skip_if_exists=True)
+    study.sampler = optuna.samplers.TPESampler(
+        seed=derive_seed(int(plan.tune["sampler_seed"]), plan.study_name, n, worker),
+        n_startup_trials=int(plan.tune.get("n_startup_trials", 4)))
+    return study
 
 
-def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version: str) -> str:
-    from brainseg import tracking
+def refit_epochs(trial_epochs: int, trial_steps: int | None, refit_steps: int | None) -> int:
+    """Epochs of the refit that see as many batches as the best trial did.
 
-    parent = study.user_attrs.get(PARENT_ATTR)
-    if parent:
-        tracking.set_tags(parent, {"state": "RUNNING"})
-        return parent
-    t = plan.settings["tune"]
-    params = {"study_name": plan.study_name, "storage": redact(plan.storage_url), "sampler": "TPESampler",
-              "sampler_seed": t["sampler_seed"], "pruner": t["pruner"], "objective": OBJECTIVE,
-              "epochs_per_trial": t["epochs"], "search_space": plan.space_path.read_text(),
-              "profile": plan.settings["profile"]}
-    tags = {**tracking.lineage_tags(version, plan.settings), "optuna.study": plan.study_name}
-    parent = tracking.create_parent_run(experiment, f"study-{plan.study_name}", tags, params)
-    study.set_user_attr(PARENT_ATTR, parent)
-    return parent
+    >>> refit_epochs(18, 30, 60), refit_epochs(6, None, None)
+    (9, 6)
+    """
+    if trial_steps and refit_steps:
+        return max(1, math.ceil(trial_epochs * trial_steps / refit_steps))
+    return max(1, int(trial_epochs))
 
 
-class TrialLink:
-    """Keras callback factory: links the trial to its MLflow run and reports val_patient_dice."""
+def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, **kwargs) -> dict:
+    """Create or continue the study in this worker (see :func:`brainseg.tune_session.run_study`)."""
+    from brainseg.tune_session import run_study as _run
 
-    @staticmethod
-    def make(trial: optuna.Trial):
-        import mlflow
-        import tf_keras as keras
-        from optuna_integration import TFKerasPruningCallback
-
-        class _Link(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                trial.set_user_attr(RUN_ATTR, mlflow.active_run().info.run_id)
-
-        class _Prune(TFKerasPruningCallback):
-            def on_epoch_end(self, epoch, logs=None):
-                try:
-                    super().on_epoch_end(epoch, logs)
-                except optuna.TrialPruned:
-                    mlflow.set_tag("state", "PRUNED")
-                    mlflow.log_metric("pruned_at_epoch", epoch)
-                    raise
-
-        return [_Link(), _Prune(trial, OBJECTIVE)]
-
-
-def objective_for(plan: StudyPlan, ctx, parent: str):
-    from brainseg import tracking
-    from brainseg.workflows import tracked_training
-
-    base = {**plan.settings["train"], "epochs": int(plan.settings["tune"]["epochs"])}
-
-    def objective(trial: optuna.Trial) -> float:
-        cfg = trial_config(trial, base, plan.space)
-        tags = {"mlflow.parentRunId": parent, "optuna.study": plan.study_name, "optuna.trial": str(trial.number)}
-        try:
-            res = tracked_training(plan.settings, cfg, ctx, run_name=f"trial-{trial.number:03d}",
-                                   callbacks=TrialLink.make(trial), tags=tags, verbose=0,
-                                   finished_on=(optuna.TrialPruned,))
-        except optuna.TrialPruned:
-            raise
-        except Exception as exc:
-            run_id = trial.user_attrs.get(RUN_ATTR)
-            if run_id:
-                tracking.set_tags(run_id, {"state": "FAIL", "failure": f"{type(exc).__name__}: {exc}"[:500]})
-            raise
-        tracking.set_tags(res["run_id"], {"state": "COMPLETE"})
-        trial.set_user_attr("val_patient_dice_full_size", res["metrics"].get("patient_dice_mean"))
-        trial.set_user_attr("model_uri", res["model_uri"])
-        return res["val_patient_dice"]
-
-    return objective
-
-
-def summarize_study(study: optuna.Study, parent: str) -> dict:
-    """Best trial tags/metrics and Optuna's plots on the parent run; returns the summary."""
-    from brainseg import tracking
-
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    states = {s.name: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
-    summary = {"study": study.study_name, "trials": len(study.trials), "states": states,
-               "parent_run_id": parent}
-    tracking.log_metrics_to(parent, {f"trials_{k.lower()}": v for k, v in states.items()})
-    if complete:
-        best = study.best_trial
-        summary.update({"best_trial": best.number, "best_value": best.value,
-                        "best_run_id": best.user_attrs.get(RUN_ATTR), "best_params": best.params,
-                        "best_model_uri": best.user_attrs.get("model_uri")})
-        tracking.set_tags(parent, {"best_trial_number": best.number, "best_run_id": summary["best_run_id"]})
-        tracking.log_metrics_to(parent, {"best_value": best.value, "best_trial_number": best.number})
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from optuna.visualization import matplotlib as ovm
-
-        for name, fn in (("optimization_history.png", ovm.plot_optimization_history),
-                         ("param_importances.png", ovm.plot_param_importances),
-                         ("parallel_coordinate.png", ovm.plot_parallel_coordinate)):
-            try:
-                ax = fn(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                tracking.log_figure_to(parent, fig, name)
-            except Exception as exc:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
-                summary.setdefault("plots_skipped", {})[name] = str(exc)[:200]
-    return summary
-
-
-def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False) -> dict:
-    """Create or continue the study and run up to ``n_trials`` more trials in this worker."""
-    from brainseg import tracking
-
-    study = open_plan_study(plan)
-    parent = ensure_parent(study, plan, experiment, ctx.version)
-    if create_only:
-        return {"study": plan.study_name, "parent_run_id": parent, "created": True,
-                "trials": len(study.trials)}
-    mlflow_exp = tracking.client().get_run(parent).info.experiment_id
-    import mlflow
-
-    mlflow.set_experiment(experiment_id=mlflow_exp)
-    status = "FINISHED"
-    try:
-        study.optimize(objective_for(plan, ctx, parent), n_trials=plan.n_trials, timeout=plan.timeout,
-                       catch=(ValueError, RuntimeError, MemoryError), gc_after_trial=True)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        summary = summarize_study(study, parent)
-        tracking.set_tags(parent, {"state": status})
-        tracking.terminate(parent, status)
-    return summary
+    return _run(plan, ctx, experiment, create_only=create_only, **kwargs)

@@ -2,8 +2,9 @@
 features table, save a screenshot (``docs/app_screenshot.png`` with ``BRAINSEG_SCREENSHOT=1``).
 
 Needs the Debian packages ``chromium`` and ``chromium-driver`` and the ``selenium`` package. The
-segmenter is a tiny untrained U-Net built here (its masks are noise); set
+segmenter is a tiny untrained U-Net built here (its masks are noise) with a model card beside it; set
 ``BRAINSEG_APP_TEST_MODEL`` to a model folder or URI (e.g. the champion) for a meaningful screenshot.
+The test checks that the page shows units, provenance and the model card's validation figure.
 """
 
 from __future__ import annotations
@@ -63,14 +64,22 @@ def largest_tumor_slice(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory) -> str:
+    """``BRAINSEG_APP_TEST_MODEL``, else a tiny untrained model with a model card beside it."""
     if os.environ.get("BRAINSEG_APP_TEST_MODEL"):
         return os.environ["BRAINSEG_APP_TEST_MODEL"]
+    import json
+
+    from brainseg import modelcard
     from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.train import save_model
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64})
-    return str(save_model(build_model(cfg), cfg, tmp_path_factory.mktemp("tiny-model")))
+    folder = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("tiny-model"))
+    facts = {"data": {"version": "0123456789abcdef", "synthetic": True}, "recipe": {"size": 64},
+             "val": {"patient_dice_mean": 0.4321, "n_patients": 3}}
+    (folder / modelcard.FACTS_FILE).write_text(json.dumps(facts))
+    return str(folder)
 
 
 @pytest.fixture
@@ -117,7 +126,7 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_upload_a_real_slice_and_see_the_features_table(real_sample, page_url, browser, tmp_path):
+def test_upload_a_real_slice_and_see_the_features_table(real_sample, model_uri, page_url, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -132,6 +141,15 @@ def test_upload_a_real_slice_and_see_the_features_table(real_sample, page_url, b
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "Features per slice" in body
     assert image.name in body and "Dice" in body
+    assert "Lengths and areas are in pixels (px)" in body  # units
+    from brainseg.app import logic
+
+    provenance = logic.model_provenance(model_uri)
+    assert logic.provenance_line(provenance) in body  # which model, which data version
+    card = [text for _, text in logic.card_lines(provenance)]
+    assert any(text.startswith("Validation per-patient volume Dice") for text in card)
+    for text in card:  # real or synthetic, the card's validation figure, the smoke-model note
+        assert text in body, text
     assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
     time.sleep(1.0)  # let the images and the table finish painting
     shot = SCREENSHOT if os.environ.get("BRAINSEG_SCREENSHOT") == "1" else tmp_path / "app_screenshot.png"

@@ -19,7 +19,7 @@ import tifffile
 
 from brainseg.app import launch, logic
 from brainseg.data import imageio
-from brainseg.features import SLICE_FEATURE_COLUMNS, slice_features
+from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 
 FOLDER = "TCGA_CS_4941_19960909"
 
@@ -62,8 +62,9 @@ class FakeBackend:
     def describe(self) -> dict:
         return {"model": "fake", "version": "7", "run_id": "abc123", "data_version": "d" * 40}
 
-    def segment(self, items):
+    def segment(self, items, groups=None):
         self.calls += 1
+        self.groups = groups
         for name, _ in items:
             if "refuse" in name:
                 raise logic.SegmentError(f"{name}: refused")
@@ -168,9 +169,9 @@ def three_slices(truth: bool = True) -> list[logic.SliceInput]:
 def test_analyse_tables_and_downloads():
     backend = FakeBackend()
     steps = []
-    results, problems = logic.analyse(three_slices(), backend, batch=2,
-                                      progress=lambda done, n: steps.append((done, n)))
-    assert problems == [] and backend.calls == 2 and steps == [(2, 3), (3, 3)]
+    results, problems = logic.analyse(three_slices(), backend, progress=lambda done, n: steps.append((done, n)))
+    assert problems == [] and backend.calls == 1 and steps == [(3, 3)]  # one patient volume, one call
+    assert backend.groups == ["TCGA_CS_4941"] * 3  # the patient of each slice, for largest_3d
     table = logic.slice_table(results)
     assert list(table.columns) == ["file", "patient", "slice"] + SLICE_FEATURE_COLUMNS + [
         "truth_area_px", "dice_vs_truth"]
@@ -205,17 +206,19 @@ def test_slice_table_without_truth_has_no_truth_columns():
 def test_one_refused_slice_costs_only_itself():
     slices = three_slices()
     slices[1].name = "refuse_me_2.tif"
-    results, problems = logic.analyse(slices, FakeBackend(), batch=3)
+    backend = FakeBackend()
+    results, problems = logic.analyse(slices, backend)
     assert [r.item.slice for r in results] == [1, 3]
+    assert backend.groups == ["TCGA_CS_4941"] * 2  # the rest of the volume went again, together
     assert problems == ["refuse_me_2.tif: refuse_me_2.tif: refused"]
 
 
 def test_backend_failure_stops_with_one_line():
     class Down(FakeBackend):
-        def segment(self, items):
+        def segment(self, items, groups=None):
             raise logic.SegmentError("endpoint http://x cannot be reached", per_item=False)
 
-    results, problems = logic.analyse(three_slices(), Down(), batch=1)
+    results, problems = logic.analyse(three_slices(), Down())
     assert results == [] and problems == ["segmenter: endpoint http://x cannot be reached"]
 
 
@@ -283,12 +286,14 @@ def test_rest_backend_posts_dataframe_split_and_reads_masks(endpoint):
     results, problems = logic.analyse(three_slices(), backend)
     assert problems == []
     path, body = FakeServer.requests[0]
-    assert path == "/invocations" and body["dataframe_split"]["columns"] == ["image"]
+    assert path == "/invocations" and body["dataframe_split"]["columns"] == ["image", "patient"]
+    assert [row[1] for row in body["dataframe_split"]["data"]] == ["TCGA_CS_4941"] * 3  # one volume
     assert body["params"] == {"return_mask": True}
     assert [int(r.mask.sum()) for r in results] == [0, 64, 128]
     assert math.isnan(results[0].features["centroid_x"]) and results[1].features["centroid_x"] == 11.5
-    assert backend.describe() == {"model": endpoint + "/invocations", "version": "",
-                                  "run_id": "run42", "data_version": "v1"}
+    described = backend.describe()
+    assert {k: described[k] for k in ("model", "version", "run_id", "data_version")} == {
+        "model": endpoint + "/invocations", "version": "", "run_id": "run42", "data_version": "v1"}
 
 
 def test_rest_backend_errors(endpoint):
@@ -331,8 +336,9 @@ def test_provenance_of_a_local_model_folder(tmp_path):
 
 def test_survival_backend_joins_clinical_data():
     class Model:
-        metadata = types.SimpleNamespace(get_input_schema=lambda: types.SimpleNamespace(
-            input_names=lambda: ["tumor_volume_px", "age_at_initial_pathologic"]))
+        metadata = types.SimpleNamespace(get_input_schema=lambda: types.SimpleNamespace(inputs=[
+            types.SimpleNamespace(name=n, type=types.SimpleNamespace(name="double"))
+            for n in ("tumor_volume_px", "age_at_initial_pathologic")]))
 
         def predict(self, X):
             self.X = X
@@ -349,15 +355,19 @@ def test_survival_backend_joins_clinical_data():
 
 
 # ------------------------------------------------------------------------ in-process backend
-def test_in_process_backend_with_a_tiny_untrained_model(tmp_path):
+def tiny_model(path, size: int = 32, **settings):
     from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.train import save_model
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
-    save_model(build_model(cfg), cfg, tmp_path / "model")
+    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": size})
+    return save_model(build_model(cfg), cfg, InferenceSettings(**settings), path)
+
+
+def test_in_process_backend_with_a_tiny_untrained_model(tmp_path):
+    tiny_model(tmp_path / "model")
     backend = logic.make_segmenter(logic.AppSettings(model_uri=str(tmp_path / "model")))
-    assert backend.describe()["version"] == "local file"
+    assert backend.describe()["version"] == "local file" and backend.describe()["size"] == 32
     slices = three_slices()
     slices[0].image = slices[0].image[:, :, 1].repeat(3).reshape(32, 32, 3)
     slices[0].gray = True
@@ -367,3 +377,100 @@ def test_in_process_backend_with_a_tiny_untrained_model(tmp_path):
     assert [r.mask.shape for r in results] == [(32, 32)] * 3 + [(96, 96)]
     assert all(r.mask.dtype == bool for r in results)
     assert set(results[0].features) == set(SLICE_FEATURE_COLUMNS)
+
+
+def test_page_masks_equal_brainseg_predicts(tmp_path):
+    """Same model, same files: the page's masks and patient features are predict's (largest_3d on)."""
+    from brainseg.inference import Segmenter
+    from brainseg.predict import collect_inputs, predict_files
+
+    tiny_model(tmp_path / "model", threshold=0.45, largest_3d=True, min_component_px=2)
+    folder = tmp_path / "in" / FOLDER
+    folder.mkdir(parents=True)
+    boxes = [(0, 0, 0, 0), (8, 16, 8, 16), (4, 20, 4, 12), (2, 30, 2, 30)]
+    for k, b in enumerate(boxes):
+        tifffile.imwrite(folder / f"{FOLDER}_{k + 1}.tif", slice_image(32, b))
+    files, _ = collect_inputs([tmp_path / "in"])
+    pred = predict_files(Segmenter.from_dir(tmp_path / "model"), files, tmp_path / "out")
+    upload = logic.parse_uploads((f"{FOLDER}/{f.name}", f.read_bytes()) for f in files)
+    results, problems = logic.analyse(upload.slices, logic.make_segmenter(
+        logic.AppSettings(model_uri=str(tmp_path / "model"))))
+    assert problems == [] and len(results) == len(files) == 4
+    for r in results:
+        stem = r.item.name.rsplit("/", 1)[-1][:-4]
+        served = imageio.check_mask(imageio.decode_bytes((tmp_path / "out" / f"{stem}_pred.png").read_bytes(),
+                                                         "m"), "m")
+        np.testing.assert_array_equal(r.mask, served)
+    patients, _ = logic.patient_table(results)
+    shared = [c for c in pred.patients.columns if c in patients.columns]
+    pd.testing.assert_frame_equal(patients[shared], pred.patients[shared], check_dtype=False)
+
+
+# ------------------------------------------------------------------ model card, units, survival evidence
+@pytest.mark.parametrize("provenance, present, absent", [
+    ({"data_kind": "synthetic", "val_dice": "0.7000", "val_n_patients": "3", "size": 64},
+     ["Trained on SYNTHETIC data", "Validation per-patient volume Dice 0.700 (n=3 patients)", "64-px smoke-test"],
+     ["Trained on real data"]),
+    ({"data_kind": "real", "data_version": "0123456789abcdef", "val_dice": "0.81", "size": 256},
+     ["Trained on real data (TCGA-LGG), data version 0123456789ab", "Dice 0.810"], ["smoke", "SYNTHETIC"]),
+    ({"data_kind": "", "val_dice": "", "size": None},
+     ["not recorded (no model card", "No validation Dice recorded"], ["smoke"]),
+])
+def test_card_lines_state_data_kind_validation_dice_and_the_smoke_model(provenance, present, absent):
+    text = "\n".join(t for _, t in logic.card_lines(provenance))
+    for p in present:
+        assert p in text, p
+    for a in absent:
+        assert a not in text, a
+    levels = dict((t[:20], level) for level, t in logic.card_lines(provenance))
+    assert all(level == "warning" for t, level in levels.items() if "SYNTHETIC" in t or "smoke" in t)
+
+
+EVIDENCE = {"status": "ok", "message": None, "death01_probability": 0.25, "cv_roc_auc": 0.62, "cv_n_patients": 80,
+            "data_version": "0123456789abcdef", "fitted_on": "real", "features_from": "oof_predicted"}
+
+
+@pytest.mark.parametrize("changes, verdict, words", [
+    ({}, "show", ["ROC-AUC 0.62 over 80 patients (real data version 0123456789ab", "oof_predicted masks"]),
+    ({"fitted_on": "synthetic"}, "show", ["Fitted on SYNTHETIC data", "says nothing about a real patient"]),
+    ({"status": "insufficient_data", "message": "3 of 9 clinical fields known", "death01_probability": None},
+     "refuse", ["No probability: 3 of 9 clinical fields known."]),
+    ({"cv_roc_auc": None}, "refuse", ["does not report its cross-validated ROC-AUC"]),
+    ({"fitted_on": None, "status": None}, "refuse", ["does not report"]),
+    ({"death01_probability": float("nan")}, "refuse", ["gave none"]),
+])
+def test_survival_probability_is_shown_only_with_its_evidence(changes, verdict, words):
+    got, text = logic.survival_context({**EVIDENCE, **changes})
+    assert got == verdict
+    for w in words:
+        assert w in text, w
+
+
+def test_every_feature_column_has_a_unit_and_a_meaning():
+    from brainseg.outcome.features import PATIENT_FEATURE_COLUMNS
+
+    for column in SLICE_FEATURE_COLUMNS:
+        unit, meaning = logic.SLICE_GLOSSARY[column]
+        assert unit and meaning, column
+    for column in PATIENT_FEATURE_COLUMNS + ["slices", "volume_dice"]:
+        unit, meaning = logic.PATIENT_GLOSSARY[column]
+        assert unit and meaning, column
+    assert logic.SLICE_GLOSSARY["area_px"][0] == "px" and "no pixel spacing" in logic.SLICE_GLOSSARY["area_px"][1]
+    assert logic.column_label("area_px", logic.SLICE_GLOSSARY) == "area_px (px)"
+    assert logic.column_label("tumor", logic.SLICE_GLOSSARY) == "tumor"
+    table = logic.glossary_table(["file", "area_px", "not_a_feature"], logic.SLICE_GLOSSARY)
+    assert table["column"].tolist() == ["file", "area_px"] and table["unit"].tolist() == ["", "px"]
+
+
+def test_provenance_of_a_local_folder_reads_its_model_card(tmp_path):
+    from brainseg import modelcard
+
+    (tmp_path / "brainseg.json").write_text(json.dumps({"train": {"size": 64}, "meta": {"run_id": "r1"}}))
+    facts = {"data": {"version": "abcdef0123456789", "synthetic": False}, "recipe": {"size": 64},
+             "val": {"patient_dice_mean": 0.71, "n_patients": 6}}
+    (tmp_path / modelcard.FACTS_FILE).write_text(json.dumps(facts))
+    (tmp_path / modelcard.CARD_FILE).write_text("# Model card")
+    prov = logic.model_provenance(str(tmp_path))
+    assert {k: prov[k] for k in ("data_version", "data_kind", "val_dice", "val_n_patients", "size", "card")} == {
+        "data_version": "abcdef0123456789", "data_kind": "real", "val_dice": "0.7100", "val_n_patients": "6",
+        "size": 64, "card": "# Model card"}

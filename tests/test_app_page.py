@@ -11,7 +11,7 @@ import tifffile
 from streamlit.testing.v1 import AppTest
 
 from brainseg.app import launch, logic
-from brainseg.features import slice_features
+from brainseg.outcome.features import slice_features
 
 FOLDER = "TCGA_CS_4941_19960909"
 
@@ -39,9 +39,12 @@ class FakeBackend:
 
     def describe(self) -> dict:
         return {"model": "models:/brainseg-segmenter@champion", "version": "3", "run_id": "abcdef123456",
-                "data_version": "0123456789abcdef"}
+                "data_version": "0123456789abcdef", **self.card}
 
-    def segment(self, items):
+    card = {"data_kind": "real", "val_dice": "0.8123", "val_n_patients": "13", "size": 256,
+            "card": "# Model card: brainseg-segmenter v3"}
+
+    def segment(self, items, groups=None):
         self.calls += 1
         out = []
         for _, image in items:
@@ -55,7 +58,10 @@ class FakeSurvival:
         return {"model": "models:/brainseg-survival@champion", "version": "2", "run_id": "", "data_version": "x"}
 
     def probabilities(self, patients: pd.DataFrame, clinical):
-        return pd.DataFrame({"patient": patients["patient"], "death01_probability": 0.25})
+        return pd.DataFrame({"patient": patients["patient"], "death01_probability": 0.25, **self.evidence})
+
+    evidence = {"status": "ok", "message": None, "cv_roc_auc": 0.62, "cv_n_patients": 80,
+                "data_version": "0123456789abcdef", "fitted_on": "real", "features_from": "oof_predicted"}
 
 
 @pytest.fixture
@@ -148,3 +154,45 @@ def test_survival_model_missing_is_said_plainly(app):
     assert "No survival model is configured" in texts(app.info)
     assert "Research model, not a diagnosis" in texts(app.warning)
 
+
+
+def test_sidebar_shows_the_model_cards_provenance(app):
+    sidebar = texts(app.sidebar.caption)
+    assert "Trained on real data (TCGA-LGG), data version 0123456789ab" in sidebar
+    assert "Validation per-patient volume Dice 0.812 (n=13 patients), from the model card" in sidebar
+    assert "smoke" not in sidebar + texts(app.sidebar.warning)
+    assert "# Model card: brainseg-segmenter v3" in texts(app.sidebar.markdown)
+
+
+def test_a_synthetic_smoke_model_is_flagged(monkeypatch):
+    monkeypatch.setenv(logic.ENV_SURVIVAL, "")
+    at = AppTest.from_file(str(launch.PAGE), default_timeout=60)
+    backend = FakeBackend()
+    backend.card = {"data_kind": "synthetic", "val_dice": "0.5", "val_n_patients": "3", "size": 64, "card": ""}
+    at.session_state["backend"] = backend
+    at.run()
+    warnings = texts(at.sidebar.warning)
+    assert "Trained on SYNTHETIC data" in warnings and "64-px smoke-test model" in warnings
+
+
+def test_features_come_with_units_and_a_glossary(app):
+    image, mask = tumor_slice()
+    app.file_uploader[0].set_value([(f"{FOLDER}_5.tif", image, "image/tiff")]).run()
+    assert "Lengths and areas are in pixels (px)" in texts(app.caption)
+    glossary = app.table[0].value
+    assert glossary.set_index("column").loc["area_px", "unit"] == "px"
+    assert "no pixel spacing" in glossary.set_index("column").loc["area_px", "meaning"]
+
+
+@pytest.mark.parametrize("evidence, shown, words", [
+    ({"fitted_on": "synthetic"}, True, "Fitted on SYNTHETIC data"),
+    ({"cv_roc_auc": None}, False, "does not report its cross-validated ROC-AUC"),
+    ({"status": "insufficient_data", "message": "too few clinical fields"}, False, "too few clinical fields"),
+])
+def test_survival_probability_needs_its_evidence(app, evidence, shown, words):
+    app.session_state["survival"].evidence = {**FakeSurvival.evidence, **evidence}
+    app.radio[0].set_value("Bundled synthetic example").run()
+    assert not app.exception
+    metrics = {m.label for m in app.metric}
+    assert ("Survival model: probability of death01 = 1" in metrics) == shown
+    assert words in texts(app.warning) + texts(app.info)

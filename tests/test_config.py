@@ -1,4 +1,5 @@
-"""Settings: params.yaml <- profile <- --set overrides; errors name the key, profile or file."""
+"""Settings: params.yaml as written <- --set overrides (a profile only when named); errors name the
+key, profile or file."""
 
 from pathlib import Path
 
@@ -18,10 +19,9 @@ PARAMS = {
     "train": {"arch": "unet", "lr": 0.001, "epochs": 30, "loss": {"bce": 0.5, "dice": 1.0},
               "encoder_weights": None},
 }
-PROFILES = {
-    "small": {"train": {"epochs": 2}},
+PROFILES = {  # every profile sets the same keys
+    "small": {"train": {"epochs": 2, "loss": {"dice": 1.0}}, "data": {"synth": {"size": 32}}},
     "big": {"train": {"epochs": 80, "loss": {"focal": 1.0}}, "data": {"synth": {"size": 128}}},
-    "empty": None,
 }
 
 
@@ -78,11 +78,11 @@ def test_parse_override_errors(text, message):
         parse_override(text)
 
 
-def test_load_settings_uses_the_default_profile(files):
+def test_load_settings_reads_params_as_written_and_applies_no_profile_silently(files):
     s = load_settings(**files)
-    assert s["profile"] == "small"
-    assert s["train"]["epochs"] == 2
-    assert s["train"]["lr"] == 0.001 and s["train"]["arch"] == "unet"
+    assert s["profile"] == "small"  # a label only: the small profile's epochs=2 is not applied
+    assert s["train"] == PARAMS["train"]
+    assert s["data"] == PARAMS["data"]
 
 
 def test_load_settings_named_profile_merges_deeply(files):
@@ -92,11 +92,6 @@ def test_load_settings_named_profile_merges_deeply(files):
     assert s["train"]["loss"] == {"focal": 1.0}
     assert s["data"]["synth"] == {"patients": 16, "size": 128}
     assert s["data"]["root"] == "data/raw/kaggle_3m"
-
-
-def test_load_settings_empty_profile_keeps_params(files):
-    s = load_settings("empty", **files)
-    assert s["train"] == PARAMS["train"]
 
 
 def test_overrides_apply_after_the_profile(files):
@@ -120,7 +115,7 @@ def test_unknown_override_key_is_named(files, override, message):
 
 
 def test_unknown_profile(files):
-    with pytest.raises(ConfigError, match=r"unknown profile 'huge'.*\['big', 'empty', 'small'\]"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge'.*\['big', 'small'\]"):
         load_settings("huge", **files)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainseg.features import (
+from brainseg.outcome.features import (
     PATIENT_FEATURE_COLUMNS, SLICE_FEATURE_COLUMNS, angular_std, ellipsoid_volume_ratio,
     features_for_manifest, margin_fluctuation, patient_features_from_masks, slice_features,
 )

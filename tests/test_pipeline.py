@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from brainseg.pipeline import set_profile, stage_commands
+from brainseg.run_pipeline import pending_promotions, stage_commands
 from conftest import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -35,23 +35,22 @@ def _copy_checkout(dest: Path) -> Path:
 def test_stage_commands_follow_dvc_yaml_with_params_filled_in():
     params = {"data": {"root": "data/raw/kaggle_3m", "manifest": "m.csv", "split": "s.csv"}}
     stages = stage_commands(params, PROJECT_ROOT / "dvc.yaml")
-    assert [s for s, _ in stages] == ["validate", "manifest", "split", "tune", "evaluate", "features",
-                                      "survival", "register"]
+    assert [s for s, _ in stages] == ["validate", "manifest", "split", "tune", "features", "survival",
+                                      "register", "test_report"]
     assert stages[0][1] == "brainseg data validate data/raw/kaggle_3m --json reports/validate.json"
 
 
-def test_set_profile_keeps_comments_and_refuses_unknown_profiles(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(PROJECT_ROOT / "params.yaml", "params.yaml")
-    shutil.copytree(PROJECT_ROOT / "experiments", "experiments")
-    assert set_profile("cpu") is True
-    text = Path("params.yaml").read_text()
-    assert "profile: cpu" in text and "# The one source of defaults" in text
-    assert set_profile("cpu") is False
-    from brainseg.config import ConfigError
-
-    with pytest.raises(ConfigError, match="unknown profile"):
-        set_profile("tpu")
+@pytest.mark.parametrize("report, pending", [
+    ({}, []),
+    ({"segmenter": {"name": "seg", "version": "3", "promoted": None},
+      "survival": {"name": "surv", "version": 2, "promoted": None}}, [("seg", "3"), ("surv", "2")]),
+    ({"segmenter": {"name": "seg", "version": "3", "promoted": False}}, []),  # the stage's gate already ran
+])
+def test_brainseg_run_gates_what_the_register_stage_left_ungated(tmp_path, report, pending):
+    path = tmp_path / "register.json"
+    if report:
+        path.write_text(json.dumps(report))
+    assert pending_promotions(path) == pending
 
 
 def test_main_job_on_the_embedded_default_then_nothing_to_redo(tmp_path):
@@ -61,11 +60,14 @@ def test_main_job_on_the_embedded_default_then_nothing_to_redo(tmp_path):
                            capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "mlflow models serve -m models:/brainseg-segmenter@champion" in first.stdout
-    metrics = json.loads((clone / "reports/evaluate/metrics.json").read_text())
-    assert metrics["n_patients"] >= 1 and 0 <= metrics["patient_dice_mean"] <= 1
+    metrics = json.loads((clone / "reports/test/metrics.json").read_text())
+    assert metrics["test_n_patients"] >= 1 and 0 <= metrics["test_patient_dice_mean"] <= 1
     assert json.loads((clone / "reports/survival/metrics.json").read_text())["final_roc_auc"] >= 0
     registered = json.loads((clone / "reports/register.json").read_text())
-    assert registered["segmenter"]["promoted"] and registered["survival"]["promoted"]
+    # the register stage registers and tags; `brainseg run` then puts both through the gate
+    assert registered["segmenter"]["promoted"] is None and registered["survival"]["promoted"] is None
+    assert 0 <= registered["segmenter"]["val_patient_dice_mean"] <= 1
+    assert "promotion gate: brainseg promote brainseg-segmenter 1" in first.stdout
     assert (clone / "data/raw/kaggle_3m.dvc").is_file()  # the synthetic default is DVC-tracked
 
     check = """
@@ -104,3 +106,53 @@ print(json.dumps({"seg": seg.version, "surv": surv.version, "tags": tag, "runs":
     page = (clone / "plots" / "index.html").read_text()
     assert "per-patient volume Dice" in page and "vegaEmbed" in page
     assert "cdn.jsdelivr" not in page  # the JavaScript is inlined: the page renders offline
+
+
+def _run_clone(path: Path, corrupt_test_masks: bool) -> dict:
+    """`brainseg data prepare`, optionally move every test patient's tumor (np.roll: same pixel
+    count, so the same manifest and split, but wrong labels), then `brainseg run`."""
+    import numpy as np
+    import pandas as pd
+    import tifffile
+
+    clone = _copy_checkout(path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TF_DETERMINISTIC_OPS": "1"}
+
+    def sh(*cmd):
+        done = subprocess.run(list(cmd), cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
+        assert done.returncode == 0, f"{cmd}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
+        return done
+
+    sh(sys.executable, "-m", "brainseg", "data", "prepare")
+    split_before = (clone / "data/processed/split.csv").read_text()
+    if corrupt_test_masks:
+        split = pd.read_csv(clone / "data/processed/split.csv")
+        manifest = pd.read_csv(clone / "data/processed/manifest.csv")
+        test = manifest[manifest["patient"].isin(split.loc[split["subset"] == "test", "patient"])]
+        moved = 0
+        for mask_path in test.loc[test["tumor_px"] > 0, "mask_path"]:
+            mask = tifffile.imread(clone / mask_path if not Path(mask_path).is_absolute() else mask_path)
+            tifffile.imwrite(clone / mask_path if not Path(mask_path).is_absolute() else mask_path,
+                             np.roll(mask, (17, 23), axis=(0, 1)))
+            moved += 1
+        assert moved, "no test slice with tumor to corrupt"
+        sh("dvc", "add", "data/raw/kaggle_3m")
+    run = sh(sys.executable, "-m", "brainseg", "run")
+    read = lambda name: json.loads((clone / name).read_text())  # noqa: E731
+    assert (clone / "data/processed/split.csv").read_text() == split_before  # same split
+    return {"tune": read("reports/tune.json"), "register": read("reports/register.json"),
+            "test": read("reports/test/metrics.json"), "stdout": run.stdout}
+
+
+def test_corrupted_test_masks_change_only_the_test_report(tmp_path):
+    clean = _run_clone(tmp_path / "clean", corrupt_test_masks=False)
+    corrupt = _run_clone(tmp_path / "corrupt", corrupt_test_masks=True)
+    for key in ("best_trial", "best_params"):
+        assert clean["tune"][key] == corrupt["tune"][key], key  # tuning chose the same
+    assert corrupt["tune"]["best_value"] == pytest.approx(clean["tune"]["best_value"], abs=1e-6)
+    seg_clean, seg_corrupt = clean["register"]["segmenter"], corrupt["register"]["segmenter"]
+    assert seg_corrupt["val_patient_dice_mean"] == pytest.approx(seg_clean["val_patient_dice_mean"], abs=1e-6)
+    for result in (clean, corrupt):  # promoted exactly as before: v1 through the gate
+        assert "brainseg-segmenter v1" in result["stdout"] and "-> champion" in result["stdout"]
+    assert corrupt["test"]["test_patient_dice_mean"] != pytest.approx(clean["test"]["test_patient_dice_mean"],
+                                                                      abs=1e-3)

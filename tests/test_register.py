@@ -1,73 +1,149 @@
-"""Registry: versions with lineage tags, challenger/champion aliases, idempotent registration."""
+"""Registry: every version registered and tagged by split; `@champion` moves only through the gate,
+which compares challenger and champion on the validation patients, and only when asked."""
 
 import json
-import re
+import math
 
 import mlflow
 import pytest
 
-from brainseg.registry import decide
+from brainseg.registry import decide, decide_preregistered
 from conftest import invoke
+
+VAL = "val_patient_dice_mean"
 
 
 @pytest.mark.parametrize("champion_version,champion_score,score,force,promoted,reason", [
     (None, None, 0.1, False, True, "first version"),
-    ("1", 0.5, 0.6, False, True, "beats the champion"),
-    ("1", 0.5, 0.4, False, False, "does not beat"),
-    ("1", 0.5, 0.5, False, False, "does not beat"),  # a tie keeps the champion
+    ("1", 0.5, 0.6, False, True, "higher val_patient_dice_mean than the champion"),
+    ("1", 0.5, 0.4, False, False, "not higher"),
+    ("1", 0.5, 0.5, False, False, "not higher"),  # a tie keeps the champion
+    ("1", 0.5, None, False, False, "no val_patient_dice_mean for the challenger"),
+    ("1", 0.5, float("nan"), False, False, "no val_patient_dice_mean"),
     ("1", 0.5, 0.4, True, True, "--force"),
     ("2", 0.5, 0.5, False, True, "already the champion"),
 ])
 def test_promotion_rule(champion_version, champion_score, score, force, promoted, reason):
-    d = decide("m", "2", score, champion_version, champion_score, force)
+    d = decide("m", "2", VAL, score, champion_version, champion_score, force)
     assert d.promoted is promoted and reason in d.reason
-    assert f"{score:.4f}" in d.line()
+    assert VAL in d.line() and "score" not in " ".join(d.tags())
+    assert d.tags()["gate_decision"] == ("promoted" if promoted else "not promoted")
 
 
-def test_register_makes_champions_and_is_idempotent(in_project):
-    result = invoke("register", "--tune", "reports/tune.json", "--survival", "missing.json",
-                    "--out", "reports/register-test.json")
+@pytest.mark.parametrize("is_final,champion_version,force,promoted,reason", [
+    (True, None, False, True, "pre-registered"),
+    (True, "1", False, True, "not compared across versions"),  # a lower CV AUC does not block it
+    (False, "1", False, False, "not the pre-registered"),
+    (False, "1", True, True, "--force"),
+    (False, "2", False, True, "already the champion"),
+])
+def test_survival_rule_never_compares_scores(is_final, champion_version, force, promoted, reason):
+    d = decide_preregistered("s", "2", "cv_roc_auc_mean", 0.51, is_final, "(logreg, both)", champion_version, force)
+    assert d.promoted is promoted and reason in d.reason and d.champion_score is None
+
+
+def _score(name: str, version: str) -> float:
+    return float(mlflow.MlflowClient().get_model_version(name, version).tags[VAL])
+
+
+def _champion(name: str) -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def constant_run(settings: dict) -> str:
+    """A training-like run whose logged segmenter predicts no tumor anywhere (val Dice 0)."""
+    import tempfile
+    from pathlib import Path
+
+    import tf_keras as keras
+
+    from brainseg import tracking
+    from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
+
+    cfg = TrainConfig.from_dict(settings["train"])
+    model = keras.Sequential([keras.layers.Input((cfg.size, cfg.size, cfg.prep.n_channels)),
+                              keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
+                                                  bias_initializer=keras.initializers.Constant(-10.0))])
+    mlflow.set_experiment("brainseg")
+    with mlflow.start_run(run_name="constant-empty") as run, tempfile.TemporaryDirectory() as tmp:
+        tracking.log_params(tracking.train_config_params(cfg))
+        save_model(model, cfg, InferenceSettings(threshold=cfg.threshold), Path(tmp))
+        tracking.log_segmenter_model(Path(tmp))
+    return run.info.run_id
+
+
+def _register(name: str, *args: str):
+    result = invoke("register", "--survival", "missing.json", "--out", f"reports/{name}.json",
+                    "--set", f"register.segmenter_name={name}", *args)
     assert result.exit_code == 0, result.output
-    client = mlflow.MlflowClient()
-    summary = json.loads(open("reports/tune.json").read())
-    champ = client.get_model_version_by_alias("brainseg-segmenter", "champion")
-    assert champ.run_id == summary["best_run_id"] or champ.tags["source_run_id"] == summary["best_run_id"]
-    for tag in ("data_version", "git_commit", "study", "trial", "best_val_patient_dice"):
-        assert champ.tags.get(tag), tag
-    assert "Segmenter of LGG FLAIR abnormality" in champ.description
-    assert "challenger scores" in result.output and "-> champion" in result.output
-    versions = len(client.search_model_versions("name='brainseg-segmenter'"))
-    again = invoke("register", "--tune", "reports/tune.json", "--survival", "missing.json",
-                   "--out", "reports/register-test.json")
-    assert again.exit_code == 0, again.output
-    assert len(client.search_model_versions("name='brainseg-segmenter'")) == versions  # no new version
-    assert json.loads(open("reports/register-test.json").read())["segmenter"]["created"] is False
-    decisions = mlflow.search_runs(experiment_names=["brainseg"], filter_string="tags.model_name = 'brainseg-segmenter'")
-    assert "decision" in decisions.columns[decisions.columns.str.startswith("tags.")].str.replace("tags.", "").tolist()
+    return json.loads(open(f"reports/{name}.json").read())["segmenter"], result.output
 
 
-def test_a_challenger_takes_the_champion_alias_only_if_it_scores_higher(in_project):
+def test_register_tags_the_version_by_split_and_moves_no_alias(in_project):
+    name = "seg-tags"
+    seg, output = _register(name, "--tune", "reports/tune.json")
+    assert "not put through the gate" in output and seg["promoted"] is None
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(name, seg["version"])
+    summary = json.loads(open("reports/tune.json").read())
+    assert mv.tags["source_run_id"] == summary["best_run_id"]
+    assert 0.0 <= float(mv.tags[VAL]) <= 1.0 and math.isclose(float(mv.tags[VAL]), seg[VAL], abs_tol=1e-6)
+    assert mv.tags["val_data_version"] == mv.tags["data_version"]
+    for tag in ("git_commit", "study", "trial", "best_val_patient_dice", "best_epoch", "val_n_patients"):
+        assert mv.tags.get(tag), tag
+    assert not any("score" in t or t.startswith("test_") for t in mv.tags)
+    assert client.get_registered_model(name).aliases == {}  # registering moves nothing
+    evaluation = client.get_run(mv.tags["val_evaluation_run_id"])
+    assert VAL in evaluation.data.metrics and not any(k.startswith("test_") for k in evaluation.data.metrics)
+    again, _ = _register(name, "--tune", "reports/tune.json")
+    assert again["created"] is False and again["version"] == seg["version"]
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+
+
+def test_the_gate_promotes_a_better_challenger_and_refuses_a_worse_one(in_project):
+    from brainseg.config import load_settings
+
+    name = "seg-gate"
+    settings = load_settings("smoke")
     summary = json.loads(open("reports/tune.json").read())
     client = mlflow.MlflowClient()
-    first = invoke("register", "--run", summary["best_run_id"], "--survival", "missing.json", "--out", "reports/r1.json")
-    assert first.exit_code == 0, first.output
-    champion_before = client.get_model_version_by_alias("brainseg-segmenter", "champion").version
-    weak = invoke("train", "--profile", "smoke", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=1",
-                  "--verbose", "0")
-    assert weak.exit_code == 0, weak.output
-    weak_run = weak.output.split("run ", 1)[1].split(":", 1)[0].strip()
-    second = invoke("register", "--run", weak_run, "--survival", "missing.json", "--out", "reports/r2.json")
-    assert second.exit_code == 0, second.output
-    decision = json.loads(open("reports/r2.json").read())["segmenter"]
-    scores = [float(x) for x in re.findall(r"scores (\d\.\d+)", decision["decision"])]
-    challenger, champion = scores[0], scores[1]
-    champion_after = client.get_model_version_by_alias("brainseg-segmenter", "champion").version
-    assert decision["promoted"] is (challenger > champion)
-    if decision["promoted"]:
-        assert champion_after == decision["version"]
-    else:
-        assert champion_after == champion_before
-        assert client.get_model_version_by_alias("brainseg-segmenter", "challenger").version == decision["version"]
+
+    empty1, _ = _register(name, "--run", constant_run(settings), "--promote")
+    assert empty1["promoted"] is True and "first version" in empty1["decision"]
+    assert _champion(name) == empty1["version"] and _score(name, empty1["version"]) == 0.0
+
+    better, _ = _register(name, "--run", summary["best_run_id"], "--promote")
+    assert _score(name, better["version"]) > 0.0, "the tuned smoke model should find some tumor"
+    assert better["promoted"] is True and _champion(name) == better["version"]
+
+    worse, output = _register(name, "--run", constant_run(settings), "--promote")
+    assert worse["promoted"] is False and "-> not promoted" in output
+    assert _champion(name) == better["version"]  # the champion did not move
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == worse["version"]
+    tags = client.get_model_version(name, worse["version"]).tags
+    assert tags["gate_decision"] == "not promoted" and tags["gate_champion_version"] == better["version"]
+    assert float(tags[f"gate_champion_{VAL}"]) == pytest.approx(_score(name, better["version"]), abs=1e-6)
+
+
+def test_promote_command_is_the_explicit_way_to_move_the_champion(in_project):
+    name = "seg-cli"
+    seg, _ = _register(name, "--tune", "reports/tune.json")
+    assert mlflow.MlflowClient().get_registered_model(name).aliases == {}
+    result = invoke("promote", name, seg["version"], "--set", f"register.segmenter_name={name}")
+    assert result.exit_code == 0, result.output
+    assert "-> champion" in result.output and _champion(name) == seg["version"]
+    missing = invoke("promote", name, "99", "--set", f"register.segmenter_name={name}")
+    assert missing.exit_code == 2 and "has no version '99'" in missing.output
+    unknown = invoke("promote", "nope", "1")
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.output
+
+
+def test_the_test_split_cannot_be_the_gate(in_project):
+    result = invoke("register", "--tune", "reports/tune.json", "--survival", "missing.json", "--set",
+                    "register.subset=test", "--set", "register.segmenter_name=seg-test-gate")
+    assert result.exit_code == 2
+    assert "register.subset: 'test' cannot choose models" in result.output
 
 
 def test_registering_a_run_without_a_model_is_a_clear_error(in_project):

@@ -49,7 +49,7 @@ def test_train_refuses_unknown_architecture_before_training(in_project):
 def test_evaluate_reports_per_patient_dice_with_counts_and_baseline(in_project, tmp_path):
     result = invoke("evaluate", "--tune", "reports/tune.json", "--subset", "test", "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = {k.removeprefix("test_"): v for k, v in json.loads((tmp_path / "metrics.json").read_text()).items()}
     manifest = pd.read_csv("data/processed/manifest.csv")
     split = pd.read_csv("data/processed/split.csv")
     test_rows = manifest[manifest.patient.isin(split.loc[split.subset == "test", "patient"])]
@@ -70,7 +70,7 @@ def test_evaluate_on_a_folder_of_the_public_layout(in_project, make_synth, tmp_p
     best = json.loads(open("reports/tune.json").read())["best_model_uri"]
     result = invoke("evaluate", "--model", best, "--folder", str(folder), "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "metrics.json").read_text())["n_slices"] == 8  # 48x48 slices, resized
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_n_slices"] == 8  # 48x48 slices, resized
 
 
 def test_evaluate_unknown_model_is_a_clear_error(in_project, tmp_path):

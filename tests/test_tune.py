@@ -1,4 +1,4 @@
-"""Optuna tuning: search space from YAML, nested MLflow runs, resume, bad input before any trial."""
+"""Optuna tuning: search space, recipe first, rungs, seeds, nested MLflow runs, resume, bad input."""
 
 import json
 
@@ -7,10 +7,12 @@ import optuna
 import pytest
 
 from brainseg.config import ConfigError
-from brainseg.tune import load_search_space, redact, trial_config
+from brainseg.tune import (Fidelity, apply_params, derive_seed, load_search_space, make_pruner, recipe_params,
+                           redact, refit_epochs, trial_config)
 from conftest import invoke
 
 BASE = {"arch": "unet", "encoder": "resnet18", "size": 64, "loss": {"bce": 0.5, "dice": 1.0}}
+SMOKE = "experiments/search_space_smoke.yaml"
 
 
 def _space(tmp_path, text):
@@ -31,24 +33,126 @@ lr: {type: float, low: 0.001, high: 0.001, log: true}
     cfg = trial_config(trial, BASE, space)
     assert cfg.arch == "plain_unet" and cfg.base_filters == 8 and cfg.lr == pytest.approx(0.001)
     assert cfg.encoder == "resnet18"  # not suggested: the condition does not hold
-    assert cfg.loss == {"focal": 1.0}  # suggested loss weights replace the base loss
+    assert cfg.loss == {"bce": 0.5, "dice": 1.0, "focal": 1.0}  # one weight set, the recipe's others kept
     assert "encoder" not in trial.params
 
 
-@pytest.mark.parametrize("text,match", [
-    ("arch: {type: categorical, choices: [segformer]}", "unknown name"),
-    ("encoder: {type: categorical, choices: [resnet999]}", "unknown name"),
-    ("loss.hinge: {type: float, low: 0, high: 1}", "unknown name"),
-    ("lr: {type: float, low: 0.1, high: 0.01}", "low <= high"),
-    ("colour: {type: categorical, choices: [red]}", "not a train setting"),
-    ("lr: {type: gaussian}", "needs type"),
-    ("- just a list", "expected a mapping"),
-    ("arch: [unclosed", "not valid YAML"),
+@pytest.mark.parametrize("params,loss,lr", [
+    ({}, {"bce": 0.5, "dice": 1.0}, 0.001),
+    ({"loss.bce": 0.0}, {"bce": 0.0, "dice": 1.0}, 0.001),
+    ({"loss.tversky": 0.3, "lr": 0.01}, {"bce": 0.5, "dice": 1.0, "tversky": 0.3}, 0.01),
 ])
-def test_invalid_search_spaces_name_the_file_and_parameter(tmp_path, text, match):
-    with pytest.raises(ConfigError, match=match) as err:
-        _space(tmp_path, text)
+def test_apply_params_sets_single_loss_weights(params, loss, lr):
+    out = apply_params({"lr": 0.001, "loss": {"bce": 0.5, "dice": 1.0}}, params)
+    assert out["loss"] == loss and out["lr"] == lr
+
+
+SPACE = """
+arch: {type: categorical, choices: [plain_unet, unet]}
+encoder: {type: categorical, choices: [resnet18, resnet34], when: {arch: [unet]}}
+loss.focal: {type: float, low: 0.0, high: 1.0}
+lr: {type: float, low: 0.0005, high: 0.005, log: true}
+"""
+
+
+@pytest.mark.parametrize("recipe,expected", [
+    ({"arch": "unet", "encoder": "resnet34", "lr": 0.001, "loss": {"dice": 1.0}},
+     {"arch": "unet", "encoder": "resnet34", "loss.focal": 0.0, "lr": 0.001}),
+    ({"arch": "plain_unet", "encoder": "resnet50", "lr": 0.005, "loss": {"focal": 0.25}},  # encoder not used
+     {"arch": "plain_unet", "loss.focal": 0.25, "lr": 0.005}),
+])
+def test_the_hand_set_recipe_becomes_trial_params(tmp_path, recipe, expected):
+    assert recipe_params(recipe, _space(tmp_path, SPACE)) == expected
+
+
+@pytest.mark.parametrize("recipe,name", [
+    ({"arch": "fpn", "lr": 0.001, "loss": {}}, "arch"),
+    ({"arch": "unet", "encoder": "resnet50", "lr": 0.001, "loss": {}}, "encoder"),
+    ({"arch": "unet", "encoder": "resnet18", "lr": 0.1, "loss": {}}, "lr"),
+    ({"arch": "unet", "encoder": "resnet18", "lr": 0.001, "loss": {"focal": 2.0}}, "loss.focal"),
+])
+def test_a_recipe_outside_the_space_is_refused_naming_the_parameter(tmp_path, recipe, name):
+    with pytest.raises(ConfigError, match=f"recipe's {name}=") as err:
+        recipe_params(recipe, _space(tmp_path, SPACE), tmp_path / "space.yaml")
     assert "space.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("fid,rungs", [
+    (Fidelity(64, 60, 2, 18, 3), [2, 6, 18]),
+    (Fidelity(64, 10, 1, 4, 2), [1, 2, 4]),
+    (Fidelity(64, None, 4, 40, 3), [4, 12, 36]),
+    (Fidelity(64, None, 5, 5, 3), [5]),
+])
+def test_rung_schedule(fid, rungs):
+    assert fid.rungs() == rungs
+
+
+@pytest.mark.parametrize("epochs,trial_steps,refit_steps,expected", [
+    (18, 60, 60, 18), (18, 30, 60, 9), (5, 10, 3, 17), (6, None, None, 6), (6, 10, None, 6)])
+def test_refit_sees_as_many_batches_as_the_best_trial(epochs, trial_steps, refit_steps, expected):
+    assert refit_epochs(epochs, trial_steps, refit_steps) == expected
+
+
+def test_successive_halving_prunes_only_at_rungs_on_the_epoch_resource():
+    """Rungs 1, 2, 4 (min_resource 1, reduction 2): a trial is judged only after 1, 2 and 4 epochs,
+    against the trials that reached the same rung; the first one at a rung always goes on."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("sha", Fidelity(32, 10, 1, 4, 2)))
+
+    def run(values):  # values after epochs 1, 2, ... ; returns the epoch it was pruned after, or None
+        trial = study.ask()
+        for epoch, v in enumerate(values, start=1):
+            trial.report(v, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                return epoch
+        study.tell(trial, values[-1])
+        return None
+
+    assert run([0.5, 0.6, 0.62, 0.7]) is None   # first at every rung: promoted, completes
+    assert run([0.1, 0.9, 0.9, 0.9]) == 1        # worse at rung 1 (epoch 1): stopped there
+    assert run([0.6, 0.3, 0.95, 0.95]) == 2      # better at rung 1, worse at rung 2 (epoch 2)
+    assert run([0.7, 0.7, 0.2, 0.8]) is None     # epoch 3 is between rungs; best at rung 4 (0.8 > 0.7)
+    spent = [len(t.intermediate_values) for t in study.trials]
+    assert spent == [4, 1, 2, 4]
+
+
+def test_sampler_seed_differs_per_resume_and_per_worker():
+    seeds = {derive_seed(0, "study", n, w) for n in (0, 1, 2) for w in (0, 1)}
+    assert len(seeds) == 6
+    assert derive_seed(0, "study", 2, 1) == derive_seed(0, "study", 2, 1)
+
+
+def test_a_new_study_starts_with_the_recipe_once(in_project, tmp_path):
+    from brainseg.config import load_settings
+    from brainseg.tune import open_plan_study, plan_from_settings
+
+    plan = plan_from_settings(load_settings("smoke"), "recipe-once", f"sqlite:///{tmp_path}/o.db", 1, 60)
+    study = open_plan_study(plan, worker=0)
+    trial = study.ask()
+    assert trial.params == {} and trial.user_attrs["recipe"] == "hand-set"
+    assert trial_config(trial, plan.fidelity.trial_settings(plan.settings["train"]), plan.space).lr == \
+        plan.settings["train"]["lr"]
+    assert trial.params == plan.recipe
+    study.tell(trial, 0.5)
+    again = open_plan_study(plan, worker=0)  # resuming: no second recipe
+    assert [t.state.name for t in again.trials] == ["COMPLETE"]
+    assert again.ask().user_attrs.get("recipe") is None
+
+
+def test_invalid_search_spaces_name_the_file_and_parameter(tmp_path):
+    for text, match in [
+        ("arch: {type: categorical, choices: [segformer]}", "unknown name"),
+        ("encoder: {type: categorical, choices: [resnet999]}", "unknown name"),
+        ("loss.hinge: {type: float, low: 0, high: 1}", "unknown name"),
+        ("lr: {type: float, low: 0.1, high: 0.01}", "low <= high"),
+        ("colour: {type: categorical, choices: [red]}", "not a train setting"),
+        ("lr: {type: gaussian}", "needs type"),
+        ("- just a list", "expected a mapping"),
+        ("arch: [unclosed", "not valid YAML"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as err:
+            _space(tmp_path, text)
+        assert "space.yaml" in str(err.value)
 
 
 def test_storage_password_is_never_logged():
@@ -60,46 +164,58 @@ def test_study_is_a_parent_run_with_one_child_per_trial(in_project):
     summary = json.loads(open("reports/tune.json").read())  # the fixture ran a 2-trial smoke study
     client = mlflow.MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
-    assert parent.data.params["study_name"] == summary["study"]
-    assert parent.data.params["pruner"] == "hyperband" and parent.data.params["sampler"] == "TPESampler"
+    assert client.get_experiment(parent.info.experiment_id).name == "brainseg"
+    assert parent.data.params["study.name"] == summary["study"]
+    assert parent.data.params["study.pruner"] == "sha" and parent.data.params["study.sampler"] == "TPESampler"
+    assert parent.data.params["study.rungs"] == "[1, 2, 4]"
     assert parent.data.tags["best_run_id"] == summary["best_run_id"]
-    assert parent.data.metrics["best_value"] == pytest.approx(summary["best_value"])
-    assert {"optimization_history.png", "parallel_coordinate.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["best_val_patient_dice"] == pytest.approx(summary["best_value"])
+    assert parent.data.metrics["trials_finished"] == 2  # progress, logged after each trial
+    history = client.get_metric_history(parent.info.run_id, "trials_finished")
+    assert sorted(m.step for m in history) == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "intermediate_values.png", "optuna_study.html"} <= artifacts
+    html = open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="optuna_study.html")).read()
+    assert html.count("<section>") >= 3 and "Plotly.newPlot" in html
+    assert 'src="http' not in html and len(html) > 1_000_000  # plotly.js inlined: renders offline
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`brainseg.role` = 'trial'")
     assert len(children) == summary["trials"] == 2
     states = {c.info.run_id: c.data.tags["state"] for c in children}
     assert set(states.values()) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states.values()
     study = optuna.load_study(study_name=summary["study"], storage="sqlite:///optuna.db")
     by_state = {t.user_attrs["mlflow_run_id"]: t.state.name for t in study.trials}
     assert by_state == states
-    param_names = [set(c.data.params) for c in children]
-    assert all(names == param_names[0] for names in param_names)  # same names: the UI lines them up
+    first = study.trials[0]
+    assert first.user_attrs["recipe"] == "hand-set" and summary["recipe_trial"] == 0
+    assert first.params == {"arch": "plain_unet", "base_filters": 8, "loss.bce": 0.5, "loss.dice": 1.0, "lr": 0.003}
     complete = [c for c in children if states[c.info.run_id] == "COMPLETE"]
-    assert all(set(c.data.metrics) == set(complete[0].data.metrics) for c in complete)
-    for child in complete:
-        assert {"val_per_patient_metrics.csv", "val_overlays.png", "learning_curves.png"} <= {
-            a.path for a in client.list_artifacts(child.info.run_id)}
-    for child in children:  # every trial, pruned or not, has the per-epoch curves under train's names
-        assert {"loss", "val_loss", "val_patient_dice"} <= set(child.data.metrics)
     objective = {c.info.run_id: c.data.metrics["best_val_patient_dice"] for c in complete}
     assert objective[summary["best_run_id"]] == pytest.approx(summary["best_value"])
     assert summary["best_value"] == pytest.approx(max(objective.values()))
+    for child in children:  # the trial's pruner steps are epochs trained: one report per epoch logged
+        t = next(t for t in study.trials if t.user_attrs["mlflow_run_id"] == child.info.run_id)
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        assert len(client.get_metric_history(child.info.run_id, "val_patient_dice")) == len(t.intermediate_values)
 
 
-def test_rerunning_a_study_continues_it(in_project, tmp_path):
+def test_resuming_a_study_twice_never_repeats_a_trial(in_project, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = ("tune", "--profile", "smoke", "--study-name", "resume-me", "--storage", storage,
-            "--set", "tune.epochs=1", "--out", str(tmp_path / "t.json"))
-    assert invoke(*args, "--n-trials", "1").exit_code == 0
-    result = invoke(*args, "--n-trials", "1")
-    assert result.exit_code == 0, result.output
+            "--set", "tune.epochs=1", "--set", "tune.min_resource=1", "--out", str(tmp_path / "t.json"))
+    for _ in range(3):
+        result = invoke(*args, "--n-trials", "1")
+        assert result.exit_code == 0, result.output
+        assert "trial 1 of 1 (#" in result.output and "| best " in result.output and "| pruned " in result.output
     study = optuna.load_study(study_name="resume-me", storage=storage)
-    assert [t.number for t in study.trials] == [0, 1]
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == 3, params  # each resumed session sampled new points
+    assert study.trials[0].user_attrs["recipe"] == "hand-set"
     summary = json.loads((tmp_path / "t.json").read_text())
     children = mlflow.search_runs(experiment_names=["brainseg"],
                                   filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
-    assert len(children) == 2  # both workers' trials under the one parent run
+    assert len(children) == 3  # every session's trials under the one parent run
 
 
 def test_journal_storage_is_accepted(in_project, tmp_path):
@@ -115,6 +231,9 @@ def test_journal_storage_is_accepted(in_project, tmp_path):
     (("--set", "tune.pruner=sometimes"), "tune.pruner"),
     (("--set", "tune.search_space=experiments/missing.yaml"), "search space file not found"),
     (("--set", "train.encoder=resnet999", "--set", "train.arch=unet"), "unknown encoder"),
+    (("--set", "train.lr=0.5"), "recipe's lr=0.5"),
+    (("--set", "tune.min_resource=9"), "tune.min_resource"),
+    (("--set", "tune.reduction_factor=1"), "tune.reduction_factor"),
 ])
 def test_bad_tuning_input_fails_before_any_trial(in_project, tmp_path, args, match):
     runs_before = len(mlflow.search_runs(experiment_names=["brainseg"]))

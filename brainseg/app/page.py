@@ -89,10 +89,24 @@ def analyse(key, parse) -> dict:
     return state
 
 
+UNITS_NOTE = ("Lengths and areas are in pixels (px): the images carry no pixel spacing, so nothing here is "
+              "in mm or mm². Hover a column header for its meaning, or open the glossary.")
+
+
+def show_table(table, glossary: dict) -> None:
+    """A table whose headers carry their units, with a one-line glossary per column."""
+    config = {c: st.column_config.Column(logic.column_label(c, glossary), help=glossary[c][1])
+              for c in table.columns if c in glossary}
+    st.dataframe(table.round(3), hide_index=True, column_config=config)
+    with st.expander("Glossary: unit and meaning of each column"):
+        st.table(logic.glossary_table(list(table.columns), glossary))
+
+
 def show_features(state: dict) -> None:
     table = logic.slice_table(state["results"])
     st.subheader("Features per slice")
-    st.dataframe(table.round(3), hide_index=True)
+    st.caption(UNITS_NOTE)
+    show_table(table, logic.SLICE_GLOSSARY)
     left, right = st.columns(2)
     features_csv = logic.csv_bytes(logic.with_provenance(table, state["provenance"]))
     left.download_button("Download features (CSV)", features_csv, "features.csv", "text/csv")
@@ -104,7 +118,8 @@ def show_slice(group: list[logic.SliceResult], patient: str) -> None:
     index = 0
     if len(group) > 1:
         index = st.slider("Slice (position in the uploaded volume)", 1, len(group),
-                          logic.default_slice(group) + 1, key=f"slice-{patient}") - 1
+                          logic.default_slice(group) + 1, key=f"slice-{patient}",
+                          help="Opens on the slice with the largest predicted tumor.") - 1
     r = group[index]
     st.caption(f"Slice number {r.item.slice}: tumor {'yes' if r.features['tumor'] else 'no'}, "
                f"area {r.features['area_px']} px")
@@ -130,22 +145,42 @@ def show_patient(state: dict, patient: str, group: list[logic.SliceResult]) -> N
     else:
         if patient not in state["survival"]:
             try:
-                probs = model.probabilities(row, state["upload"].clinical)
-                state["survival"][patient] = float(probs["death01_probability"].iloc[0])
+                answer = model.probabilities(row, state["upload"].clinical).iloc[0].to_dict()
+                state["survival"][patient] = answer
             except Exception as exc:  # noqa: BLE001
                 state["survival"][patient] = f"survival model failed: {exc}"
-        value = state["survival"][patient]
-        if isinstance(value, str):
-            st.error(value)
+        answer = state["survival"][patient]
+        if isinstance(answer, str):
+            st.error(answer)
         else:
-            upload = state["upload"]
-            clinical = (f"clinical data from {upload.clinical_name}" if upload.clinical
-                        else "no data.csv uploaded: clinical fields imputed")
-            st.metric("Survival model: probability of death01 = 1", f"{value:.1%}",
-                      help=f"From the volume features of the {len(group)} uploaded slices; "
-                           f"{clinical}.")
-            st.caption(logic.provenance_line(model.describe()))
+            show_survival(answer, state["upload"], len(group), model.describe())
     st.warning(logic.SURVIVAL_DISCLAIMER)
+
+
+def show_survival(answer: dict, upload, n_slices: int, provenance: dict) -> None:
+    """The probability only with its evidence (CV ROC-AUC, patients, data; synthetic said plainly)."""
+    verdict, context = logic.survival_context(answer)
+    if verdict != "show":
+        st.info(context)
+        return
+    clinical = (f"clinical data from {upload.clinical_name}" if upload.clinical
+                else "no data.csv uploaded: clinical fields imputed")
+    st.metric("Survival model: probability of death01 = 1", f"{float(answer['death01_probability']):.1%}",
+              help=f"From the volume features of the {n_slices} uploaded slices; {clinical}.")
+    (st.warning if answer.get("fitted_on") == "synthetic" else st.caption)(context)
+    st.caption(logic.provenance_line(provenance))
+
+
+def show_model(provenance: dict) -> None:
+    """The sidebar: which model, trained on what, how good on validation (its model card)."""
+    st.header("Model")
+    st.write(logic.provenance_line(provenance))
+    for level, text in logic.card_lines(provenance):
+        (st.warning if level == "warning" else st.caption)(text)
+    if provenance.get("card"):
+        with st.expander("Model card"):
+            st.markdown(provenance["card"])
+    st.caption(deployment_note())
 
 
 def deployment_note() -> str:
@@ -164,9 +199,7 @@ def main() -> None:
     st.caption("Research software, not a medical device: results are not a diagnosis.")
     backend = segmenter()
     with st.sidebar:
-        st.header("Model")
-        st.write(logic.provenance_line(backend.describe()))
-        st.caption(deployment_note())
+        show_model(backend.describe())
     key, parse = read_inputs()
     try:
         state = analyse(key, parse)
@@ -188,7 +221,7 @@ def main() -> None:
         show_patient(state, patient, groups[patient])
     if not state["patients"].empty and (state["patients"]["slices"] > 1).any():
         st.subheader("Per-patient volume features")
-        st.dataframe(state["patients"].round(3), hide_index=True)
+        show_table(state["patients"], logic.PATIENT_GLOSSARY)
         patients = logic.with_provenance(state["patients"], state["provenance"])
         patients_csv = logic.csv_bytes(patients)
         st.download_button("Download patient features (CSV)", patients_csv, "patients.csv",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,16 @@ import pandas as pd
 
 from brainseg.config import PrepConfig
 from brainseg.data import imageio
-from brainseg.data.preprocess import prepare_image, prepare_mask
+from brainseg.data.preprocess import prepare_image, prepare_mask, slice_box
+
+
+@dataclasses.dataclass
+class Arrays:
+    """Network-size arrays of one subset with the patient of each slice."""
+
+    X: np.ndarray          # (N, S, S, C) float16
+    Y: np.ndarray          # (N, S, S, 1) uint8 in {0, 1}
+    patients: list[str]    # N patient ids
 
 
 def _cache_key(manifest: pd.DataFrame, prep: PrepConfig, version: str) -> str:
@@ -25,7 +35,8 @@ def _cache_key(manifest: pd.DataFrame, prep: PrepConfig, version: str) -> str:
 def _prepare_row(args: tuple[str, str, PrepConfig]) -> tuple[np.ndarray, np.ndarray]:
     image_path, mask_path, prep = args
     image, mask = imageio.read_pair(Path(image_path), Path(mask_path))
-    return prepare_image(image, prep).astype(np.float16), prepare_mask(mask, prep.size)
+    box = slice_box(image, prep)
+    return prepare_image(image, prep, box).astype(np.float16), prepare_mask(mask, prep.size, box)
 
 
 def load_arrays(manifest: pd.DataFrame, prep: PrepConfig, *, cache_dir: Path | None = None,

@@ -2,18 +2,34 @@
 
 Every reader checks what it got and raises :class:`BadImage` naming the file (or request row)
 and the problem, so callers can report it instead of crashing.
+
+Sizes are checked from the file's header **before** any pixel is decoded (:func:`probe_bytes`):
+width x height against the pixel limit, samples (channels) per pixel, bits per sample, pages and
+the decoded size. The limits are module settings with safe defaults, overridable per call
+(``max_pixels=...``) or by the environment:
+
+- ``BRAINSEG_MAX_PIXELS`` (default :data:`MAX_PIXELS`, 4096 x 4096): width x height per image;
+- ``BRAINSEG_MAX_IMAGE_BYTES`` (default :data:`MAX_FILE_BYTES`, 256 MB): encoded size of one file.
+
+A planar-separate RGB TIFF (stored as 3 x H x W) is accepted and returned as (H, W, 3).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
 
-MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
+MAX_PIXELS = 4096 * 4096  # width x height; larger images are refused before decoding (bombs)
+MAX_FILE_BYTES = 256 * 1024 * 1024  # encoded bytes of one image file or request cell
+MAX_CHANNELS = 4  # more samples per pixel are refused before decoding
+BYTES_PER_PIXEL_LIMIT = 8  # decoded bytes per pixel (all samples) allowed: 4 channels x 16 bit
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,37 +43,121 @@ class BadImage(ValueError):
         self.problem = problem
 
 
-def _decode_tiff(data: bytes | Path, source: str) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header declares, read without decoding pixels."""
+
+    format: str        # "tiff" or "png"
+    width: int
+    height: int
+    channels: int      # samples per pixel
+    itemsize: int      # bytes per sample (1 for uint8, 2 for uint16)
+    planar: bool = False  # TIFF planar-separate (3, H, W) storage
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.pixels * self.channels * self.itemsize
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(float(raw)) if raw else int(default)
+    except ValueError:
+        return int(default)
+
+
+def pixel_limit() -> int:
+    """The width x height limit in force: ``$BRAINSEG_MAX_PIXELS`` or :data:`MAX_PIXELS`."""
+    return _env_int("BRAINSEG_MAX_PIXELS", MAX_PIXELS)
+
+
+def byte_limit() -> int:
+    """The encoded-size limit in force: ``$BRAINSEG_MAX_IMAGE_BYTES`` or :data:`MAX_FILE_BYTES`."""
+    return _env_int("BRAINSEG_MAX_IMAGE_BYTES", MAX_FILE_BYTES)
+
+
+def check_declared(info: ImageInfo, source: str, max_pixels: int | None = None) -> ImageInfo:
+    """Refuse an image whose declared size is over the limits (nothing is decoded)."""
+    limit = pixel_limit() if max_pixels is None else int(max_pixels)
+    if info.width < 1 or info.height < 1:
+        raise BadImage(source, f"image declares {info.width}x{info.height} pixels (empty)")
+    if info.pixels > limit:
+        raise BadImage(source, f"image of {info.width}x{info.height} pixels is larger than the "
+                               f"{limit:,}-pixel limit (refused before decoding)")
+    if info.channels > MAX_CHANNELS or info.channels < 1:
+        raise BadImage(source, f"image shape is {info.height}x{info.width}x{info.channels} ({info.channels} "
+                               f"channels, i.e. samples per pixel); expected 1 (grey) or 3 (RGB) channels")
+    if info.decoded_bytes > limit * BYTES_PER_PIXEL_LIMIT:
+        raise BadImage(source, f"image would decode to {info.decoded_bytes / 1e6:,.0f} MB ({info.width}x"
+                               f"{info.height}, {info.channels} samples of {8 * info.itemsize} bits), over "
+                               f"the {limit * BYTES_PER_PIXEL_LIMIT / 1e6:,.0f} MB limit")
+    return info
+
+
+def _tiff_info(tif: tifffile.TiffFile, source: str) -> ImageInfo:
+    if not tif.pages:
+        raise BadImage(source, "TIFF has no image pages")
+    page = tif.pages.first
+    n_pages = len(tif.pages)  # reads only the chain of page headers
+    if n_pages > 1:
+        extra = [tif.pages[i] for i in range(1, min(n_pages, 64))]
+        if not all(getattr(p, "is_reduced", False) for p in extra) or n_pages > 64:
+            raise BadImage(source, f"TIFF holds a stack of {n_pages} pages; expected one 2-D slice")
+    if getattr(page, "imagedepth", 1) > 1:
+        raise BadImage(source, f"TIFF is a volume of depth {page.imagedepth}; expected one 2-D slice")
+    itemsize = max(1, (int(page.bitspersample) + 7) // 8)
+    return ImageInfo("tiff", int(page.imagewidth), int(page.imagelength), int(page.samplesperpixel),
+                     itemsize, planar=int(page.planarconfig) == 2 and int(page.samplesperpixel) > 1)
+
+
+def _decode_tiff(data: bytes | Path, source: str, max_pixels: int | None) -> np.ndarray:
     try:
         with tifffile.TiffFile(data if isinstance(data, Path) else io.BytesIO(data)) as tif:
-            if not tif.pages:
-                raise BadImage(source, "TIFF has no image pages")
-            page = tif.pages[0]
-            series = tif.series[0] if tif.series else None
-            if series is not None and len(series.pages) > 1:  # a stack; page 0 alone is not the image
-                raise BadImage(source, f"TIFF holds a stack of {len(series.pages)} pages (shape "
-                                       f"{'x'.join(map(str, series.shape))}); expected one 2-D slice")
-            if int(np.prod(page.shape[:2])) > MAX_PIXELS:
-                raise BadImage(source, f"image of {page.shape[1]}x{page.shape[0]} pixels is larger "
-                                       f"than the {MAX_PIXELS:,}-pixel limit")
-            return page.asarray()
+            info = check_declared(_tiff_info(tif, source), source, max_pixels)
+            arr = tif.pages.first.asarray(maxworkers=1)
     except BadImage:
         raise
     except Exception as exc:  # tifffile raises many types for corrupt input
-        raise BadImage(source, f"unreadable or truncated TIFF ({type(exc).__name__}: {exc})") from exc
+        raise BadImage(source, f"unreadable or truncated TIFF ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+    if info.planar and arr.ndim == 3 and arr.shape[0] == info.channels:
+        arr = np.ascontiguousarray(np.moveaxis(arr, 0, -1))  # (S, H, W) -> (H, W, S)
+    return arr
 
 
-def _decode_png(data: bytes, source: str) -> np.ndarray:
+def _png_info(im: Image.Image) -> ImageInfo:
+    bands = len(im.getbands())
+    itemsize = 2 if im.mode.startswith("I;16") or im.mode in ("I", "F") else 1
+    return ImageInfo("png", int(im.width), int(im.height), bands, itemsize)
+
+
+def _open_png(data: bytes, source: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise BadImage(source, f"image of {im.width}x{im.height} pixels is larger than the "
-                                       f"{MAX_PIXELS:,}-pixel limit")
-            im.load()
-            arr = np.asarray(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImage(source, f"decompression bomb refused ({exc})") from exc
+    except Exception as exc:
+        raise BadImage(source, f"unreadable or truncated PNG ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_png(data: bytes, source: str, max_pixels: int | None) -> np.ndarray:
+    im = _open_png(data, source)
+    try:
+        with im:
+            check_declared(_png_info(im), source, max_pixels)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
             if im.mode == "P":
-                arr = np.asarray(im.convert("RGB"))
-            return arr
+                return np.asarray(im.convert("RGB"))
+            return np.asarray(im)
     except BadImage:
         raise
     except Image.DecompressionBombError as exc:
@@ -66,18 +166,51 @@ def _decode_png(data: bytes, source: str) -> np.ndarray:
         raise BadImage(source, f"unreadable or truncated PNG ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_bytes(data: bytes, source: str) -> np.ndarray:
-    """Decode TIFF or PNG bytes (as uploaded or sent to the server) without checking the content."""
+def _check_bytes(data: bytes, source: str) -> str:
     if not data:
         raise BadImage(source, "empty file")
+    if len(data) > byte_limit():
+        raise BadImage(source, f"{len(data):,} bytes is over the {byte_limit():,}-byte limit for one image")
     if data[:4] in TIFF_MAGIC:
-        return _decode_tiff(data, source)
+        return "tiff"
     if data[:8] == PNG_MAGIC:
-        return _decode_png(data, source)
+        return "png"
     raise BadImage(source, "not a TIFF or PNG image (unknown file signature)")
 
 
-def read_file(path: Path) -> np.ndarray:
+def probe_bytes(data: bytes, source: str, max_pixels: int | None = None) -> ImageInfo:
+    """Read the header of TIFF/PNG bytes and check its declared sizes; decodes no pixels.
+
+    Cheap (microseconds to a few ms): the server can probe every row of a request and sum
+    ``info.pixels`` before decoding any. Raises :class:`BadImage` naming ``source``.
+    """
+    kind = _check_bytes(data, source)
+    if kind == "png":
+        with _open_png(data, source) as im:
+            return check_declared(_png_info(im), source, max_pixels)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            return check_declared(_tiff_info(tif, source), source, max_pixels)
+    except BadImage:
+        raise
+    except Exception as exc:
+        raise BadImage(source, f"unreadable or truncated TIFF ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+
+
+def decode_bytes(data: bytes, source: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode TIFF or PNG bytes (as uploaded or sent to the server) after checking the header.
+
+    Returns the array as stored ((H, W), (H, W, C); planar RGB as (H, W, 3)); content (dtype,
+    channels) is checked by :func:`check_image` / :func:`check_mask`.
+    """
+    kind = _check_bytes(data, source)
+    if kind == "tiff":
+        return _decode_tiff(data, source, max_pixels)
+    return _decode_png(data, source, max_pixels)
+
+
+def read_file(path: Path, max_pixels: int | None = None) -> np.ndarray:
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -85,9 +218,14 @@ def read_file(path: Path) -> np.ndarray:
         raise BadImage(str(path), f"cannot read file ({exc.strerror})") from exc
     if size == 0:
         raise BadImage(str(path), "zero-byte file")
+    if size > byte_limit():
+        raise BadImage(str(path), f"{size:,} bytes is over the {byte_limit():,}-byte limit for one image")
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _decode_tiff(path, str(path))
-    return decode_bytes(path.read_bytes(), str(path))
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head in TIFF_MAGIC:
+            return _decode_tiff(path, str(path), max_pixels)
+    return decode_bytes(path.read_bytes(), str(path), max_pixels)
 
 
 def check_image(arr: np.ndarray, source: str) -> np.ndarray:
@@ -123,17 +261,20 @@ def check_mask(arr: np.ndarray, source: str) -> np.ndarray:
     return arr > 0
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """(H, W, 3) uint8 slice from a file."""
-    return check_image(read_file(path), str(path))
+    return check_image(read_file(path, max_pixels), str(path))
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path, max_pixels: int | None = None) -> np.ndarray:
     """(H, W) bool mask from a file."""
-    return check_mask(read_file(path), str(path))
+    return check_mask(read_file(path, max_pixels), str(path))
 
 
 def read_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """((H, W, 3) uint8 image, (H, W) bool mask); a mask of another size is refused by name."""
+    if not Path(mask_path).exists():
+        raise BadImage(str(mask_path), f"mask file is missing (image {Path(image_path).name} has no mask)")
     image = read_image(image_path)
     mask = read_mask(mask_path)
     if image.shape[:2] != mask.shape:

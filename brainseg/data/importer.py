@@ -1,15 +1,37 @@
-"""Put a dataset under DVC in ``data/raw/kaggle_3m``: a real download, or the synthetic default."""
+"""Put a dataset under DVC in ``data/raw/kaggle_3m``: a real download, or the synthetic default.
+
+Import is safe by construction:
+
+- it never deletes anything it did not create: a dataset already at ``--dest`` is *renamed* to a
+  backup beside it (``kaggle_3m.previous-<time>``), never removed;
+- it refuses a ``--dest`` that is neither empty nor a dataset (only ``TCGA_*`` patient folders,
+  ``data.csv``, a README, hidden files): a project folder, a home folder, a parent of the source;
+- the new copy is built and validated beside the old one (``.kaggle_3m.importing-*``) and swapped
+  in by renames only when every pair decodes and ``data.csv`` reads; otherwise nothing changes;
+- archives are unpacked with limits (see :class:`brainseg.data.layout.ArchiveLimits`).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from brainseg.data import synth
-from brainseg.data.layout import copy_dataset, open_dataset
+from brainseg.data.layout import FOLDER_RE, ArchiveLimits, is_archive, open_dataset
 
+MARKER_SUFFIX = ".import.json"    # beside the dataset: kaggle_3m.import.json (what was imported, when)
+BACKUP_INFIX = ".previous-"       # beside the dataset: kaggle_3m.previous-20261127-231500
+STAGING_PREFIX = "."              # .kaggle_3m.importing-XXXX beside the dataset, removed at the end
+DATASET_FILES = ("data.csv",)     # besides TCGA_* folders, a dataset folder may hold these,
+DATASET_PREFIXES = ("readme", "license", "sha256sums", ".")  # README*, LICENSE*, checksums, hidden files
+
+
+class ImportRefused(ValueError):
+    """The import was refused before anything at ``--dest`` changed; the message says why."""
 
 
 def _dvc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -30,21 +52,145 @@ def dvc_track(path: Path) -> str:
     return f"{path}: tracked by DVC ({path}.dvc); `dvc push` stores it in the default remote"
 
 
-def import_dataset(src: Path, dest: Path, use_dvc: bool = True) -> str:
-    """Copy (or unpack) the dataset at ``src`` into ``dest`` and track it with DVC."""
-    src = Path(src)
-    with tempfile.TemporaryDirectory(prefix="brainseg-import-") as tmp:
-        root = open_dataset(src, Path(tmp))
-        if dest.resolve() == root.resolve():
-            raise ValueError(f"{src}: already at {dest}")
-        staging = dest.with_name(dest.name + ".importing")
-        copy_dataset(root, staging)  # nothing at dest changes until the copy is complete
-    if dest.exists():
-        shutil.rmtree(dest)
-    staging.rename(dest)
-    marker = dest.parent / "SYNTHETIC"
-    marker.unlink(missing_ok=True)
-    return dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
+def marker_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + MARKER_SUFFIX)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that do not belong in a dataset folder (empty list: a dataset, or empty)."""
+    bad = []
+    for p in sorted(folder.iterdir()):
+        lower = p.name.lower()
+        if p.is_dir() and FOLDER_RE.match(p.name) and not p.is_symlink():
+            continue
+        if p.is_file() and (lower in DATASET_FILES or lower.startswith(DATASET_PREFIXES)):
+            continue
+        bad.append(p.name + ("/" if p.is_dir() else ""))
+    return bad
+
+
+def check_destination(src: Path, dest: Path, found: Path | None = None) -> str:
+    """Why replacing ``dest`` is safe ("new", "empty", "dataset"), or :class:`ImportRefused`.
+
+    ``found`` is the dataset folder found inside ``src`` (``dest`` must not be inside it).
+    """
+    s, d = src.resolve(), dest.resolve()
+    if s == d or (found is not None and found.resolve() == d):
+        raise ImportRefused(f"{src}: already at {dest}")
+    if d in s.parents:
+        raise ImportRefused(f"--dest {dest} contains the source {src}; refusing (it would replace the "
+                            "source itself). Choose a new or empty folder, e.g. data/raw/kaggle_3m")
+    if found is not None and found.resolve() in d.parents:
+        raise ImportRefused(f"--dest {dest} is inside the dataset being imported ({found}); choose a "
+                            "folder outside it")
+    if not dest.exists():
+        return "new"
+    if not dest.is_dir():
+        raise ImportRefused(f"--dest {dest} is a file, not a folder; nothing was changed")
+    if not any(dest.iterdir()):
+        return "empty"
+    bad = foreign_entries(dest)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ImportRefused(f"--dest {dest} is not empty and is not a dataset (it holds {shown}); nothing "
+                            "was changed. Give a new or empty folder, or a previous import (e.g. the "
+                            "default data/raw/kaggle_3m)")
+    return "dataset"
+
+
+def _problems_line(src: Path, problems: list) -> str:
+    shown = "; ".join(str(p) for p in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (f"{src}: {len(problems)} problem(s) in the new data, nothing was replaced: {shown}{more}. "
+            f"See them all with `brainseg data validate {src}`")
+
+
+def _write_marker(dest: Path, src: Path, summary: dict, backup: Path | None, previous_dvc: str | None) -> None:
+    marker_path(dest).write_text(json.dumps({
+        "source": str(src), "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "patients": summary["patients"], "slices": summary["slices"],
+        "previous_backup": str(backup) if backup else None, "previous_dvc_md5": previous_dvc}, indent=2) + "\n")
+
+
+def _dvc_md5(dest: Path) -> str | None:
+    dvc_file = dest.with_name(dest.name + ".dvc")
+    if not dvc_file.is_file():
+        return None
+    import yaml
+
+    try:
+        outs = yaml.safe_load(dvc_file.read_text()).get("outs", [])
+        return str(outs[0]["md5"]) if outs and outs[0].get("md5") else None
+    except (yaml.YAMLError, AttributeError, KeyError, IndexError):
+        return None
+
+
+def import_dataset(src: Path, dest: Path, use_dvc: bool = True, limits: ArchiveLimits | None = None) -> str:
+    """Copy (or unpack) the dataset at ``src`` into ``dest``, validated, and track it with DVC.
+
+    Returns the status lines; raises :class:`ImportRefused` / FileNotFoundError / ValueError with
+    ``dest`` unchanged. A dataset already at ``dest`` is kept as ``<dest>.previous-<time>``.
+    """
+    from brainseg.data.manifest import scan
+
+    src, dest = Path(src), Path(dest)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    kind = check_destination(src, dest)
+    made = [p for p in reversed(dest.parents) if not p.exists()]  # parents to remove again on failure
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dest.name}.importing-", dir=dest.parent))
+    backup, swapped = None, False
+    try:
+        root = open_dataset(src, staging / "unpacked", limits) if is_archive(src) else open_dataset(src)
+        if not is_archive(src):
+            check_destination(src, dest, found=root)  # the dataset found must not overlap dest either
+        new = staging / "new"
+        if is_archive(src):
+            root.rename(new)
+        else:
+            shutil.copytree(root, new, symlinks=False)
+        result = scan(new)
+        if not result.ok:
+            raise ImportRefused(_problems_line(src, result.problems))
+        previous_dvc = _dvc_md5(dest)
+        if kind == "dataset":
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            backup = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}")
+            n = 1
+            while backup.exists():
+                backup, n = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}-{n}"), n + 1
+            dest.rename(backup)
+        elif kind == "empty":
+            dest.rmdir()
+        new.rename(dest)
+        swapped = True
+        _write_marker(dest, src, result.summary(), backup, previous_dvc)
+        (dest.parent / "SYNTHETIC").unlink(missing_ok=True)
+        status = dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
+    except BaseException:
+        if swapped:  # put the previous dataset back where it was
+            dest.rename(staging / "failed")
+            if backup is not None:
+                backup.rename(dest)
+            elif kind == "empty":
+                dest.mkdir()
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not swapped:
+            for p in reversed(made):  # folders this import created, if still empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+    s = result.summary()
+    lines = [f"imported {s['patients']} patients, {s['slices']} slices from {src}", status]
+    if backup is not None:
+        lines.append(f"the previous dataset is kept in {backup} (nothing was deleted); to go back: "
+                     f"`brainseg data import {backup} --dest {dest}`; delete it when no longer needed"
+                     + (f" (it is also in the DVC cache, md5 {previous_dvc})" if previous_dvc else ""))
+    return "\n".join(lines)
 
 
 def ensure_dataset(dest: Path, synth_params: dict, use_dvc: bool = True) -> str:

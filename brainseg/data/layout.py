@@ -7,11 +7,14 @@ in the Kaggle archive ``lgg-mri-segmentation/kaggle_3m``), or a ``.zip`` / ``.ta
 from __future__ import annotations
 
 import dataclasses
+import lzma
+import os
 import re
 import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 FOLDER_RE = re.compile(r"^TCGA_(?P<inst>[A-Z0-9]{2})_(?P<pid>[A-Z0-9]{4})_(?P<date>\d{8})$")
@@ -63,23 +66,116 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and any(path.name.lower().endswith(s) for s in ARCHIVE_SUFFIXES)
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Unpack a zip or tar archive into ``dest`` safely (no paths outside it); returns ``dest``."""
+@dataclasses.dataclass(frozen=True)
+class ArchiveLimits:
+    """Limits on unpacking one archive (zip bombs, tar bombs). Defaults fit the Kaggle download
+    (about 16,000 files, 2 GB unpacked, ratio ~3) with room to spare; each can be overridden by
+    ``$BRAINSEG_ARCHIVE_MAX_BYTES``, ``$BRAINSEG_ARCHIVE_MAX_FILES``, ``$BRAINSEG_ARCHIVE_MAX_RATIO``.
+    """
+
+    max_bytes: int = 16 * 1024 ** 3   # total unpacked bytes
+    max_files: int = 200_000          # members
+    max_ratio: float = 100.0          # unpacked bytes / archive bytes (checked once past ratio_floor)
+    ratio_floor: int = 16 * 1024 ** 2  # small archives may be as compressible as they like
+
+    @classmethod
+    def from_env(cls) -> "ArchiveLimits":
+        d = cls()
+
+        def get(name, default, kind):
+            raw = os.environ.get(name, "").strip()
+            try:
+                return kind(float(raw)) if raw else default
+            except ValueError:
+                return default
+
+        return cls(get("BRAINSEG_ARCHIVE_MAX_BYTES", d.max_bytes, int),
+                   get("BRAINSEG_ARCHIVE_MAX_FILES", d.max_files, int),
+                   get("BRAINSEG_ARCHIVE_MAX_RATIO", d.max_ratio, float), d.ratio_floor)
+
+
+class _Budget:
+    """Running totals of an archive's declared member sizes, refused as soon as a limit is passed."""
+
+    def __init__(self, archive: Path, limits: ArchiveLimits):
+        self.archive, self.limits = archive, limits
+        self.packed = max(archive.stat().st_size, 1)
+        self.files = self.bytes = 0
+
+    def add(self, name: str, size: int) -> None:
+        lim = self.limits
+        self.files += 1
+        self.bytes += max(int(size), 0)
+        if self.files > lim.max_files:
+            raise ValueError(f"{self.archive}: more than {lim.max_files:,} members; refused (archive limit "
+                             "BRAINSEG_ARCHIVE_MAX_FILES)")
+        if self.bytes > lim.max_bytes:
+            raise ValueError(f"{self.archive}: unpacks to more than {lim.max_bytes / 1e9:,.1f} GB (at member "
+                             f"{name!r}); refused as a possible zip bomb (limit BRAINSEG_ARCHIVE_MAX_BYTES)")
+        ratio = self.bytes / self.packed
+        if self.bytes > lim.ratio_floor and ratio > lim.max_ratio:
+            raise ValueError(f"{self.archive}: compression ratio over {lim.max_ratio:g}:1 ({self.bytes / 1e6:,.0f} MB "
+                             f"from {self.packed / 1e6:,.1f} MB); refused as a zip bomb (limit "
+                             "BRAINSEG_ARCHIVE_MAX_RATIO)")
+
+
+def _safe_name(archive: Path, name: str, dest: Path) -> None:
+    parts = name.replace("\\", "/").split("/")
+    target = (dest / name).resolve()
+    if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":") \
+            or not target.is_relative_to(dest.resolve()):
+        raise ValueError(f"{archive}: unsafe member refused: {name!r} points outside the archive")
+
+
+def _check_zip(archive: Path, zf: zipfile.ZipFile, dest: Path, limits: ArchiveLimits) -> None:
+    budget = _Budget(archive, limits)
+    for info in zf.infolist():
+        _safe_name(archive, info.filename, dest)
+        mode = (info.external_attr >> 16) & 0o170000
+        if mode == 0o120000:  # a symbolic link stored by Info-ZIP
+            raise ValueError(f"{archive}: unsafe member refused: {info.filename!r} is a symbolic link")
+        budget.add(info.filename, info.file_size)  # zipfile never writes more than file_size
+
+
+def _check_tar(archive: Path, tf: tarfile.TarFile, dest: Path, limits: ArchiveLimits) -> list[tarfile.TarInfo]:
+    budget = _Budget(archive, limits)
+    members = []
+    for member in tf:  # streams: stops at the first member over a limit
+        _safe_name(archive, member.name, dest)
+        if not (member.isfile() or member.isdir()):
+            kind = "link" if (member.issym() or member.islnk()) else "special file"
+            raise ValueError(f"{archive}: unsafe member refused: {member.name!r} is a {kind} (only files "
+                             "and folders are unpacked)")
+        budget.add(member.name, member.size)
+        members.append(member)
+    return members
+
+
+def extract_archive(archive: Path, dest: Path, limits: ArchiveLimits | None = None) -> Path:
+    """Unpack a zip or tar archive into ``dest`` safely; returns ``dest``.
+
+    Refused with a ValueError naming the archive (before anything is written): members outside
+    ``dest`` (absolute, ``..``), links and device files, and archives over ``limits`` (total
+    unpacked size, member count, compression ratio; see :class:`ArchiveLimits`).
+    """
+    archive, dest = Path(archive), Path(dest)
+    limits = limits or ArchiveLimits.from_env()
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                for member in zf.namelist():
-                    target = (dest / member).resolve()
-                    if not target.is_relative_to(dest.resolve()):
-                        raise ValueError(f"{archive}: member {member!r} points outside the archive")
+                _check_zip(archive, zf, dest, limits)
                 zf.extractall(dest)
         else:
             with tarfile.open(archive) as tf:
-                tf.extractall(dest, filter="data")
+                members = _check_tar(archive, tf, dest, limits)
+                tf.extractall(dest, members=members, filter="data")
     except tarfile.FilterError as exc:  # a member with an absolute path, "..", or a link outside
         raise ValueError(f"{archive}: unsafe member refused ({exc})") from exc
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
+            lzma.LZMAError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise ValueError(f"{archive}: cannot unpack ({exc.strerror}: {exc.filename or ''})") from exc
         raise ValueError(f"{archive}: not a readable zip/tar archive ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else 'truncated'})") from exc
     return dest
@@ -114,12 +210,13 @@ def find_root(path: Path) -> Path:
     raise ValueError(f"{path}: several dataset folders found: {', '.join(map(str, candidates[:5]))}")
 
 
-def open_dataset(path: Path, workdir: Path | None = None) -> Path:
-    """Like :func:`find_root`, but an archive is first unpacked into ``workdir`` (or a temp dir)."""
+def open_dataset(path: Path, workdir: Path | None = None, limits: ArchiveLimits | None = None) -> Path:
+    """Like :func:`find_root`, but an archive is first unpacked into ``workdir`` (or a temp dir),
+    within ``limits`` (default :meth:`ArchiveLimits.from_env`)."""
     path = Path(path)
     if is_archive(path):
         dest = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="brainseg-"))
-        return find_root(extract_archive(path, dest))
+        return find_root(extract_archive(path, dest, limits))
     return find_root(path)
 
 
@@ -164,8 +261,8 @@ def discover(root: Path) -> Layout:
 
 
 def copy_dataset(src_root: Path, dest: Path) -> Path:
-    """Copy a dataset folder into ``dest`` (replacing it); returns ``dest``."""
+    """Copy a dataset folder into ``dest``, which must not exist (nothing is ever replaced here)."""
     if dest.exists():
-        shutil.rmtree(dest)
+        raise FileExistsError(f"{dest}: already exists; not replaced")
     shutil.copytree(src_root, dest)
     return dest

@@ -39,12 +39,30 @@ def augment_batch(x: tf.Tensor, y: tf.Tensor, strength: float, seed: tf.Tensor):
     return x * contrast + shift, y
 
 
+def area_weights(tumor_px: np.ndarray, uniform_share: float) -> np.ndarray:
+    """Sampling probability per slice: ``uniform_share`` spread evenly over all slices, the rest in
+    proportion to each slice's tumor area (Buda et al. 2019). (N,) pixel counts -> (N,) summing to 1.
+
+    >>> area_weights(np.array([0, 10, 30]), 0.5).round(4).tolist()
+    [0.1667, 0.2917, 0.5417]
+    """
+    area = np.asarray(tumor_px, np.float64)
+    n = len(area)
+    if n == 0:
+        return area
+    if area.sum() <= 0:
+        return np.full(n, 1.0 / n)
+    return uniform_share / n + (1.0 - uniform_share) * area / area.sum()
+
+
 def train_dataset(X: np.ndarray, Y: np.ndarray, *, batch_size: int, tumor_fraction: float,
-                  augment: float, seed: int) -> tf.data.Dataset:
+                  augment: float, seed: int, weights: np.ndarray | None = None) -> tf.data.Dataset:
     """Endless batches ((B,S,S,C) float32, (B,S,S,1) float32) with ``tumor_fraction`` tumor slices.
 
     Arrays are held once as tensors and gathered by index, so the graph stays small whatever
-    the dataset size. ``tumor_fraction`` < 0 keeps the natural proportion.
+    the dataset size. ``tumor_fraction`` < 0 keeps the natural proportion. ``weights`` (N,)
+    (e.g. :func:`area_weights`) replaces the tumor/empty mix: each slice is drawn with that
+    probability, with replacement.
     """
     tumor = np.asarray(Y).reshape(len(Y), -1).max(axis=1) > 0
     Xt, Yt = tf.constant(np.asarray(X)), tf.constant(np.asarray(Y))
@@ -54,7 +72,12 @@ def train_dataset(X: np.ndarray, Y: np.ndarray, *, batch_size: int, tumor_fracti
         return tf.data.Dataset.from_tensor_slices(idx.astype(np.int64)).shuffle(
             max(len(idx), 1), seed=s, reshuffle_each_iteration=True).repeat()
 
-    if 0 <= tumor_fraction and len(idx_t) and len(idx_e):
+    if weights is not None:
+        logits = tf.constant(np.log(np.maximum(np.asarray(weights, np.float64), 1e-12))[None], tf.float32)
+        idx = tf.data.Dataset.random(seed=seed).map(
+            lambda r: tf.random.stateless_categorical(
+                logits, 1, tf.stack([tf.cast(r % (2**31 - 1), tf.int32), seed]), dtype=tf.int64)[0, 0])
+    elif 0 <= tumor_fraction and len(idx_t) and len(idx_e):
         idx = tf.data.Dataset.sample_from_datasets(
             [endless(idx_t, seed), endless(idx_e, seed + 1)], [tumor_fraction, 1 - tumor_fraction],
             seed=seed)

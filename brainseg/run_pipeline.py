@@ -1,13 +1,19 @@
-"""The whole pipeline in one command: the stages of dvc.yaml, through DVC or (without it) in order.
+"""The whole pipeline in one command: the stages of dvc.yaml, through DVC or (without it) in order,
+then the promotion gate for the versions the pipeline registered.
 
 There is one definition of the pipeline, ``dvc.yaml``; ``brainseg run`` and ``mlflow run . -e main``
 execute it with ``dvc repro`` (only what changed re-runs), or run its stage commands in order where
 DVC cannot be used (no Git/DVC repository). Every MLflow run of one execution carries the tag
-``brainseg.pipeline_run`` with the same id.
+``brainseg.pipeline_run`` with the same id. The stages read params.yaml only; ``--profile NAME``
+first copies that profile's values into params.yaml (:func:`brainseg.profiles.use_profile`).
+The register stage only registers and tags (``register.promote: false``), so ``dvc exp run``
+changes nothing deployed; ``brainseg run`` then asks the gate (``brainseg promote``) unless
+``--no-promote``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,22 +25,12 @@ import yaml
 
 from brainseg.config import load_settings
 from brainseg.data.importer import dvc_available, ensure_dataset
+from brainseg.profiles import use_profile
 from brainseg.tracking import PIPELINE_ENV, PIPELINE_TAG
 
 DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")
-
-
-def set_profile(name: str, params_file: Path = PARAMS_FILE) -> bool:
-    """Set ``profile:`` in params.yaml (keeping comments) so DVC sees the change; True if it changed."""
-    load_settings(name)  # fails on an unknown profile before anything is written
-    text = params_file.read_text()
-    new, n = re.subn(r"(?m)^profile:\s*\S+", f"profile: {name}", text, count=1)
-    if n != 1:
-        raise ValueError(f"{params_file}: no top-level `profile:` line to set")
-    if new != text:
-        params_file.write_text(new)
-    return new != text
+REGISTER_REPORT = Path("reports/register.json")
 
 
 def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, str]]:
@@ -50,11 +46,12 @@ def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, s
     return [(name, re.sub(r"\$\{([^}]+)\}", fill, spec["cmd"])) for name, spec in stages.items()]
 
 
-def run(profile: str | None = None, use_dvc: bool = True, echo=print) -> str:
-    """Make sure a dataset is there (synthetic by default), then run the pipeline; returns the run id."""
+def run(profile: str | None = None, use_dvc: bool = True, promote: bool = True, echo=print) -> str:
+    """Make sure a dataset is there (synthetic by default), run the pipeline, then (``promote``) the
+    promotion gate for what it registered; returns the pipeline run id."""
     if profile:
-        if set_profile(profile):
-            echo(f"params.yaml: profile set to {profile}")
+        for key, old, new in use_profile(profile, PARAMS_FILE):
+            echo(f"params.yaml: {key}: {old!r} -> {new!r} (profile {profile})")
     settings = load_settings()
     use_dvc = use_dvc and dvc_available()
     echo(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"], use_dvc=use_dvc))
@@ -68,7 +65,19 @@ def run(profile: str | None = None, use_dvc: bool = True, echo=print) -> str:
         for name, cmd in stage_commands(params):
             echo(f"stage {name}: {cmd}")
             subprocess.run(shlex.split(cmd), env=env, check=True)
+    if promote:
+        for name, version in pending_promotions(REGISTER_REPORT):
+            echo(f"promotion gate: brainseg promote {name} {version}")
+            subprocess.run(["brainseg", "promote", name, str(version)], env=env, check=True)
     return run_id
+
+
+def pending_promotions(report: Path) -> list[tuple[str, str]]:
+    """(model name, version) of each version the register stage registered but did not gate."""
+    if not report.is_file():
+        return []
+    results = json.loads(report.read_text())
+    return [(r["name"], str(r["version"])) for r in results.values() if r.get("promoted") is None]
 
 
 FINAL_WORDS = """\
@@ -78,5 +87,6 @@ Done. Next:
   mlflow models serve -m models:/brainseg-survival@champion --env-manager local -h 127.0.0.1 -p 5002
   brainseg predict data/raw/kaggle_3m --out predictions --survival
   brainseg app                                                  # the web page, http://127.0.0.1:8501
-  dvc metrics show                                              # test-set and survival figures
+  dvc metrics show                                              # test report (test_*), survival CV figures
+  dvc exp run -S survival.repeats=3                             # an experiment: registers, never moves @champion
 """

@@ -1,0 +1,351 @@
+"""The page's models: two segmenter backends with one interface, the survival model, provenance.
+
+Segmenter backends::
+
+    segment([(name, image), ...], groups=None) -> [(mask, features), ...]   # image (H, W, 3) or (H, W) uint8
+    describe() -> provenance dict (see :func:`model_provenance`)
+
+``InProcessBackend`` runs :class:`brainseg.inference.Segmenter` with the model's stored inference
+settings (the code path of ``brainseg predict`` and the served model, so the masks are the same);
+``RestBackend`` posts the slices to a ``mlflow models serve`` endpoint of the same model.
+``groups`` (a patient id per slice, slices in order) lets the stored ``largest_3d`` step see a
+patient's whole volume, as predict does. Both raise :class:`SegmentError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainseg.data import imageio
+from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
+
+SMOKE_MAX_SIZE = 64  # a network input this small is the smoke profile's test model
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)/")
+
+
+class SegmentError(RuntimeError):
+    """A backend could not segment. ``per_item``: the input was refused (retry slices one by one);
+    otherwise the backend itself failed (no point retrying)."""
+
+    def __init__(self, message: str, per_item: bool = True):
+        super().__init__(message)
+        self.per_item = per_item
+
+
+# --------------------------------------------------------------------------------- provenance
+def empty_provenance(uri: str) -> dict:
+    """The provenance fields, unknown: model, version, run_id, data_version, data_kind ("real",
+    "synthetic" or ""), val_dice / val_n_patients (the model card's validation per-patient Dice),
+    size (network input px, or None), card (markdown), resolved_uri."""
+    return {"model": uri, "version": "", "run_id": "", "data_version": "", "data_kind": "",
+            "val_dice": "", "val_n_patients": "", "size": None, "card": "", "resolved_uri": uri}
+
+
+def _int_or_none(value):
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def card_fields(tags: dict) -> dict:
+    """Provenance fields from a model version's ``card.*`` tags (see :mod:`brainseg.modelcard`)."""
+    return {"data_kind": tags.get("card.data_kind", ""),
+            "val_dice": tags.get("card.val_patient_dice_mean") or tags.get("val_patient_dice_mean", ""),
+            "val_n_patients": tags.get("card.val_n_patients") or tags.get("val_n_patients", ""),
+            "size": _int_or_none(tags.get("card.size"))}
+
+
+def model_provenance(uri: str) -> dict:
+    """Which model ``uri`` is: registry version, run, data version and its model card's facts.
+
+    A ``models:/NAME@ALIAS`` is resolved to its version now, and ``resolved_uri`` names that
+    exact version (load it, so what is shown is what runs). Lookup failures leave fields empty.
+    """
+    out = empty_provenance(uri)
+    path = Path(uri)
+    if path.exists():
+        out.update(local_provenance(path))
+        return out
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        if m := _MODELS_URI.match(uri):
+            mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
+                  else client.get_model_version(m["name"], m["version"]))
+            out.update(version=str(mv.version), run_id=mv.run_id or "",
+                       data_version=mv.tags.get("card.data_version") or mv.tags.get("data_version", ""),
+                       resolved_uri=f"models:/{m['name']}/{mv.version}", card=mv.description or "",
+                       **card_fields(mv.tags))
+        elif m := _RUNS_URI.match(uri):
+            run = client.get_run(m["run"])
+            metrics = run.data.metrics
+            out.update(run_id=m["run"], data_version=run.data.tags.get("data_version", ""),
+                       size=_int_or_none(run.data.params.get("size")),
+                       val_dice=f"{metrics['val_patient_dice_mean']:.4f}" if "val_patient_dice_mean" in metrics else "",
+                       val_n_patients=str(int(metrics["val_n_patients"])) if "val_n_patients" in metrics else "")
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown names
+        out["note"] = f"registry lookup failed ({exc})"
+    return out
+
+
+def local_provenance(path: Path) -> dict:
+    """From a model folder/.h5: ``brainseg.json`` (meta: run_id, data_version; train: size) and a
+    ``model_card.json`` beside it if one was written."""
+    from brainseg import modelcard
+
+    found = sorted(path.rglob("brainseg.json")) if path.is_dir() else [path.with_name("brainseg.json")]
+    if not found or not found[0].is_file():
+        return {"version": "local file"}
+    doc = json.loads(found[0].read_text())
+    meta = doc.get("meta", {})
+    out = {"version": "local file", "run_id": meta.get("run_id", ""), "data_version": meta.get("data_version", ""),
+           "size": _int_or_none(doc.get("train", {}).get("size"))}
+    card = found[0].with_name(modelcard.FACTS_FILE)
+    if card.is_file():
+        facts = json.loads(card.read_text())
+        out.update(card_fields(modelcard.card_tags(facts)))
+        out["data_version"] = out["data_version"] or facts.get("data", {}).get("version", "")
+        if card.with_name(modelcard.CARD_FILE).is_file():
+            out["card"] = card.with_name(modelcard.CARD_FILE).read_text()
+    return out
+
+
+def provenance_line(d: dict) -> str:
+    """One line naming the model version and the data version behind a result."""
+    if not (d.get("version") or d.get("run_id") or d.get("data_version")):
+        return f"{d.get('model', '?')} (version and data version not known yet)"
+    version = f"version {d['version']}" if d.get("version") else "version unknown"
+    run = f", run {d['run_id'][:12]}" if d.get("run_id") else ""
+    data = d.get("data_version") or "unknown"
+    return f"{d.get('model', '?')} ({version}{run}); trained on data version {data[:12]}"
+
+
+def card_lines(d: dict) -> list[tuple[str, str]]:
+    """(level, text) lines for the page from the model card: ``info`` facts, ``warning`` caveats.
+
+    Says whether the training data was real or synthetic, the validation per-patient Dice with its
+    count, and when the network is the 64-px smoke model.
+    """
+    lines = []
+    kind = d.get("data_kind")
+    if kind == "synthetic":
+        lines.append(("warning", "Trained on SYNTHETIC data (made by brainseg data synth): its "
+                                 "masks say nothing about real MRI."))
+    elif kind == "real":
+        lines.append(("info", f"Trained on real data (TCGA-LGG), data version {d.get('data_version', '')[:12]}."))
+    else:
+        lines.append(("info", "Whether the training data was real or synthetic is not recorded "
+                              "(no model card for this model)."))
+    if d.get("val_dice"):
+        n = f" (n={d['val_n_patients']} patients)" if d.get("val_n_patients") else ""
+        try:
+            dice = f"{float(d['val_dice']):.3f}"
+        except ValueError:
+            dice = str(d["val_dice"])
+        lines.append(("info", f"Validation per-patient volume Dice {dice}{n}, from the model card."))
+    else:
+        lines.append(("info", "No validation Dice recorded for this model."))
+    if d.get("size") is not None and int(d["size"]) <= SMOKE_MAX_SIZE:
+        lines.append(("warning", f"This is a {d['size']}-px smoke-test model (the smoke profile): fast, "
+                                 "but too coarse for real use."))
+    return lines
+
+
+# ------------------------------------------------------------------------------ segmenters
+def _check_channels(name: str, image: np.ndarray, channels: str) -> np.ndarray:
+    if image.ndim == 2 and channels != "flair":
+        raise SegmentError(f"{name}: 1-channel image, but this model needs 3 channels "
+                           "(pre-contrast, FLAIR, post-contrast)")
+    return imageio.check_image(image, name)
+
+
+class InProcessBackend:
+    """A :class:`brainseg.inference.Segmenter` in this process (predict's and serving's code path)."""
+
+    def __init__(self, segmenter, provenance: dict):
+        self.segmenter, self.provenance = segmenter, provenance
+
+    @classmethod
+    def load(cls, model_uri: str) -> InProcessBackend:
+        """Load ``model_uri`` (a ``models:/NAME@ALIAS`` loads the version the alias names now)."""
+        from brainseg.inference import Segmenter
+        from brainseg.serving import resolve_model_dir
+
+        provenance = model_provenance(model_uri)
+        segmenter = Segmenter.from_dir(resolve_model_dir(provenance["resolved_uri"]))
+        if provenance.get("size") is None:
+            provenance["size"] = int(segmenter.cfg.size)
+        return cls(segmenter, provenance)
+
+    def describe(self) -> dict:
+        return dict(self.provenance)
+
+    def segment(self, items: list[tuple[str, np.ndarray]], groups: list[str] | None = None
+                ) -> list[tuple[np.ndarray, dict]]:
+        images = [_check_channels(name, image, self.segmenter.cfg.channels) for name, image in items]
+        try:
+            masks = self.segmenter.segment(images, groups=groups).masks
+        except Exception as exc:
+            raise SegmentError(f"the model failed ({type(exc).__name__}: {exc})") from exc
+        return [(mask, slice_features(mask, image)) for mask, image in zip(masks, images)]
+
+
+class RestBackend:
+    """A served model (``mlflow models serve``): POST base64 PNG slices to its /invocations."""
+
+    def __init__(self, endpoint: str, timeout: float = 120.0):
+        base = endpoint.rstrip("/")
+        self.url = base if base.endswith("/invocations") else base + "/invocations"
+        self.timeout = timeout
+        self.provenance = empty_provenance(self.url)
+
+    def describe(self) -> dict:
+        return dict(self.provenance)
+
+    def _post(self, payload: dict) -> dict:
+        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(body).get("message", body)
+            except ValueError:
+                message = body
+            raise SegmentError(f"endpoint refused the slice (HTTP {exc.code}): {message[:500]}",
+                               per_item=400 <= exc.code < 500) from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SegmentError(f"endpoint {self.url} cannot be reached ({reason})",
+                               per_item=False) from exc
+
+    def segment(self, items: list[tuple[str, np.ndarray]], groups: list[str] | None = None
+                ) -> list[tuple[np.ndarray, dict]]:
+        columns = ["image"] + (["patient"] if groups is not None else [])
+        cells = [[base64.b64encode(imageio.encode_png(image)).decode("ascii")]
+                 + ([str(groups[i])] if groups is not None else []) for i, (_, image) in enumerate(items)]
+        body = self._post({"dataframe_split": {"columns": columns, "data": cells},
+                           "params": {"return_mask": True}})
+        rows = body.get("predictions") if isinstance(body, dict) else None
+        if not isinstance(rows, list) or len(rows) != len(items):
+            raise SegmentError(f"endpoint answered {type(rows).__name__} instead of "
+                               f"{len(items)} predictions", per_item=False)
+        out = []
+        for (name, _), row in zip(items, rows):
+            source = f"{name} (mask from the endpoint)"
+            try:
+                png = base64.b64decode(row["mask_png"])
+                mask = imageio.check_mask(imageio.decode_bytes(png, source), source)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SegmentError(f"{source}: unusable ({exc})", per_item=False) from exc
+            out.append((mask, {k: _nan_if_none(row.get(k)) for k in SLICE_FEATURE_COLUMNS}))
+        run_id = rows[0].get("model_run_id", "") if rows else ""
+        if run_id and run_id != self.provenance["run_id"]:
+            self.provenance.update(run_id=run_id, data_version=rows[0].get("data_version", ""),
+                                   **registered_version(run_id))
+        return out
+
+
+def registered_version(run_id: str) -> dict:
+    """``version`` (registry versions logged from ``run_id``) and their model card's fields, when
+    a tracking URI is configured (else nothing: no default ./mlflow.db is created just to look)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return {}
+    try:
+        import mlflow
+
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id='{run_id}'")
+    except Exception:  # noqa: BLE001 - best effort: the version is extra information
+        return {}
+    if not versions:
+        return {}
+    latest = max(versions, key=lambda v: int(v.version))
+    return {"version": ", ".join(f"{v.name} v{v.version}" for v in versions), "card": latest.description or "",
+            **card_fields(latest.tags)}
+
+
+def _nan_if_none(value):
+    return math.nan if value is None else value
+
+
+def make_segmenter(settings):
+    """The REST backend when ``settings.endpoint`` is set, else the model loaded in-process."""
+    if settings.endpoint:
+        return RestBackend(settings.endpoint)
+    return InProcessBackend.load(settings.model_uri)
+
+
+# --------------------------------------------------------------------------------- survival
+EVIDENCE = ("status", "message", "cv_roc_auc", "cv_n_patients", "data_version", "fitted_on", "features_from")
+
+
+class SurvivalBackend:
+    """The survival pyfunc model: per-patient features (+ data.csv) -> P(death01 = 1) with its evidence."""
+
+    def __init__(self, model, provenance: dict):
+        self.model, self.provenance = model, provenance  # model: a loaded mlflow pyfunc model
+
+    @classmethod
+    def load(cls, model_uri: str) -> SurvivalBackend:
+        from brainseg.outcome.client import load
+
+        provenance = model_provenance(model_uri)
+        return cls(load(provenance["resolved_uri"]), provenance)
+
+    def describe(self) -> dict:
+        return dict(self.provenance)
+
+    def probabilities(self, patients: pd.DataFrame, clinical: bytes | None) -> pd.DataFrame:
+        """``patient``, ``death01_probability`` and the model's evidence columns (:data:`EVIDENCE`)
+        where it answers them. data.csv values are joined when given, else the model's imputer fills them."""
+        from brainseg.outcome.client import model_inputs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = None
+            if clinical is not None:
+                csv = Path(tmp) / "data.csv"
+                csv.write_bytes(clinical)
+            X = model_inputs(self.model, patients, csv)
+        out = pd.DataFrame(self.model.predict(X), index=X.index).rename_axis("patient").reset_index()
+        return out[["patient", "death01_probability"] + [c for c in EVIDENCE if c in out.columns]]
+
+
+def survival_context(answer: dict) -> tuple[str, str]:
+    """(``show`` | ``refuse``, text) for one patient's survival answer.
+
+    A probability is shown only with its evidence (status ``ok``, cross-validated ROC-AUC and the
+    patients behind it, data version, real or synthetic); otherwise the text says why not.
+    """
+    status = answer.get("status")
+    if status is not None and status != "ok":
+        return "refuse", f"No probability: {answer.get('message') or status}."
+    prob = answer.get("death01_probability")
+    if prob is None or (isinstance(prob, float) and math.isnan(prob)):
+        return "refuse", "No probability: the model gave none for this patient."
+    auc, n, kind = answer.get("cv_roc_auc"), answer.get("cv_n_patients"), answer.get("fitted_on")
+    if auc is None or n is None or kind not in ("real", "synthetic"):
+        return "refuse", ("No probability shown: this survival model does not report its cross-validated "
+                          "ROC-AUC, patient count and training data (re-fit it with `brainseg survival`).")
+    data = f"data version {str(answer.get('data_version') or 'unknown')[:12]}"
+    text = (f"Cross-validated ROC-AUC {float(auc):.2f} over {int(n)} patients ({kind} {data}; "
+            f"0.5 = chance); imaging features from {answer.get('features_from') or '?'} masks.")
+    if kind == "synthetic":
+        text = ("Fitted on SYNTHETIC data: this probability says nothing about a real patient. " + text)
+    return "show", text

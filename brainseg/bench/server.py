@@ -1,0 +1,232 @@
+"""The REST side of the benchmark: start/stop ``mlflow models serve``, the tracking store it
+reads, the request body, and the load test.
+
+One HTTP client style throughout: ``requests.Session`` (keep-alive, one connection per client
+thread), bodies serialised once with ``json.dumps`` and posted as bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEGMENTER_NAME = "brainseg-segmenter"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - psutil missing or the process is gone
+        return []
+
+
+def _status_kb(pid: int, field: str) -> int:
+    """``VmHWM`` (peak RSS) or ``VmRSS`` of a process in kB from /proc; 0 when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@dataclasses.dataclass
+class ModelServer:
+    """A running ``mlflow models serve`` (its own process group) on 127.0.0.1."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    startup_s: float
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *_children(self.process.pid)]
+
+    def memory_mb(self) -> dict:
+        """Peak RSS (VmHWM) per process of the server tree; the largest is the model worker."""
+        peaks = {pid: _status_kb(pid, "VmHWM") / 1024 for pid in self.pids()}
+        return {"worker_peak_rss_mb": max(peaks.values(), default=0.0),
+                "tree_peak_rss_mb_sum": sum(peaks.values()), "processes": len(peaks)}
+
+    def worker_pid(self) -> int:
+        """The process of the tree holding the most memory now: the one running the model."""
+        return max(self.pids(), key=lambda pid: _status_kb(pid, "VmRSS"))
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)  # the group this module started (start_new_session)
+        process.wait(timeout=20)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: float = 90.0,
+                workers: int = 1, env: dict | None = None):
+    """Start ``mlflow models serve -m MODEL_URI --env-manager local`` on a free 127.0.0.1 port.
+
+    Yields a :class:`ModelServer` once ``/ping`` answers 200; raises RuntimeError (with the
+    server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
+    ``env``: extra environment variables of the server (e.g. the BRAINSEG_SERVE_* request limits).
+    """
+    import requests
+
+    port = free_port()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"serve-{port}.log"
+    env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    start = time.monotonic()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = ModelServer(f"http://127.0.0.1:{port}", process, log_path, 0.0)
+    try:
+        while True:
+            try:
+                if requests.get(f"{server.url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with {process.returncode}:\n{server.log_tail()}")
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"mlflow models serve not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+            time.sleep(0.5)
+        server.startup_s = time.monotonic() - start
+        yield server
+    finally:
+        _stop(process)
+
+
+def dataframe_split(values: list[str], params: dict | None = None) -> dict:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
+    if params:
+        body["params"] = params
+    return body
+
+
+@contextlib.contextmanager
+def temporary_tracking(uri: str):
+    """Point MLflow tracking and registry (and child processes, via the environment) at ``uri``."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+
+
+def experiment_in(name: str, artifact_root: Path) -> str:
+    """Create (or find) experiment ``name`` with its artifacts under ``artifact_root`` and make it
+    the active one. Without this, a new SQLite store puts artifacts in ``./mlruns`` of the
+    working folder."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+        name, artifact_location=Path(artifact_root).resolve().as_uri())
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
+                      artifact_root: Path | None = None) -> str:
+    """Log ``model_dir`` as the pyfunc segmenter in a run, register it, make it champion."""
+    import mlflow
+
+    from brainseg import registry
+    from brainseg.serving import log_pyfunc_segmenter
+
+    if artifact_root is not None:
+        experiment_in("brainseg-bench", artifact_root)
+    else:
+        mlflow.set_experiment("brainseg-bench")
+    with mlflow.start_run(run_name="bench-model") as run:
+        uri = log_pyfunc_segmenter(Path(model_dir), example_image, {"data_version": "bench"})
+    mv, _ = registry.register(SEGMENTER_NAME, uri, run.info.run_id, {"source_run_id": run.info.run_id},
+                              "Benchmark model. Not for use.")
+    registry.client().set_registered_model_alias(SEGMENTER_NAME, registry.CHAMPION, mv.version)
+    return f"models:/{SEGMENTER_NAME}@{registry.CHAMPION}"
+
+
+def load_test(url: str, payload: str, clients: int, seconds: float) -> dict:
+    """``clients`` threads posting ``payload`` for ``seconds``: requests/s, p50/p99, errors."""
+    import requests
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client():
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = session.post(f"{url}/invocations", data=payload, timeout=60,
+                                 headers={"Content-Type": "application/json"})
+                ok, why = r.status_code == 200, f"HTTP {r.status_code}"
+            except requests.RequestException as exc:
+                ok, why = False, type(exc).__name__
+            with lock:
+                (latencies.append(time.perf_counter() - t0) if ok else errors.append(why))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 90)
+    elapsed = time.monotonic() - start
+    t = np.asarray(latencies or [float("nan")])
+    return {"clients": clients, "seconds": elapsed, "requests": len(latencies), "errors": len(errors),
+            "error_kinds": sorted(set(errors)), "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": 1000 * float(np.median(t)), "p99_ms": 1000 * float(np.percentile(t, 99))}
+

@@ -1,0 +1,195 @@
+"""The ``brainseg features`` and ``brainseg survival`` workflows: read, compute, track, write.
+
+``compute_features`` writes slices.csv, patients.csv and source.json (which masks, which data
+version, whether the data is synthetic); ``run_survival`` reads them, compares the candidates
+with repeated CV, fits the final pipeline declared in params.yaml (``survival.final``) and logs
+everything to MLflow, then writes cv.json, metrics.json, comparison.csv and importances.csv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from brainseg import tracking
+from brainseg.config import TrainConfig
+from brainseg.data.clinical import read_clinical
+from brainseg.data.version import data_version
+from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
+from brainseg.outcome.features import features_for_manifest
+from brainseg.outcome.model import coefficients, join_features, make_pipeline
+from brainseg.outcome.pyfunc import log_final_model
+from brainseg.outcome.runs import log_comparison, summary_row
+from brainseg.outcome.validate import build_spec
+
+SOURCE_FILE = "source.json"
+SYNTH_MARKER = "SYNTHETIC"  # brainseg.data.importer writes it beside the synthetic default
+SYNTH_ID = re.compile(r"^TCGA_[A-Z]{2}_S\d{3}$")  # brainseg.data.synth names patients TCGA_<inst>_S<nnn>
+
+
+def is_synthetic(root: Path, patients: Sequence[str] = ()) -> bool:
+    """True when ``root`` is the synthetic generator's output: the importer's marker beside it, or
+    every patient named as :func:`brainseg.data.synth.generate` names them."""
+    root = Path(root)
+    if (root.parent / SYNTH_MARKER).exists() or (root / SYNTH_MARKER).exists():
+        return True
+    patients = [str(p) for p in patients]
+    return bool(patients) and all(SYNTH_ID.match(p) for p in patients)
+
+
+# ------------------------------------------------------------------------------------ features
+def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None, truth: bool = False,
+                     model: str | None = None, oof: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """Per-slice and per-patient features from truth masks, one model's masks, or out-of-fold masks.
+
+    ``oof`` trains one cheap segmenter per split fold (``survival.oof.train`` on top of ``train``)
+    on the project's manifest and split; the others read the dataset at ``root`` (default data.root).
+    """
+    from brainseg.data.arrays import load_full_images, load_full_masks
+    from brainseg.data.layout import find_root
+    from brainseg.data.manifest import scan
+
+    if sum([truth, model is not None, oof]) != 1:
+        raise ValueError("give exactly one of --truth, --model URI or --oof")
+    reports = None
+    if oof:
+        from brainseg.data.context import DataContext
+        from brainseg.outcome.oof import oof_masks
+
+        if root is not None and Path(root).resolve() != Path(settings["data"]["root"]).resolve():
+            raise ValueError("--oof uses the project's manifest and split: set data.root (--set data.root=...) "
+                             "instead of a ROOT argument")
+        ctx = DataContext.from_settings(settings)
+        cfg = TrainConfig.from_dict({**settings["train"], **settings["survival"]["oof"]["train"]})
+        found, m = ctx.root, ctx.manifest
+        masks, reports = oof_masks(m, ctx.split, cfg, settings.get("evaluate"), cache_dir=ctx.cache_dir,
+                                   version=ctx.version, on_fold=lambda r: echo(
+                                       f"fold {r.fold}: trained on {r.train_patients} patients, val Dice "
+                                       f"{r.val_patient_dice:.3f} (epoch {r.best_epoch}), predicted "
+                                       f"{r.test_patients} patients in {r.seconds:.0f} s"))
+        source = "oof_predicted"
+    else:
+        found = find_root(Path(root or settings["data"]["root"]))
+        result = scan(found)
+        for p in result.problems:
+            echo(f"skipped: {p}")
+        m = result.manifest
+        if m.empty:
+            raise ValueError(f"{found}: no usable slices")
+    images = load_full_images(m)
+    if truth:
+        masks, source = load_full_masks(m), "truth"
+    elif not oof:
+        from brainseg.inference import Segmenter
+        from brainseg.serving import resolve_model_dir
+
+        segmenter = Segmenter.from_dir(resolve_model_dir(model))
+        masks, source = segmenter.segment(images, groups=m["patient"].tolist()).masks, model
+    slices, patients = features_for_manifest(m, masks, images)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slices.to_csv(out_dir / "slices.csv", index=False)
+    patients.to_csv(out_dir / "patients.csv", index=False)
+    doc = {"masks": source, "features_from": source if source in ("truth", "oof_predicted") else f"model:{source}",
+           "root": str(found), "data_version": data_version(found),
+           "synthetic": is_synthetic(found, patients["patient"].tolist())}
+    if reports is not None:
+        doc["folds"] = [dataclasses.asdict(r) for r in reports]
+        pd.DataFrame(doc["folds"]).to_csv(out_dir / "folds.csv", index=False)
+    (out_dir / SOURCE_FILE).write_text(json.dumps(doc, indent=2))
+    return {"slices": len(slices), "patients": len(patients), "out_dir": out_dir, **doc}
+
+
+def read_features(csv: Path) -> tuple[pd.DataFrame, dict]:
+    """A patients.csv and the source.json beside it (``features_from`` defaults to the file name)."""
+    csv = Path(csv)
+    if not csv.is_file():
+        raise FileNotFoundError(f"{csv}: per-patient features not found; make them with "
+                                f"`brainseg features --oof --out {csv.parent}` (or --truth)")
+    source_file = csv.with_name(SOURCE_FILE)
+    source = json.loads(source_file.read_text()) if source_file.is_file() else {}
+    source.setdefault("features_from", source.get("masks", str(csv)))
+    return pd.read_csv(csv), source
+
+
+# ------------------------------------------------------------------------------------ survival
+def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
+                 compare_csvs: Sequence[Path] = (), experiment: str = "brainseg-survival") -> dict:
+    """Compare candidates by repeated CV, fit and log the declared final pipeline; returns the summary
+    written to ``out_dir/cv.json`` (``final``, ``results``, run ids, ``final_model_uri``)."""
+    sv = settings["survival"]
+    sv = {**sv, **{k: int(sv[k]) for k in ("folds", "repeats", "seed", "inner_folds", "min_frequency")}}
+    root = Path(settings["data"]["root"])
+    main_table, source = read_features(features_csv)
+    clinical = read_clinical(Path(clinical_csv or root / "data.csv"))
+    X_main, y, report = join_features(clinical, main_table)
+    main_from = source["features_from"]
+    tables = {main_from: X_main}
+    for extra in compare_csvs:
+        table, extra_source = read_features(extra)
+        name = extra_source["features_from"]
+        tables[name if name not in tables else f"{name}:{Path(extra).parent.name}"] = join_features(clinical, table)[0]
+    tables, y = common_patients(tables, y)
+    results = compare(tables, y, classifiers=sv["classifiers"], feature_sets=sv["feature_sets"], folds=sv["folds"],
+                      repeats=sv["repeats"], seed=sv["seed"], inner_folds=sv["inner_folds"],
+                      min_frequency=sv["min_frequency"])
+    declared = sv["final"]
+    final = find_result(results, declared["classifier"], declared["feature_set"], main_from)
+    if final is None:
+        raise ValueError(f"survival.final {declared} is not among the compared candidates "
+                         f"(survival.classifiers / survival.feature_sets)")
+    notes = list(final.notes)
+    if declared.get("features_from") and declared["features_from"] != main_from:
+        notes.append(f"survival.final declares features_from={declared['features_from']} but the features "
+                     f"given are {main_from}: the served model sees other masks than it was fitted on")
+    X = tables[main_from]
+    inner = inner_folds_for(y, sv["folds"], sv["inner_folds"])
+
+    def factory():
+        return make_pipeline(final.classifier, final.columns, seed=sv["seed"], inner_folds=inner,
+                             min_frequency=sv["min_frequency"])
+
+    pipeline = factory().fit(X[final.columns], y)
+    importance = permutation_importances(factory, X[final.columns], y, folds=sv["folds"], seed=sv["seed"])
+    coefs = coefficients(pipeline).rename_axis("feature").reset_index()
+    version = source.get("data_version") or (data_version(root) if root.exists() else "unknown")
+    fitted_on = "synthetic" if source.get("synthetic", is_synthetic(root, list(y.index))) else "real"
+    evidence = {"cv_roc_auc": final.cv["roc_auc_mean"], "cv_n_patients": final.cv["patients"],
+                "data_version": version, "fitted_on": fitted_on, "features_from": main_from}
+    tags = {**tracking.lineage_tags(version, settings), "features_from": main_from, "fitted_on": fitted_on}
+    tracking.set_experiment(experiment)
+    logged = log_comparison(results, y, tags=tags, final_key=final.key, join_report=report,
+                            settings_params={"inner_folds": sv["inner_folds"], "min_frequency": sv["min_frequency"]})
+    spec = build_spec(X, final.columns, sv["min_known_fraction"])
+    run_id, model_uri = log_final_model(
+        pipeline, X, spec, evidence, tags={**tags, "final": "true", "mlflow.parentRunId": logged["parent_run_id"]},
+        params={"classifier": final.classifier, "feature_set": final.feature_set, "features_from": main_from},
+        extra_json={"notes": notes, "permutation_importance": importance.to_dict("records")})
+    row = summary_row(final)
+    summary = {"features_from": main_from, "fitted_on": fitted_on, "data_version": version, "join": report,
+               "patients": int(len(y)), "positives": int(y.sum()), "notes": notes,
+               "final_run_id": run_id, "final_model_uri": model_uri, "parent_run_id": logged["parent_run_id"],
+               "final": {**row, "key": final.key, "roc_auc_mean": final.cv["roc_auc_mean"],
+                         "balanced_accuracy": final.cv["balanced_accuracy_mean"], "brier": final.cv["brier_mean"]},
+               "results": [{**summary_row(r), "key": r.key} for r in results]}
+    _write_reports(Path(out_dir), summary, results, importance, coefs)
+    return summary
+
+
+def _write_reports(out_dir: Path, summary: dict, results, importance: pd.DataFrame, coefs: pd.DataFrame) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cv.json").write_text(json.dumps(summary, indent=2, default=float))
+    metrics = {f"{r.key.replace('/', '_').replace('@', '_')}_roc_auc": r.cv["roc_auc_mean"] for r in results}
+    final = summary["final"]
+    metrics.update({"final_roc_auc": final["roc_auc_mean"], "final_brier": final["brier"],
+                    "final_balanced_accuracy": final["balanced_accuracy"],
+                    "baseline_brier": final.get("baseline_brier"), "baseline_roc_auc": 0.5})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    pd.DataFrame(summary["results"]).to_csv(out_dir / "comparison.csv", index=False)
+    importance.to_csv(out_dir / "importances.csv", index=False)
+    coefs.to_csv(out_dir / "coefficients.csv", index=False)

@@ -1,0 +1,270 @@
+"""The study as MLflow runs: the parent run, one child run per trial, progress, dead workers, plots.
+
+The parent run is the study's (its id is a study user attribute, so every worker and every resume
+attaches its trials to that one run and never to an older study's). Under ``mlflow run`` the
+project run is claimed: used as the study's parent when it is in the ``brainseg`` experiment,
+else (``mlflow run`` without ``--experiment-name`` puts it in Default) its tags and params move to
+a new run in ``brainseg`` and the original is ended with a note pointing at it. A resumed study's session claims it
+as a child of the study's parent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import optuna
+
+from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, open_plan_study, redact, trial_config
+
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+HOST_ATTR, PID_ATTR, START_ATTR = "worker_host", "worker_pid", "worker_started"
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+# ------------------------------------------------------------------------- dead workers
+def process_started(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot (Linux /proc), None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """True if ``pid`` runs (and, when ``started`` is given, is the same process, not a reused pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if started is not None:
+        now = process_started(int(pid))
+        return now is None or now == started
+    return True
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which process runs ``trial`` (host, pid, process start time)."""
+    trial.set_user_attr(HOST_ATTR, socket.gethostname())
+    trial.set_user_attr(PID_ATTR, os.getpid())
+    started = process_started(os.getpid())
+    if started is not None:
+        trial.set_user_attr(START_ATTR, started)
+
+
+def fail_trial_run(trial: optuna.trial.FrozenTrial, why: str) -> None:
+    from brainseg import tracking
+
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id:
+        tracking.set_tags(run_id, {"state": "FAIL", "failure": why})
+        tracking.terminate(run_id, "FAILED")
+
+
+def reap_dead_predecessors(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials of dead workers of this host (process gone), at once rather than
+    after the heartbeat grace; their MLflow runs end FAILED. Returns the trial numbers."""
+    host, reaped = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = t.user_attrs.get(PID_ATTR)
+        if t.user_attrs.get(HOST_ATTR) != host or pid is None or pid == os.getpid():
+            continue
+        if process_alive(pid, t.user_attrs.get(START_ATTR)):
+            continue
+        if study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
+            fail_trial_run(t, f"worker process {pid} on {host} is gone")
+            reaped.append(t.number)
+    return reaped
+
+
+def _fail_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Heartbeat callback: a silent worker's trial became FAIL, so its MLflow run ends FAILED too."""
+    fail_trial_run(trial, "worker stopped (no heartbeat)")
+
+
+def study_storage(url: str, heartbeat: int):
+    return make_storage(url, heartbeat, on_stale=_fail_stale_run)
+
+
+# ----------------------------------------------------------------------------- parent run
+def parent_params(plan: StudyPlan) -> dict:
+    t, f = plan.tune, plan.fidelity
+    return {"study.name": plan.study_name, "study.storage": redact(plan.storage_url),
+            "study.sampler": "TPESampler", "study.sampler_seed": t["sampler_seed"], "study.pruner": t["pruner"],
+            "study.objective": OBJECTIVE, "study.size_px": f.size, "study.steps_per_epoch": f.steps_per_epoch,
+            "study.min_resource": f.min_resource, "study.max_resource": f.max_resource,
+            "study.reduction_factor": f.reduction_factor, "study.rungs": f.rungs(),
+            "study.workers": plan.workers, "study.threads": plan.threads,
+            "study.recipe": plan.recipe, "study.search_space": plan.space_path.read_text(),
+            "profile": plan.settings["profile"]}
+
+
+def _usable(run_id: str | None) -> bool:
+    from brainseg import tracking
+
+    if not run_id:
+        return False
+    try:
+        return tracking.client().get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # noqa: BLE001 - missing run (another tracking store)
+        return False
+
+
+def claim_project_run(project: str, experiment: str, name: str, tags: dict, params: dict) -> tuple[str, bool]:
+    """Make ``mlflow run``'s run (``project``) this command's run in ``experiment``.
+
+    Returns (run id, moved). In ``experiment`` (or another experiment the user chose) it is used
+    as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
+    is ended with a note pointing at the new run (not deleted: ``mlflow run`` sets its status when
+    the command ends).
+    """
+    import mlflow
+
+    from brainseg import tracking
+
+    c = tracking.client()
+    run = c.get_run(project)
+    exp = mlflow.set_experiment(experiment)
+    entities = mlflow.entities
+    if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
+        new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()
+                      if k not in run.data.params]
+        c.log_batch(project, params=new_params, tags=[entities.RunTag(k, str(v)) for k, v in tags.items()])
+        c.set_tag(project, "mlflow.runName", name)
+        return project, False
+    copied = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
+    new = c.create_run(exp.experiment_id, run_name=name,
+                       tags={**copied, **tags, "brainseg.moved_from_run": project})
+    items = {**run.data.params, **params}
+    c.log_batch(new.info.run_id, params=[entities.Param(k, "None" if v is None else str(v)[:6000])
+                                         for k, v in items.items()])
+    # Not deleted: `mlflow run` sets the status of its run when the command ends and fails on a
+    # deleted run. It is ended, and says where the study went (`--experiment-name brainseg` avoids it).
+    c.log_batch(project, tags=[entities.RunTag("mlflow.note.content",
+                                               f"Launcher only: the study is run {new.info.run_id} in "
+                                               f"experiment {experiment!r}."),
+                               entities.RunTag("brainseg.moved_to_run", new.info.run_id)])
+    c.set_terminated(project, "FINISHED")
+    os.environ[tracking.PROJECT_ENV] = new.info.run_id
+    return new.info.run_id, True
+
+
+def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version: str,
+                  claim: bool = True) -> tuple[str, str | None]:
+    """The study's parent run (created once per study) and this session's claimed project run, if
+    it is another run that this process must end (a resumed study under ``mlflow run``)."""
+    from brainseg import tracking
+
+    project = os.environ.get(tracking.PROJECT_ENV) if claim and not os.environ.get(tracking.PIPELINE_ENV) else None
+    parent = study.user_attrs.get(PARENT_ATTR)
+    tags = {**tracking.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
+            "brainseg.role": "study", "state": "RUNNING"}
+    if _usable(parent):
+        tracking.set_tags(parent, {"state": "RUNNING"})
+        if claim and tracking.run_status(parent) != "RUNNING":
+            tracking.client().update_run(parent, status="RUNNING")  # resumed: running again
+        if project and project != parent:
+            session, moved = claim_project_run(project, experiment, f"resume-{plan.study_name}",
+                                               {**tags, "brainseg.role": "tune-session", "mlflow.parentRunId": parent}, {})
+            return parent, session if moved else None
+        return parent, None
+    if project:
+        parent, _ = claim_project_run(project, experiment, f"study-{plan.study_name}", tags, parent_params(plan))
+    else:
+        parent = tracking.create_parent_run(experiment, f"study-{plan.study_name}", tags, parent_params(plan))
+    study.set_user_attr(PARENT_ATTR, parent)
+    return parent, None
+
+
+# ----------------------------------------------------------------------------------- trials
+def trial_callbacks(trial: optuna.Trial) -> list:
+    """Keras callbacks: link the trial to its MLflow run; report ``val_patient_dice`` after each
+    epoch with the number of epochs trained as the step (the pruner's resource); prune."""
+    import mlflow
+    import tf_keras as keras
+
+    class TrialReport(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            trial.set_user_attr(RUN_ATTR, mlflow.active_run().info.run_id)
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(OBJECTIVE)
+            if value is None or math.isnan(float(value)):
+                return
+            trial.report(float(value), epoch + 1)
+            if trial.should_prune():
+                mlflow.set_tag("state", "PRUNED")
+                mlflow.log_metric("pruned_after_epochs", epoch + 1)
+                raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs at {value:.4f}")
+
+    return [TrialReport()]
+
+
+def objective_for(plan: StudyPlan, ctx, parent: str):
+    from brainseg import tracking
+    from brainseg.workflows import tracked_training
+
+    base = plan.fidelity.trial_settings(plan.settings["train"])
+    # a trial is scored by its best epoch's val_patient_dice; choosing post-processing is the refit's
+    settings = {**plan.settings, "evaluate": {**plan.settings.get("evaluate", {}), "select_postprocessing": False}}
+
+    def objective(trial: optuna.Trial) -> float:
+        mark_worker(trial)
+        cfg = trial_config(trial, base, plan.space)
+        tags = {"mlflow.parentRunId": parent, "optuna.study": plan.study_name, "optuna.trial": str(trial.number),
+                "brainseg.role": "trial", "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
+        if trial.user_attrs.get("recipe"):
+            tags["recipe"] = trial.user_attrs["recipe"]
+        try:
+            res = tracked_training(settings, cfg, ctx, run_name=f"trial-{trial.number:03d}",
+                                   callbacks=trial_callbacks(trial), tags=tags, verbose=0,
+                                   finished_on=(optuna.TrialPruned,))
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            fail_trial_run(trial, f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        tracking.set_tags(res["run_id"], {"state": "COMPLETE"})
+        trial.set_user_attr("model_uri", res["model_uri"])
+        trial.set_user_attr("best_epoch", int(res["best_epoch"]))
+        return res["val_patient_dice"]
+
+    return objective
+
+
+class Progress:
+    """Optuna callback: one console line per finished trial; progress metrics on the parent run."""
+
+    def __init__(self, parent: str, n_trials: int, start_count: int, echo=print):
+        self.parent, self.n, self.start, self.echo = parent, n_trials, start_count, echo
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        from brainseg import tracking
+
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state.is_finished()]
+        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
+        values = [(t.value, t.number) for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+        best = max(values) if values else None
+        k = len(done) - self.start
+        value = (f"{trial.value:.4f}" if trial.value is not None else
+                 f"{trial.intermediate_values[max(trial.intermediate_values)]:.4f} after epoch "
+                 f"{max(trial.intermediate_values)}"
+                 if trial.intermediate_values else "-")
+        self.echo(f"trial {k} of {self.n} (#{trial.number}) {trial.state.name.lower()}: {value} | best "
+                  + (f"{best[0]:.4f} (#{best[1]})" if best else "-") + f" | pruned {pruned}")
+        metrics = {"trials_finished": len(done), "trials_pruned": pruned}
+        if best:
+            metrics["best_val_patient_dice_so_far"] = best[0]
+        try:
+            tracking.log_metrics_to(self.parent, metrics, step=len(done))
+            tracking.set_tags(self.parent, {"progress": f"{len(done)} trials finished, {pruned} pruned, best "
+                                                        + (f"{best[0]:.4f} (trial {best[1]})" if best else "-")})
+        except Exception:  # noqa: BLE001 - progress must never stop the study
+            pass

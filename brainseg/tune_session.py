@@ -1,0 +1,227 @@
+"""One tuning command: the trials (here or in worker processes), the summary and plots, the refit.
+
+``run_study`` is what ``brainseg tune`` calls. With ``tune.workers`` > 1 it creates the study and
+its parent run once, then starts that many ``brainseg tune --worker K`` processes on the same
+storage (each with ``tune.threads`` TensorFlow threads) and waits for them. After the study, the
+best configuration is trained again at full fidelity (the refit), evaluated once on the test
+patients for the report (``test_*`` metrics, used in no decision) and, if asked, registered.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+
+from brainseg.tune import OBJECTIVE, StudyPlan, apply_params, open_plan_study, refit_epochs
+from brainseg.tune_runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
+                                study_storage)
+
+
+def set_threads(n: int) -> None:
+    """TensorFlow intra/inter-op threads of this process (before TensorFlow starts; 0: its default)."""
+    if n > 0:
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:  # TensorFlow already initialised: keep its threads
+            pass
+
+
+def worker_command(plan: StudyPlan, k: int, study_trials: int, settings_args: list[str], out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "brainseg", "tune", *settings_args, "--study-name", plan.study_name,
+            "--storage", plan.storage_url, "--n-trials", str(plan.n_trials), "--timeout", str(plan.timeout),
+            "--worker", str(k), "--study-trials", str(study_trials), "--no-refit",
+            "--out", str(out_dir / f"worker-{k}.json")]
+
+
+def launch_workers(plan: StudyPlan, study_trials: int, settings_args: list[str]) -> list[int]:
+    """Start ``plan.workers`` worker processes on the (already created) study; their exit codes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [subprocess.Popen(worker_command(plan, k, study_trials, settings_args, Path(tmp)))
+                 for k in range(plan.workers)]
+        try:
+            return [p.wait() for p in procs]
+        except BaseException:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait()
+            raise
+
+
+def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, worker: int | None = None,
+              study_trials: int | None = None, refit: bool = False, register: bool = False,
+              settings_args: list[str] | None = None, echo=print) -> dict:
+    """Create or continue the study and run ``plan.n_trials`` more trials (all workers together).
+
+    ``worker``: this process is worker K started by a launcher (or by hand): it runs trials only
+    (no summary, refit or parent-run ending); K also picks its sampler seed.
+    """
+    from brainseg import tracking
+
+    is_worker = worker is not None
+    storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
+    study = open_plan_study(plan, worker if is_worker else os.getpid(), storage)
+    parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=not is_worker)
+    import mlflow
+
+    mlflow.set_experiment(experiment_id=tracking.client().get_run(parent).info.experiment_id)  # trials, refit
+    if create_only:
+        return {"study": plan.study_name, "parent_run_id": parent, "created": True,
+                "trials": len(study.trials)}
+    reaped = reap_dead_predecessors(study)
+    if reaped:
+        echo(f"trial(s) {reaped} of a dead worker on this host marked FAIL")
+    trials = study.get_trials(deepcopy=False)
+    start = sum(t.state.is_finished() for t in trials)
+    # launched workers stop together when the study holds ``study_trials``; others run n_trials each
+    target = study_trials or (sum(t.state != optuna.trial.TrialState.WAITING for t in trials) + plan.n_trials)
+    summary, status = None, "FINISHED"
+    try:
+        if plan.workers > 1 and not is_worker:
+            echo(f"study {plan.study_name}: {plan.workers} workers x {plan.threads or 'default'} threads, "
+                 f"{plan.n_trials} trials")
+            codes = launch_workers(plan, target, settings_args or [])
+            if any(codes):
+                echo(f"worker exit codes {codes}")
+        else:
+            set_threads(plan.threads)
+            callbacks = [Progress(parent, plan.n_trials, start, echo)]
+            if study_trials:
+                callbacks.insert(0, optuna.study.MaxTrialsCallback(study_trials, states=None))
+            study.optimize(objective_for(plan, ctx, parent), n_trials=plan.n_trials, timeout=plan.timeout,
+                           catch=(ValueError, RuntimeError, MemoryError), gc_after_trial=True, callbacks=callbacks)
+        if is_worker:
+            return {"study": plan.study_name, "parent_run_id": parent, "worker": worker}
+        summary = summarize_study(study, parent)
+        if refit and summary.get("best_trial") is not None:
+            summary["refit"] = refit_best(plan, ctx, study, parent, register, echo)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if not is_worker:
+            if summary is None:
+                try:
+                    summary = summarize_study(study, parent)
+                except Exception:  # noqa: BLE001 - never hide the error that ended the study
+                    summary = {}
+            for run_id in (parent, session):
+                if run_id:
+                    tracking.set_tags(run_id, {"state": status})
+                    tracking.terminate(run_id, status)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- summary
+PNG_PLOTS = ("optimization_history", "intermediate_values", "parallel_coordinate", "param_importances")
+HTML_PLOTS = PNG_PLOTS + ("slice", "timeline")
+
+
+def study_html(study: optuna.Study) -> tuple[str, dict]:
+    """Optuna's interactive plotly figures in one offline HTML page (plotly.js inlined once)."""
+    import optuna.visualization as ov
+
+    parts, skipped = [], {}
+    for name in HTML_PLOTS:
+        try:
+            fig = getattr(ov, f"plot_{name}")(study)
+        except Exception as exc:  # noqa: BLE001 - e.g. importances need >= 2 complete trials
+            skipped[name] = str(exc)[:200]
+            continue
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=not parts))
+    body = "\n".join(f"<section>{p}</section>" for p in parts)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>study {study.study_name}</title></head>"
+            f"<body><h1>Optuna study {study.study_name}</h1>{body}</body></html>"), skipped
+
+
+def summarize_study(study: optuna.Study, parent: str) -> dict:
+    """Best trial tags/metrics, Optuna's plots (PNG and interactive HTML) on the parent run."""
+    from brainseg import tracking
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    summary = {"study": study.study_name, "trials": len(trials), "states": states, "parent_run_id": parent,
+               "objective": OBJECTIVE}
+    tracking.log_metrics_to(parent, {f"trials_{k.lower()}": v for k, v in states.items()})
+    recipe = [t for t in trials if t.user_attrs.get("recipe")]
+    if recipe and recipe[0].value is not None:
+        summary["recipe_trial"], summary["recipe_value"] = recipe[0].number, recipe[0].value
+        tracking.log_metrics_to(parent, {"recipe_val_patient_dice": recipe[0].value})
+    if not complete:
+        return summary
+    best = study.best_trial
+    summary.update({"best_trial": best.number, "best_value": best.value,
+                    "best_run_id": best.user_attrs.get(RUN_ATTR), "best_params": best.params,
+                    "best_model_uri": best.user_attrs.get("model_uri")})
+    tracking.set_tags(parent, {"best_trial_number": best.number, "best_run_id": summary["best_run_id"]})
+    tracking.log_metrics_to(parent, {"best_val_patient_dice": best.value, "best_trial_number": best.number})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    for name in PNG_PLOTS:
+        try:
+            ax = getattr(ovm, f"plot_{name}")(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            tracking.log_figure_to(parent, fig, f"{name}.png")
+        except Exception as exc:  # noqa: BLE001
+            summary.setdefault("plots_skipped", {})[f"{name}.png"] = str(exc)[:200]
+    html, skipped = study_html(study)
+    summary.setdefault("plots_skipped", {}).update({f"{k}.html": v for k, v in skipped.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "optuna_study.html"
+        path.write_text(html)
+        tracking.client().log_artifact(parent, str(path))
+    return summary
+
+
+# ------------------------------------------------------------------------------------ refit
+def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial):
+    """The best trial's parameters at full fidelity (``train`` settings), for as many batches."""
+    from brainseg.config import TrainConfig
+
+    train = plan.settings["train"]
+    trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
+    epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
+    return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs})
+
+
+def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print) -> dict:
+    """Train the best configuration at full fidelity on the train patients (validation selects the
+    epoch), score it once on the test patients for the report, register it if asked."""
+    from brainseg import tracking
+    from brainseg.promotion import register_segmenter
+    from brainseg.workflows import tracked_training
+
+    settings, best = plan.settings, study.best_trial
+    cfg = refit_config(plan, best)
+    echo(f"refit: trial {best.number}'s configuration at {cfg.size} px for {cfg.epochs} epochs")
+    tags = {"mlflow.parentRunId": parent, "brainseg.study_parent_run_id": parent, "brainseg.role": "refit",
+            "optuna.study": plan.study_name, "refit_of_trial": str(best.number),
+            "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
+    res = tracked_training(settings, cfg, ctx, run_name=f"refit-trial-{best.number:03d}", tags=tags, verbose=0,
+                           report_test=True)  # test_*: once, for the report only; no decision reads it
+    m = res["metrics"]
+    out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": best.number, "epochs": cfg.epochs,
+           "size": cfg.size, "best_epoch": res["best_epoch"], "val_patient_dice_mean": m.get("patient_dice_mean"),
+           "test_patient_dice_mean": m.get("test_patient_dice_mean"), "inference": res.get("inference")}
+    if register:
+        out["registered"] = register_segmenter(settings, ctx, res["run_id"], res["model_uri"], extra_tags={
+            "study_parent_run_id": parent, "study": plan.study_name, "refit_of_trial": str(best.number)})
+    tracking.set_tags(parent, {"refit_run_id": res["run_id"], "refit_model_uri": res["model_uri"],
+                               **({"refit_model_version": out["registered"]["version"]} if register else {})})
+    tracking.log_metrics_to(parent, {"refit_val_patient_dice_mean": out["val_patient_dice_mean"] or float("nan")})
+    return out

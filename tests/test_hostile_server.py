@@ -1,0 +1,343 @@
+"""Hostile input against the real ``mlflow models serve`` of the segmenter (issue 13).
+
+Every case asserts the status, that the message names the problem (row, column, parameter or
+limit), that no stack trace or server path leaks, that the answer is strict JSON (no NaN or
+Infinity tokens), and that a good request still succeeds right after it. The memory test sends
+decompression bombs and asserts the serving process's peak RSS grows by less than 100 MB.
+
+The server runs with small request limits (``LIMITS``) so the limit cases are cheap; the model is
+a tiny seeded untrained U-Net (masks arbitrary but deterministic).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import tifffile
+
+from brainseg.bench import dataframe_split, experiment_in, register_champion, serve_model
+from brainseg.data import imageio
+from brainseg.serving import OUTPUT_COLUMNS
+from conftest import Tracking
+
+pytestmark = pytest.mark.timeout(900)
+
+LIMITS = {"BRAINSEG_SERVE_MAX_ROWS": "8", "BRAINSEG_SERVE_MAX_PIXELS": str(6 * 256 * 256),
+          "BRAINSEG_SERVE_MAX_IMAGE_BYTES": "2000000"}
+RSS_GROWTH_LIMIT_MB = 100
+LEAKS = ("Traceback", "stack_trace", "site-packages", 'File "/')
+
+
+# ------------------------------------------------------------------------------------ helpers
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN, Infinity and -Infinity (as JavaScript, Go and Java do)."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def tiff_bytes(arr: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, **kwargs)
+    return buf.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header for a ``width`` x ``height`` grey image with almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return imageio.PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def tiff_bomb(shape: tuple[int, int, int], planar: bool, tile: int = 1024) -> bytes:
+    """A small zlib TIFF of zeros declaring ``shape`` ((S, H, W) planar or (H, W, S) contiguous).
+
+    Tiles are compressed once and repeated, so building it costs no memory.
+    """
+    if planar:
+        s, h, w = shape
+        n, tile_bytes = s * math.ceil(h / tile) * math.ceil(w / tile), tile * tile
+        kwargs = {"photometric": "rgb", "planarconfig": "separate"}
+    else:
+        h, w, s = shape
+        n, tile_bytes = math.ceil(h / tile) * math.ceil(w / tile), tile * tile * s
+        kwargs = {"photometric": "minisblack", "planarconfig": "contig"}
+    chunk = zlib.compress(bytes(tile_bytes), 9)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, data=(chunk for _ in range(n)), shape=shape, dtype=np.uint8, tile=(tile, tile),
+                     compression="zlib", **kwargs)
+    return buf.getvalue()
+
+
+def post(url: str, body, content_type: str = "application/json") -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": content_type}, timeout=120)
+
+
+def _status_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile-mlflow")
+    with Tracking(folder / "mlflow.db") as t:
+        t.artifacts = folder / "artifacts"
+        yield t
+
+
+@pytest.fixture(scope="module")
+def good_slice(tmp_path_factory) -> bytes:
+    """TIFF bytes of a 256x256 synthetic slice (RGB, uint8)."""
+    from brainseg.data.synth import generate
+
+    root = generate(tmp_path_factory.mktemp("synth") / "kaggle_3m", patients=1, slices=8, size=256, seed=0)
+    return next(root.glob("*/*_4.tif")).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def server(tracking, tmp_path_factory, good_slice):
+    import tf_keras as keras
+
+    from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.models.factory import build_model
+
+    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64, "channels": "flair"})
+    keras.utils.set_random_seed(0)
+    model_dir = save_model(build_model(cfg), cfg, InferenceSettings(threshold=0.5),
+                           tmp_path_factory.mktemp("tiny-model"))
+    experiment_in("hostile", tracking.artifacts)
+    uri = register_champion(model_dir, imageio.read_image(_as_file(tmp_path_factory, good_slice)),
+                            tracking.artifacts)
+    with serve_model(uri, tracking.uri, tmp_path_factory.mktemp("serve"), timeout_s=300, env=LIMITS) as s:
+        s.model_uri = uri
+        yield s
+
+
+def _as_file(tmp_path_factory, data: bytes) -> Path:
+    path = tmp_path_factory.mktemp("slice") / "slice.tif"
+    path.write_bytes(data)
+    return path
+
+
+def assert_still_serves(url: str, good: bytes) -> dict:
+    r = post(url, dataframe_split([b64(good)]))
+    assert r.status_code == 200, r.text[:300]
+    row = strict_json(r.text)["predictions"][0]
+    assert list(row) == OUTPUT_COLUMNS
+    return row
+
+
+# ------------------------------------------------------------------------------- the cases
+GOOD = "GOOD"  # placeholder for the good slice's base64 in a case's body
+
+
+def split_of(*cells, params=None) -> dict:
+    return dataframe_split(list(cells), params)
+
+
+def _cases() -> list[tuple[str, object, int, list[str]]]:
+    """(name, body, status, words the message must hold). GOOD in a body stands for the good slice."""
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+    return [
+        # ---- params
+        ("threshold null", split_of(GOOD, params={"threshold": None}), 400, ["threshold", "null"]),
+        ("threshold string", split_of(GOOD, params={"threshold": "0.5"}), 400, ["threshold"]),
+        ("threshold list", split_of(GOOD, params={"threshold": [0.5]}), 400, ["threshold"]),
+        ("threshold object", split_of(GOOD, params={"threshold": {"v": 0.5}}), 400, ["threshold"]),
+        ("threshold boolean", split_of(GOOD, params={"threshold": True}), 400, ["threshold"]),
+        ("threshold 1.5", split_of(GOOD, params={"threshold": 1.5}), 400, ["threshold", "1.5", "(0, 1)"]),
+        ("threshold 0", split_of(GOOD, params={"threshold": 0}), 400, ["threshold", "(0, 1)"]),
+        ("threshold 1", split_of(GOOD, params={"threshold": 1}), 400, ["threshold", "(0, 1)"]),
+        ("threshold negative", split_of(GOOD, params={"threshold": -0.2}), 400, ["threshold", "-0.2"]),
+        ("threshold NaN token", json.dumps(split_of(GOOD, params={"threshold": float("nan")})), 400,
+         ["threshold", "nan"]),
+        ("threshold Infinity token", json.dumps(split_of(GOOD, params={"threshold": float("inf")})), 400,
+         ["threshold", "inf"]),
+        ("return_mask string", split_of(GOOD, params={"return_mask": "yes"}), 400, ["return_mask"]),
+        ("return_mask 1", split_of(GOOD, params={"return_mask": 1}), 400, ["return_mask"]),
+        ("return_mask null", split_of(GOOD, params={"return_mask": None}), 400, ["return_mask", "null"]),
+        ("params a list", {**split_of(GOOD), "params": [0.5]}, 400, ["arameters", "dictionary"]),
+        # ---- the image cell
+        ("image number", split_of(5), 400, ["image"]),
+        ("image float", split_of(0.5), 400, ["image"]),
+        ("image list", split_of([1, 2, 3]), 400, ["image"]),
+        ("image object", {"dataframe_records": [{"image": {"a": 1}}]}, 400, ["image"]),
+        ("image null", split_of(None), 400, ["row 0", "column 'image'", "null"]),
+        ("image boolean", split_of(True), 400, ["image"]),
+        ("image empty string", split_of(""), 400, ["row 0", "column 'image'", "empty"]),
+        ("image blanks", split_of("   "), 400, ["row 0", "empty"]),
+        ("not base64", split_of("this is not base64!"), 400, ["row 0", "not valid base64"]),
+        ("base64 of text", split_of(b64(b"%PDF-1.4 a document")), 400, ["row 0", "not a TIFF or PNG"]),
+        ("TIFF magic only", split_of(b64(b"II*\x00")), 400, ["row 0", "TIFF"]),
+        ("truncated PNG", split_of(b64(imageio.encode_png(rgb)[:60])), 400, ["row 0", "PNG"]),
+        ("1x1 image", split_of(b64(imageio.encode_png(np.zeros((1, 1, 3), np.uint8)))), 400,
+         ["row 0", "1x1", "too small"]),
+        ("16x300 image", split_of(b64(imageio.encode_png(np.zeros((16, 300), np.uint8)))), 400,
+         ["row 0", "300x16", "too small"]),
+        ("16-bit image", split_of(b64(tiff_bytes(np.full((64, 64), 1000, np.uint16)))), 400, ["row 0", "uint16"]),
+        ("float image", split_of(b64(tiff_bytes(np.zeros((64, 64), np.float32)))), 400, ["row 0", "float32"]),
+        ("5 channels", split_of(b64(tiff_bytes(np.zeros((64, 64, 5), np.uint8), photometric="minisblack",
+                                               planarconfig="contig"))), 400, ["row 0", "5 channels"]),
+        ("RGBA", split_of(b64(imageio.encode_png(np.zeros((64, 64, 4), np.uint8)))), 400, ["row 0", "4"]),
+        ("page stack", split_of(b64(tiff_bytes(np.zeros((6, 64, 64), np.uint8), photometric="minisblack"))), 400,
+         ["row 0", "stack of 6 pages"]),
+        ("PNG claiming 100000x100000", split_of(b64(png_claiming(100_000, 100_000))), 400,
+         ["row 0", "decompression bomb", "limit"]),
+        ("image over the byte limit", split_of(b64(bytes(2_100_000))), 400,
+         ["row 0", "bytes per image", "BRAINSEG_SERVE_MAX_IMAGE_BYTES"]),
+        ("bad row among good ones", split_of(GOOD, GOOD, GOOD, "@@@"), 400, ["row 3", "base64"]),
+        # ---- the table and the request
+        ("too many rows", split_of(*[GOOD] * 9), 400, ["9 rows", "limit of 8", "BRAINSEG_SERVE_MAX_ROWS"]),
+        ("too many pixels", split_of(*[b64(imageio.encode_png(np.zeros((400, 400, 3), np.uint8)))] * 3), 400,
+         ["row 2", "393,216", "BRAINSEG_SERVE_MAX_PIXELS"]),
+        ("no rows", {"dataframe_split": {"columns": ["image"], "data": []}}, 400, ["no rows"]),
+        ("wrong column", {"dataframe_split": {"columns": ["img"], "data": [["x"]]}}, 400, ["image"]),
+        ("extra column", {"dataframe_records": [{"image": GOOD, "slice_no": 3}]}, 400, ["slice_no", "unknown column"]),
+        ("patient null", {"dataframe_records": [{"image": GOOD, "patient": None}]}, 400,
+         ["row 0", "column 'patient'", "null"]),
+        ("body not JSON", b"{not json", 400, ["JSON"]),
+        ("no dataframe key", {"rows": [GOOD]}, 400, ["dataframe_split"]),
+        ("split data not a list", {"dataframe_split": {"columns": ["image"], "data": "abc"}}, 400, []),
+        ("wrong content type", b"image=abc", 415, ["content type"]),
+    ]
+
+
+CASES = _cases()
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _fill(body, good: str):
+    if isinstance(body, dict):
+        return {k: _fill(v, good) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_fill(v, good) for v in body]
+    if isinstance(body, str) and GOOD in body and body.startswith("{"):
+        return body.replace(f'"{GOOD}"', json.dumps(good))
+    return good if body == GOOD else body
+
+
+@pytest.mark.parametrize("name, body, status, words", CASES, ids=CASE_IDS)
+def test_a_hostile_request_is_refused_by_name_then_the_server_still_serves(server, good_slice, name, body,
+                                                                           status, words):
+    content_type = "text/plain" if name == "wrong content type" else "application/json"
+    r = post(server.url, _fill(body, b64(good_slice)), content_type)
+    assert r.status_code == status, f"{name}: HTTP {r.status_code} {r.text[:400]}"
+    message = r.text if status == 415 else strict_json(r.text)["message"]
+    for word in words:
+        assert word.lower() in message.lower(), f"{name}: {word!r} not in {message[-500:]!r}"
+    for leak in LEAKS:
+        assert leak not in r.text, f"{name}: the answer leaks {leak!r}: {r.text[-500:]!r}"
+    assert_still_serves(server.url, good_slice)
+
+
+def test_there_are_at_least_40_cases():
+    assert len(CASES) >= 40 and len(set(CASE_IDS)) == len(CASE_IDS)
+
+
+# ---------------------------------------------------------------------- good answers, strict JSON
+def _declared_types(model_uri: str) -> dict[str, tuple[str, bool]]:
+    schema = mlflow.models.get_model_info(model_uri).signature.outputs
+    return {c.name: (c.type.name, c.required) for c in schema.inputs}
+
+
+PY_TYPES = {"boolean": (bool,), "long": (int,), "double": (int, float), "string": (str,)}
+
+
+@pytest.mark.parametrize("threshold, tumor", [(0.999999, False), (1e-9, True)])
+def test_answers_are_strict_json_with_the_declared_types(server, good_slice, threshold, tumor):
+    """An empty prediction gives null (not NaN) geometry; a full one numbers; types as declared."""
+    declared = _declared_types(server.model_uri)
+    assert declared["bbox_x0"] == ("long", False) and declared["area_px"] == ("long", True)
+    r = post(server.url, split_of(b64(good_slice), params={"threshold": threshold}))
+    assert r.status_code == 200, r.text[:300]
+    row = strict_json(r.text)["predictions"][0]
+    assert row["tumor"] is tumor and row["threshold"] == threshold
+    assert (row["area_px"] == 0) is (not tumor) and (row["centroid_x"] is None) is (not tumor)
+    assert (row["bbox_x1"] is None) is (not tumor)
+    for column, value in row.items():
+        kind, required = declared[column]
+        if value is None:
+            assert not required, f"{column}: null but declared required"
+        else:
+            assert isinstance(value, PY_TYPES[kind]) and not (kind != "boolean" and isinstance(value, bool)), \
+                f"{column}: {value!r} is not {kind}"
+
+
+def test_return_mask_false_gives_null_masks_and_unknown_params_are_listed_as_not_applied(server, good_slice):
+    r = post(server.url, split_of(b64(good_slice), params={"return_mask": False, "thresold": 0.9}))
+    assert r.status_code == 200, r.text[:300]
+    row = strict_json(r.text)["predictions"][0]
+    assert row["mask_png"] is None
+    assert row["threshold"] == 0.5  # the misspelt param was not applied, and the answer says what was
+
+
+def test_a_batch_equals_its_rows_sent_one_by_one(server, good_slice, tmp_path):
+    from brainseg.data.synth import generate
+
+    root = generate(tmp_path / "kaggle_3m", patients=1, slices=5, size=256, seed=3)
+    cells = [b64(p.read_bytes()) for p in sorted(root.glob("*/*_[0-9].tif"))]
+    batch = strict_json(post(server.url, split_of(*cells)).text)["predictions"]
+    singles = [strict_json(post(server.url, split_of(c)).text)["predictions"][0] for c in cells]
+    assert len(batch) == len(cells) == 5
+    assert batch == singles
+    assert len({row["mask_png"] for row in batch}) > 1  # different slices, different masks
+
+
+def test_a_planar_rgb_tiff_is_accepted_as_its_interleaved_twin(server):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    planar = tiff_bytes(np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    r1 = post(server.url, split_of(b64(planar)))
+    r2 = post(server.url, split_of(b64(imageio.encode_png(rgb))))
+    assert r1.status_code == r2.status_code == 200, r1.text[:300]
+    assert strict_json(r1.text) == strict_json(r2.text)
+
+
+# ------------------------------------------------------------------------------------- memory
+BOMBS = {  # name -> (declared shape, planar, words of the refusal)
+    "planar 3x12000x12000": ((3, 12000, 12000), True, ["12000x12000", "limit"]),
+    "400 samples per pixel": ((1024, 1024, 400), False, ["400 channels"]),
+    "planar 3x20000x20000": ((3, 20000, 20000), True, ["20000x20000", "limit"]),
+}
+
+
+@pytest.mark.parametrize("bomb", list(BOMBS))
+def test_a_bomb_is_refused_without_the_server_growing(server, good_slice, bomb):
+    shape, planar, words = BOMBS[bomb]
+    data = tiff_bomb(shape, planar)
+    assert len(data) < 1_500_000  # small on the wire, hundreds of MB if decoded
+    assert_still_serves(server.url, good_slice)
+    pid = server.worker_pid()
+    before = _status_kb(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    r = post(server.url, split_of(b64(data)))
+    growth_mb = (_status_kb(pid, "VmHWM") - before) / 1024
+    assert r.status_code == 400, r.text[:300]
+    message = strict_json(r.text)["message"]
+    for word in ["row 0", *words]:
+        assert word in message, f"{bomb}: {word!r} not in {message[-400:]!r}"
+    assert growth_mb < RSS_GROWTH_LIMIT_MB, f"{bomb}: peak RSS grew by {growth_mb:.0f} MB"
+    assert_still_serves(server.url, good_slice)

@@ -1,0 +1,115 @@
+"""The README's examples that follow the Quickstart run as written on the Quickstart's data.
+
+The Quickstart (`brainseg run`) generates the synthetic default from params.yaml's `data.synth`
+into data/raw/kaggle_3m; every data path the README names must exist there, the curl request it
+builds must be accepted by MLflow's scoring server, and its `brainseg predict` must segment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from brainseg.data.importer import ensure_dataset
+from brainseg.run_pipeline import FINAL_WORDS  # what `brainseg run` prints at the end
+
+PROJECT = Path(__file__).resolve().parents[1]
+README = (PROJECT / "README.md").read_text()
+DATA_PATH = re.compile(r"data/raw/kaggle_3m(?:/[A-Za-z0-9_.]+)*")
+
+
+def code_blocks(text: str) -> list[str]:
+    return re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S)
+
+
+def inline_commands(text: str, program: str) -> list[str]:
+    return [c for c in re.findall(r"`([^`\n]+)`", text) if c.startswith(program + " ")]
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> Path:
+    """A project folder after the Quickstart's data step (what `brainseg run` generates first)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
+    shutil.copytree(PROJECT / "experiments", root / "experiments")
+    synth = yaml.safe_load((PROJECT / "params.yaml").read_text())["data"]["synth"]
+    ensure_dataset(root / "data/raw/kaggle_3m", synth, use_dvc=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.models.factory import build_model
+
+    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
+    return save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("model") / "m")
+
+
+def test_every_data_path_in_the_readme_exists_after_the_quickstart(quickstart):
+    mentioned = set(DATA_PATH.findall(README)) | set(DATA_PATH.findall(FINAL_WORDS))
+    assert any(p.endswith(".tif") for p in mentioned), "the README names no slice: update this test"
+    missing = sorted(p for p in mentioned if not (quickstart / p).exists())
+    assert missing == [], f"README names data that the Quickstart does not create: {missing}"
+
+
+@pytest.mark.slow
+def test_the_curl_example_runs_against_the_served_model(quickstart, tiny_model, tmp_path):
+    """The README's block (SLICE=..., printf > request.json, curl) run by bash as written, against
+    `mlflow models serve` of the segmenter pyfunc (a tiny untrained network: the format is tested)."""
+    import mlflow.pyfunc
+
+    from brainseg.bench.server import serve_model
+    from brainseg.serving import MODEL_DIR_ARTIFACT, SegmenterModel
+
+    block = next(b for b in code_blocks(README) if "request.json" in b and "curl" in b)
+    assert "http://127.0.0.1:5001/invocations" in block
+    mlflow.pyfunc.save_model(tmp_path / "pyfunc", python_model=SegmenterModel(),
+                             artifacts={MODEL_DIR_ARTIFACT: str(tiny_model)})
+    with serve_model(str(tmp_path / "pyfunc"), f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "serve",
+                     timeout_s=300) as server:
+        script = block.replace("http://127.0.0.1:5001", server.url)
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=quickstart, capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    strict_json((quickstart / "request.json").read_text())  # the request the README builds
+    answer = strict_json(done.stdout)
+    assert "predictions" in answer, done.stdout[:500]
+    rows = answer["predictions"]
+    assert len(rows) == 1 and "tumor" in rows[0] and "area_px" in rows[0]
+
+
+def test_the_predict_example_runs_twice_without_reading_its_outputs(quickstart, tiny_model, monkeypatch):
+    from brainseg.cli import app
+
+    command = next(c for c in inline_commands(README, "brainseg predict") if "kaggle_3m/" in c)
+    args = shlex.split(command)[1:]
+    assert "--survival" in args  # the README's example adds survival; here without a survival model
+    args.remove("--survival")
+    folder = quickstart / args[1]
+    assert folder.is_dir(), f"{args[1]} (named in the README) does not exist after the Quickstart"
+    monkeypatch.chdir(quickstart)
+    n_slices = len([p for p in folder.glob("*.tif") if not p.stem.endswith("_mask")])
+    for out in (args[args.index("--out") + 1], str(Path(args[1]) / "predictions")):  # also --out inside it
+        run = [*args[:args.index("--out") + 1], out, *args[args.index("--out") + 2:]]
+        for _ in range(2):
+            result = CliRunner().invoke(app, [*run, "--model", str(tiny_model)], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            assert f"{n_slices} slices, 1 patients" in " ".join(result.output.split())
+        assert len(list(Path(out).glob("*_pred.png"))) == n_slices

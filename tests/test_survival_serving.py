@@ -1,0 +1,206 @@
+"""The served outcome model: its answer carries the evidence, its signature has explicit types, and
+hostile input gets a 400 naming the column or an explicit ``insufficient_data`` row, as strict
+JSON, never a stack trace. Requests go through MLflow's own scoring code (the function
+``mlflow models serve`` runs for /invocations), in process."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+
+from brainseg.data.clinical import CLINICAL_COLUMNS
+from brainseg.outcome import client, model, pyfunc
+from brainseg.outcome.validate import InputSpec, build_spec
+from conftest import Tracking
+
+CLIN = list(CLINICAL_COLUMNS)
+IMG = ["tumor_volume_px", "tumor_slices", "centroid_x"]
+EVIDENCE = {"cv_roc_auc": 0.6125, "cv_n_patients": 30, "data_version": "abc123", "fitted_on": "synthetic",
+            "features_from": "oof_predicted"}
+
+
+def training_frame(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame({c: rng.integers(1, 3, n).astype(float) for c in CLIN}, index=[f"P{i:02d}" for i in range(n)])
+    X["age_at_initial_pathologic"] = rng.uniform(20, 80, n).round()
+    X["tumor_volume_px"] = np.exp(rng.normal(6, 1, n)).round()
+    X["tumor_slices"] = rng.integers(1, 20, n).astype(float)
+    X["centroid_x"] = rng.uniform(60, 190, n)
+    y = pd.Series((X["tumor_volume_px"] > np.median(X["tumor_volume_px"])).astype(int), index=X.index)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small logreg fitted on clinical + imaging columns, logged as the pyfunc and loaded back."""
+    folder = tmp_path_factory.mktemp("survival-serving")
+    X, y = training_frame()
+    columns = CLIN + IMG
+    pipe = model.make_pipeline("logreg", columns, inner_folds=3).fit(X[columns], y)
+    spec = build_spec(X, columns, 0.5)
+    spec.max_rows = 50
+    with Tracking(folder / "mlflow.db"):
+        exp = mlflow.MlflowClient().create_experiment("serve", artifact_location=str(folder / "artifacts"))
+        mlflow.set_experiment(experiment_id=exp)
+        _, uri = pyfunc.log_final_model(pipe, X, spec, EVIDENCE)
+        loaded = mlflow.pyfunc.load_model(uri)
+        yield loaded, X, pipe
+
+
+def good_record(X: pd.DataFrame, i: int = 0) -> dict:
+    row = X.iloc[i]
+    return {c: (str(int(row[c])) if c in model.CODE_COLUMNS else float(row[c])) for c in CLIN + IMG}
+
+
+def strict_json(text: str):
+    def refuse(token):
+        raise AssertionError(f"non-strict JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def request(loaded, body) -> tuple[int, dict]:
+    """POST /invocations as `mlflow models serve` answers it: (status, parsed strict JSON)."""
+    data = body if isinstance(body, str) else json.dumps(body)
+    try:
+        r = scoring_server.invocations(data, "application/json", loaded, loaded.metadata.get_input_schema())
+        status, text = r.status, r.response
+    except MlflowException as exc:  # what the server's exception wrapper sends back
+        status, text = exc.get_http_status_code(), exc.serialize_as_json()
+    assert "Traceback" not in text and "stack_trace" not in text
+    return status, strict_json(text)
+
+
+def test_answer_carries_probability_status_and_evidence(served):
+    loaded, X, pipe = served
+    status, answer = request(loaded, {"dataframe_records": [good_record(X, 0), good_record(X, 1)]})
+    assert status == 200
+    rows = answer["predictions"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    expected = pipe.predict_proba(X[CLIN + IMG].iloc[:2])[:, 1]
+    np.testing.assert_allclose([r["death01_probability"] for r in rows], expected)
+    assert [r["death01_class"] for r in rows] == [int(p >= pipe[-1].threshold_) for p in expected]
+    for r in rows:
+        assert {k: r[k] for k in EVIDENCE} == EVIDENCE
+
+
+def test_signature_has_explicit_types_and_no_required_columns(served):
+    loaded, _, _ = served
+    inputs = loaded.metadata.get_input_schema().inputs
+    assert [c.name for c in inputs] == CLIN + IMG
+    assert {c.name: c.type.name for c in inputs if c.name in model.CODE_COLUMNS} == {
+        c: "string" for c in model.CODE_COLUMNS}
+    assert {c.type.name for c in inputs if c.name not in model.CODE_COLUMNS} == {"double"}
+    assert not any(c.required for c in inputs)
+    outputs = [c.name for c in loaded.metadata.get_output_schema().inputs]
+    assert outputs == list(pyfunc.OUTPUT_COLUMNS)
+
+
+def test_the_stored_example_is_not_a_patient(served):
+    loaded, X, _ = served
+    example = loaded.input_example
+    assert example is not None and len(example) == 2
+    assert example["gender"].iloc[0] == str(int(X["gender"].mode().iloc[0]))
+    assert float(example["age_at_initial_pathologic"].iloc[0]) == X["age_at_initial_pathologic"].median()
+
+
+def with_(X, **changes) -> dict:
+    return {**good_record(X), **changes}
+
+
+# (name, record changes or a whole body, status, expected text in the message or row)
+HOSTILE = [
+    ("age far below zero", {"age_at_initial_pathologic": -500}, 400,
+     "column 'age_at_initial_pathologic', row 0: -500.0 is outside the plausible range 0-120"),
+    ("age above 120", {"age_at_initial_pathologic": 121}, 400, "outside the plausible range 0-120"),
+    ("age as a word", {"age_at_initial_pathologic": "old"}, 400, "age_at_initial_pathologic"),
+    ("unseen code", {"gender": "7"}, 400, "column 'gender', row 0: code 7 was not seen in training (known codes: 1, 2)"),
+    ("code as a word", {"gender": "male"}, 400, "column 'gender', row 0: 'male' is not an integer code"),
+    ("fractional code", {"gender": 1.5}, 400, "column 'gender', row 0: 1.5 is not an integer code"),
+    ("boolean code", {"race": True}, 400, "column 'race', row 0: True is not an integer code"),
+    ("negative volume", {"tumor_volume_px": -3}, 400, "column 'tumor_volume_px', row 0: -3.0 is outside"),
+    ("infinite volume", {"tumor_volume_px": float("inf")}, 400, "column 'tumor_volume_px', row 0: inf is outside"),
+    ("all null", {c: None for c in CLIN + IMG}, 200, "0 of 16 clinical fields known, need 8"),
+    ("clinical missing", {c: None for c in CLIN}, 200, "0 of 16 clinical fields known, need 8"),
+    ("imaging missing", {c: None for c in IMG}, 200, "imaging features unknown (tumor_volume_px missing)"),
+    ("only unknown columns", "UNKNOWN_ONLY", 400, "no row with a known column (the model reads RNASeqCluster"),
+    ("no rows", "NO_ROWS", 400, "no row with a known column"),
+    ("too many rows", "MANY_ROWS", 400, "51 rows in one request; the limit is 50"),
+]
+
+
+@pytest.mark.parametrize("name, change, status, message", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_input(served, name, change, status, message):
+    loaded, X, _ = served
+    if change == "UNKNOWN_ONLY":
+        body = {"dataframe_records": [{"shoe_size": 44}]}
+    elif change == "NO_ROWS":
+        body = {"dataframe_split": {"columns": ["gender"], "data": []}}
+    elif change == "MANY_ROWS":
+        body = {"dataframe_records": [good_record(X)] * 51}
+    else:
+        body = json.dumps({"dataframe_records": [with_(X, **change)]})  # json.dumps writes inf as Infinity
+    got, answer = request(loaded, body)
+    assert got == status, answer
+    if status == 400:
+        assert answer["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+        assert message in answer["message"]
+    else:
+        row = answer["predictions"][0]
+        assert row["status"] == "insufficient_data" and message in row["message"]
+        assert row["death01_probability"] is None and row["death01_class"] is None
+        assert row["cv_roc_auc"] == EVIDENCE["cv_roc_auc"]  # the evidence travels even then
+    ok_status, ok = request(loaded, {"dataframe_records": [good_record(X)]})  # the server still answers
+    assert ok_status == 200 and ok["predictions"][0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("change", [{"race": None}, {"gender": " 2 "}, {"gender": 2}, {"centroid_x": None}])
+def test_tolerated_variants_answer_ok(served, change):
+    loaded, X, _ = served
+    status, answer = request(loaded, {"dataframe_records": [with_(X, **change)]})
+    assert status == 200 and answer["predictions"][0]["status"] == "ok"
+
+
+def test_a_missing_optional_column_is_unknown_not_an_error(served):
+    loaded, X, _ = served
+    record = good_record(X)
+    del record["ethnicity"], record["centroid_x"]
+    status, answer = request(loaded, {"dataframe_split": {"columns": list(record), "data": [list(record.values())]}})
+    assert status == 200 and answer["predictions"][0]["status"] == "ok"
+
+
+def test_mixed_batch_answers_each_row(served):
+    loaded, X, _ = served
+    status, answer = request(loaded, {"dataframe_records": [good_record(X), {c: None for c in CLIN + IMG}]})
+    assert status == 200
+    assert [r["status"] for r in answer["predictions"]] == ["ok", "insufficient_data"]
+    assert answer["predictions"][0]["death01_probability"] is not None
+
+
+def test_client_builds_typed_inputs_and_predict_rows_carry_evidence(served, tmp_path):
+    loaded, X, _ = served
+    patients = pd.DataFrame({"patient": ["P00", "P01", "Q99"], "tumor_volume_px": [100.0, 0.0, 50.0],
+                             "tumor_slices": [3, 0, 2], "centroid_x": [120.0, np.nan, 80.0]})
+    csv = tmp_path / "data.csv"
+    X[CLIN].iloc[:2].assign(death01=0).rename_axis("Patient").reset_index().to_csv(csv, index=False)
+    inputs = client.model_inputs(loaded, patients, csv)
+    assert inputs.loc["P00", "gender"] == str(int(X.loc["P00", "gender"]))
+    assert inputs.loc["Q99", "gender"] is None and np.isnan(inputs.loc["P01", "centroid_x"])
+    out = pd.DataFrame(loaded.predict(inputs))
+    assert out["status"].tolist() == ["ok", "ok", "insufficient_data"]  # Q99 has no data.csv row
+    assert (out["fitted_on"] == "synthetic").all() and (out["cv_n_patients"] == 30).all()
+
+
+def test_model_refuses_evidence_without_fitted_on():
+    X, y = training_frame()
+    pipe = model.make_pipeline("logreg", ["tumor_volume_px"], inner_folds=3).fit(X, y)
+    spec = InputSpec(["tumor_volume_px"], {}, 0)
+    with pytest.raises(ValueError, match="fitted_on must be one of"):
+        pyfunc.SurvivalModel(pipe, spec, {**EVIDENCE, "fitted_on": "TCGA-LGG"})
+    with pytest.raises(ValueError, match="evidence lacks cv_roc_auc"):
+        pyfunc.SurvivalModel(pipe, spec, {k: v for k, v in EVIDENCE.items() if k != "cv_roc_auc"})
