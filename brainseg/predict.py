@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainseg import plots
+from brainseg import plots, slices
 from brainseg.data import imageio
-from brainseg.data.layout import SLICE_RE, parse_folder
 from brainseg.outcome import features
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -46,19 +45,13 @@ def collect_inputs(inputs: list[Path], exclude: list[Path] | None = None) -> tup
             problems.append(f"{item}: no such file or folder")
     files = [f for f in files if not f.stem.lower().endswith("_mask")]
 
-    def key(p: Path):
-        m = SLICE_RE.match(p.name.replace(".png", ".tif"))
-        return (str(p.parent), int(m["n"]) if m else 0, p.name)
-
-    return sorted(set(files), key=key), problems
+    return sorted(set(files), key=slices.slice_sort_key), problems
 
 
 def slice_identity(path: Path) -> dict:
-    """Patient and slice number from the public naming, else the file's folder and 0."""
-    meta = parse_folder(path.parent.name)
-    m = SLICE_RE.match(path.name.replace(".png", ".tif"))
-    return {"file": str(path), "patient": meta["patient"] if meta else path.parent.name,
-            "patient_dir": path.parent.name, "slice": int(m["n"]) if m else 0}
+    """Patient, patient folder and slice number (the page's naming rules, :mod:`brainseg.slices`)."""
+    patient, patient_dir, number = slices.identify(path)
+    return {"file": str(path), "patient": patient, "patient_dir": patient_dir, "slice": number}
 
 
 @dataclasses.dataclass
@@ -69,15 +62,8 @@ class Prediction:
 
 
 def patient_chunks(files: list[Path], limit: int = 256) -> list[list[Path]]:
-    """Consecutive files of one folder (a patient volume, in slice order) as one chunk, so the
-    per-volume post-processing sees the whole volume; folders over ``limit`` slices are split."""
-    chunks: list[list[Path]] = []
-    for f in files:
-        if chunks and chunks[-1][0].parent == f.parent and len(chunks[-1]) < limit:
-            chunks[-1].append(f)
-        else:
-            chunks.append([f])
-    return chunks
+    """Consecutive files of one folder (a patient volume, in slice order) as one chunk."""
+    return slices.volume_chunks(files, lambda f: f.parent, limit)
 
 
 def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None) -> Prediction:
@@ -104,11 +90,7 @@ def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None) ->
             masks_by_patient.setdefault(ident["patient"], []).append((ident["slice"], mask))
         if progress:
             progress(len(group))
-    patient_rows = []
-    for patient, items in masks_by_patient.items():
-        shapes = {m.shape for _, m in items}
-        if len(shapes) > 1:
-            problems.append(f"patient {patient}: slices of different sizes {sorted(shapes)}; no volume features")
-            continue
-        patient_rows.append(features.patient_features_from_masks(patient, [n for n, _ in items], [m for _, m in items]))
-    return Prediction(pd.DataFrame(rows), pd.DataFrame(patient_rows), problems)
+    patients, volume_problems = slices.patient_rows(
+        (patient, number, mask) for patient, items in masks_by_patient.items() for number, mask in items)
+    problems += volume_problems
+    return Prediction(pd.DataFrame(rows), pd.DataFrame(patients), problems)

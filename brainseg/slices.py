@@ -7,7 +7,7 @@ volume features, must be the same wherever slices are segmented; both live here 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import PurePath, PurePosixPath
 
 import numpy as np
@@ -55,6 +55,23 @@ def slice_sort_key(name: str | PurePath) -> tuple[str, int, str]:
     """Sort slice files by folder, then slice number (``_2`` before ``_10``), then name."""
     path = PurePosixPath(str(name).replace("\\", "/"))
     return str(path.parent), slice_number(path.name), path.name
+
+
+def volume_chunks(items: list, key: Callable, limit: int) -> list[list]:
+    """Consecutive items with the same ``key`` (one patient volume, in slice order) as one chunk,
+    at most ``limit`` long: what predict and the page send the segmenter together, so per-volume
+    post-processing sees the whole volume.
+
+    >>> volume_chunks([1, 1, 2, 1], key=lambda x: x, limit=5)
+    [[1, 1], [2], [1]]
+    """
+    chunks: list[list] = []
+    for item in items:
+        if chunks and key(chunks[-1][0]) == key(item) and len(chunks[-1]) < limit:
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    return chunks
 
 
 def patient_rows(items: Iterable[tuple[str, int, np.ndarray]]) -> tuple[list[dict], list[str]]:

@@ -22,7 +22,7 @@ from brainseg.app.uploads import SliceInput
 from brainseg.data import imageio
 from brainseg.metrics import confusion, dice_from_counts
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS
-from brainseg.slices import patient_rows
+from brainseg.slices import patient_rows, volume_chunks
 
 MAX_VOLUME = 256  # slices of one patient sent together (predict's chunk), so largest_3d sees the volume
 
@@ -109,13 +109,7 @@ def _segment(backend, chunk: list[SliceInput]) -> list[tuple[np.ndarray, dict]]:
 def volumes(slices: list[SliceInput], limit: int = MAX_VOLUME) -> list[list[SliceInput]]:
     """Consecutive slices of one patient (slices arrive sorted by patient, slice) as one chunk, at
     most ``limit`` long: what ``brainseg predict`` sends the segmenter together."""
-    chunks: list[list[SliceInput]] = []
-    for s in slices:
-        if chunks and chunks[-1][0].patient == s.patient and len(chunks[-1]) < limit:
-            chunks[-1].append(s)
-        else:
-            chunks.append([s])
-    return chunks
+    return volume_chunks(slices, lambda s: s.patient, limit)
 
 
 def analyse(slices: list[SliceInput], backend, progress: Callable[[int, int], None] | None = None
