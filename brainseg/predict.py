@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -94,3 +95,43 @@ def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None) ->
         (patient, number, mask) for patient, items in masks_by_patient.items() for number, mask in items)
     problems += volume_problems
     return Prediction(pd.DataFrame(rows), pd.DataFrame(patients), problems)
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model to predict with cannot be resolved or loaded (nothing was written)."""
+
+
+def predict_to_folder(files: list[Path], out_dir: Path, model_uri: str, *, threshold: float | None = None,
+                      with_survival: bool = False, survival_model: str | None = None,
+                      clinical_csv: Path | None = None, progress=None) -> Prediction:
+    """``brainseg predict``: load ``model_uri`` (``threshold`` overrides its stored one), segment
+    ``files`` into ``out_dir`` (:func:`predict_files`), add each patient's death01 probability from
+    ``survival_model`` if ``with_survival`` (a failure there is one more problem), and write
+    features.csv (per slice) and patients.csv (per patient).
+
+    ``progress(total)``: a context manager yielding ``advance(n)``, entered once the model is loaded.
+    Raises :class:`ModelNotFound` when the model cannot be loaded.
+    """
+    # TensorFlow and MLflow load only when a prediction is made
+    from brainseg.inference import Segmenter
+    from brainseg.serving import resolve_model_dir
+
+    try:
+        segmenter = Segmenter.from_dir(resolve_model_dir(model_uri))
+    except FileNotFoundError as exc:
+        raise ModelNotFound(str(exc)) from exc
+    if threshold is not None:
+        segmenter = segmenter.with_settings(threshold=threshold)
+    with (progress or (lambda total: contextlib.nullcontext(None)))(len(files)) as advance:
+        pred = predict_files(segmenter, files, out_dir, progress=advance)
+    if with_survival and not pred.patients.empty:
+        from brainseg.outcome.client import survival_probabilities
+
+        try:
+            probs = survival_probabilities(survival_model, pred.patients, clinical_csv, files)
+            pred.patients = pred.patients.merge(probs, on="patient", how="left")
+        except (FileNotFoundError, ValueError) as exc:
+            pred.problems.append(f"survival: {exc}")
+    pred.slices.to_csv(out_dir / "features.csv", index=False)
+    pred.patients.to_csv(out_dir / "patients.csv", index=False)
+    return pred

@@ -158,10 +158,7 @@ def decode_image(data: bytes, row: int, channels: str) -> np.ndarray:
     source = f"row {row}, column {IMAGE_COLUMN!r}"
     try:
         arr = imageio.decode_bytes(data, source)
-        one_channel = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)
-        if one_channel and channels != "flair":
-            raise imageio.BadImage(source, "1-channel image, but this model needs 3 channels "
-                                           "(pre-contrast, FLAIR, post-contrast)")
+        imageio.check_model_channels(arr, source, channels)
         return imageio.check_image(arr, source)
     except imageio.BadImage as exc:
         raise bad_request(str(exc)) from exc

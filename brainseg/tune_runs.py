@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 
-from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, open_plan_study, redact, trial_config
+from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, redact, trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"

@@ -1,15 +1,17 @@
-"""Tracked workflows shared by the CLI, the tuner and the pipeline: train + log, evaluate + log."""
+"""Tracked workflows shared by the CLI, the tuner and the pipeline: train + log, evaluate + log,
+the tuning study, registration."""
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
 import mlflow
 
 from brainseg import plots, tracking
-from brainseg.config import TrainConfig, flatten
+from brainseg.config import ConfigError, TrainConfig, flatten
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
 from brainseg.evaluate import evaluate, select_postprocessing
@@ -142,3 +144,89 @@ def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset:
         result.patients.to_csv(out_dir / "per_patient.csv", index=False)
         result.slices.drop(columns=["image_path"]).to_csv(out_dir / "per_slice.csv", index=False)
     return {"run_id": active.info.run_id, "metrics": metrics, "result": result}
+
+
+def write_unavailable_report(output: Path, subset: str, reason: str) -> None:
+    """The report's files when the masks are unavailable: a flag as metric, empty tables, the reason."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps({f"{subset}_masks_available": False}, indent=2))
+    (output / "per_patient.csv").write_text("patient,volume_dice\n")
+    (output / "per_slice.csv").write_text("patient,slice\n")
+    (output / "unavailable.txt").write_text(reason + "\n")
+
+
+class TuneRefused(ValueError):
+    """Bad tuning input, or a study storage that cannot be opened: found before any trial ran."""
+
+
+def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = None, storage: str | None = None,
+                   n_trials: float | None = None, timeout: float | None = None, create_only: bool = False,
+                   refit: bool | None = None, register: bool | None = None, worker: int | None = None,
+                   study_trials: int | None = None, settings_args: list[str] | None = None, echo=print) -> dict:
+    """The tuning study of ``settings`` (``brainseg tune``): name it, check every input, then create or
+    continue it (:func:`brainseg.tune.run_study`); returns its summary (``study`` names it).
+
+    The default name is tune.study_name + profile + data version (+ the project run under
+    ``mlflow run`` outside the pipeline, so each `mlflow run` gets its own study); ``refit`` and
+    ``register`` default to tune.refit / tune.register (a worker never refits).
+    Raises :class:`TuneRefused` for bad input or an unreachable storage; anything later propagates.
+    """
+    from brainseg.tune import plan_from_settings, run_study  # Optuna: only tuning pays for it
+
+    try:
+        ctx = DataContext.from_settings(settings)
+        name = study_name or f"{settings['tune']['study_name']}-{settings['profile']}-{ctx.version[:8]}"
+        if not study_name and os.environ.get(tracking.PROJECT_ENV) and not os.environ.get(tracking.PIPELINE_ENV):
+            name += f"-{os.environ[tracking.PROJECT_ENV][:8]}"  # each `mlflow run` its own study
+        plan = plan_from_settings(settings, name, storage or None, int(n_trials or 0), float(timeout or 0))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise TuneRefused(str(exc)) from exc
+    refit = settings["tune"].get("refit", False) if refit is None else refit
+    register = settings["tune"].get("register", False) if register is None else register
+    try:
+        return run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
+                         refit=bool(refit) and worker is None, register=bool(register),
+                         settings_args=settings_args or [], echo=echo)
+    except Exception as exc:  # storage unreachable, bad URL: before any trial started
+        if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
+            raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:300]})") from exc
+        raise
+
+
+def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | None = None,
+                    survival_summary: Path | None = None, promote: bool | None = None, force: bool = False,
+                    echo=print) -> dict:
+    """``brainseg register``: the segmenter of run ``run_id`` (else the best trial of ``tune_summary``,
+    or its full-fidelity refit) and the survival model of ``survival_summary`` (skipped when
+    missing), each tagged with its validation / CV figures and gated if ``promote`` (default:
+    register.promote). Returns each model's result; echoes each decision.
+    FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
+    from brainseg.promotion import register_segmenter, register_survival  # promotion imports this module
+
+    promote = bool(settings["register"].get("promote", False)) if promote is None else promote
+    results = {}
+    if run_id:
+        logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+        if not logged:
+            raise ValueError(f"run {run_id} has no logged model (a pruned or failed trial?); pick a completed run")
+        model_uri = f"models:/{logged[0].model_id}"
+    else:
+        if not tune_summary or not tune_summary.is_file():
+            raise FileNotFoundError(f"{tune_summary}: no tuning summary; run `brainseg tune` or pass --run RUN_ID")
+        summary = json.loads(tune_summary.read_text())
+        if not summary.get("best_run_id"):
+            raise ValueError(f"{tune_summary}: the study has no completed trial to register")
+        refit = summary.get("refit") or {}  # the full-fidelity refit of the best trial, if any
+        run_id = refit.get("run_id") or summary["best_run_id"]
+        model_uri = refit.get("model_uri") or summary["best_model_uri"]
+    ctx = DataContext.from_settings(settings)
+    results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, promote=promote, force=force)
+    echo(results["segmenter"]["decision"])
+    if survival_summary and survival_summary.is_file():
+        results["survival"] = register_survival(settings, json.loads(survival_summary.read_text()),
+                                                promote=promote, force=force)
+        echo(results["survival"]["decision"])
+    else:
+        echo(f"survival: {survival_summary} not found, not registered")
+    return results

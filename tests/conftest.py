@@ -4,12 +4,69 @@ shared/."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from brainseg.data.synth import generate
+
+# MLflow writes its settings into os.environ "so that subprocesses inherit them" (set_tracking_uri,
+# set_registry_uri, set_experiment) and never takes MLFLOW_REGISTRY_URI or MLFLOW_EXPERIMENT_ID out
+# again; brainseg adds its run-lineage variables. Left over from one test they send a later test's
+# subprocesses (`mlflow run`, `brainseg tune`) to another test's store or experiment. So pytest starts
+# without them (nothing from the user's shell), and every module and every test leaves them, and the
+# active experiment, as it found them.
+PROCESS_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
+                        "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "BRAINSEG_PROJECT_RUN",
+                        "BRAINSEG_PIPELINE_RUN")
+for _key in PROCESS_TRACKING_ENV:
+    os.environ.pop(_key, None)
+
+
+def _tracking_state() -> tuple[dict, str | None]:
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    return ({k: os.environ.get(k) for k in PROCESS_TRACKING_ENV},
+            getattr(fluent, "_active_experiment_id", None))
+
+
+def _restore_tracking_state(state: tuple[dict, str | None]) -> None:
+    env, experiment = state
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:  # set by mlflow.set_experiment; MLflow has no public reset
+        fluent._active_experiment_id = experiment
+
+
+@pytest.fixture(autouse=True, scope="module")
+def module_tracking_env():
+    state = _tracking_state()
+    yield
+    _restore_tracking_state(state)
+
+
+@pytest.fixture(autouse=True)
+def test_tracking_env():
+    state = _tracking_state()
+    yield
+    _restore_tracking_state(state)
+
+
+# Lines of console output that are library noise, never the project's own (tests of the console).
+NOISE = re.compile(r"tensorflow|absl|cuInit|cuda|oneDNN|^[IWEF]\d{4} |Segmentation Models|"
+                   r"warning|Downloading artifacts|\x08|dataset source", re.IGNORECASE)
+MAX_LINE = 300
+
+
+def noise(lines: list[str]) -> list[str]:
+    return [line for line in lines if NOISE.search(line)]
+
 
 REAL_SKIP = ("real LGG sample not available: ../shared/data/lgg/unpack.sh missing "
              "(the tests use it where the project sits beside shared/)")
@@ -109,12 +166,13 @@ class Tracking:
 
         while mlflow.active_run():
             mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves it behind
         if self._env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = self._env
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="session")

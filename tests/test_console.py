@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +11,13 @@ from pathlib import Path
 import pytest
 
 from brainseg import progress, quiet
-from conftest import PROJECT_ROOT, make_project
-
-# Lines that are library noise, never the project's own output.
-NOISE = re.compile(r"tensorflow|absl|cuInit|cuda|oneDNN|^[IWEF]\d{4} |Segmentation Models|"
-                   r"warning|Downloading artifacts|\x08|dataset source", re.IGNORECASE)
-MAX_LINE = 300
+from conftest import MAX_LINE, make_project, noise
 
 
 def clean_env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (quiet.VERBOSE_ENV, "MLFLOW_RUN_ID")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     return env
-
-
-def noise(lines: list[str]) -> list[str]:
-    return [line for line in lines if NOISE.search(line)]
 
 
 # ------------------------------------------------------------------------------------ epoch lines
@@ -136,18 +125,7 @@ def test_smoke_training_prints_only_the_projects_own_lines(tmp_path):
     assert any(line.startswith("model: ") for line in lines)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_mlflow_run_tune_is_quiet_too(tmp_path):
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    project = make_project(tmp_path / "project", patients=8, slices=6, size=64)
-    for name in ("MLproject", "conda.yaml"):
-        shutil.copy(PROJECT_ROOT / name, project / name)
-    env = clean_env(project)
-    lines = run_command([mlflow, "run", ".", "-e", "tune", "--env-manager", "local", "-P", "profile=smoke"],
-                        project, env, timeout=3600)
-    assert noise(lines) == []
-    assert max(len(line) for line in lines) <= MAX_LINE
+# `mlflow run . -e tune` is checked for noise by test_tune_refit.py's mlflow-run test (one run, both checks).
 
 
 def test_verbose_global_option_turns_the_libraries_back_on(tmp_path, monkeypatch):

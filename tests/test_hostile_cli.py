@@ -15,7 +15,6 @@ import tifffile
 from typer.testing import CliRunner
 
 from brainseg.cli import app
-from brainseg.data import imageio
 from brainseg.data.importer import import_dataset
 from brainseg.data.synth import generate
 

@@ -18,7 +18,6 @@ from brainseg.cli import app
 from brainseg.data import imageio
 from brainseg.data.importer import ImportRefused, check_destination, import_dataset, marker_path
 from brainseg.data.layout import ArchiveLimits, extract_archive
-from brainseg.data.synth import generate
 
 
 def invoke(*args) -> tuple[int, str]:
@@ -87,7 +86,7 @@ def bad_masks(make_synth) -> Path:
 def test_dest_at_the_project_root_changes_nothing(good, tmp_path, monkeypatch):
     project = tmp_path / "project"
     for rel, text in {"params.yaml": "profile: smoke\n", ".git/HEAD": "ref: refs/heads/main\n",
-                      "brainseg/cli.py": "print()\n", "mlflow.db": "sqlite", "mlruns/1/meta.yaml": "x"}.items():
+                      "brainseg/cli/__init__.py": "print()\n", "mlflow.db": "sqlite", "mlruns/1/meta.yaml": "x"}.items():
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text(text)
     before = tree(project), listing(tmp_path)

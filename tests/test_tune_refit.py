@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from brainseg.tune_runs import process_started, reap_dead_predecessors
-from conftest import PROJECT_ROOT, Tracking, invoke, make_project
+from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,8 @@ def test_mlflow_run_tune_nests_the_study_in_brainseg_under_the_project_run(tmp_p
                            "-P", "profile=smoke", "-P", "n_trials=2"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=800)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    lines = (done.stdout + done.stderr).splitlines()  # the console: quiet under `mlflow run` too
+    assert noise(lines) == [] and max(len(line) for line in lines) <= MAX_LINE, noise(lines)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     default = client.search_runs(["0"])
     exp = client.get_experiment_by_name("brainseg")

@@ -168,9 +168,10 @@ def card_lines(d: dict) -> list[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ segmenters
 def _check_channels(name: str, image: np.ndarray, channels: str) -> np.ndarray:
-    if image.ndim == 2 and channels != "flair":
-        raise SegmentError(f"{name}: 1-channel image, but this model needs 3 channels "
-                           "(pre-contrast, FLAIR, post-contrast)")
+    try:
+        imageio.check_model_channels(image, name, channels)
+    except imageio.BadImage as exc:
+        raise SegmentError(str(exc)) from exc
     return imageio.check_image(image, name)
 
 

@@ -52,7 +52,7 @@ class Upload:
 def decode_slice(name: str, data: bytes) -> tuple[np.ndarray, bool]:
     """Bytes -> ((H, W, 3) uint8, was 1-channel), or :class:`imageio.BadImage` saying why."""
     arr = imageio.decode_bytes(data, name)
-    gray = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)
+    gray = imageio.is_one_channel(arr)
     image = imageio.check_image(arr, name)
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE:

@@ -13,8 +13,8 @@ Sections (one module each):
   input size and slices, interleaved in rounds after a warm-up (hundreds of calls at batch 1,
   tens at batch 32): p10/p50/p90 and spread, the batch-1 profile of the served path, a cProfile
   of the pyfunc, and consistency checks that flag impossible orderings.
-- :mod:`.server`: ``mlflow models serve`` on 127.0.0.1, the HTTP client (keep-alive
-  ``requests.Session``), the load test (``clients`` threads for ``load_seconds``).
+- :mod:`.server`: ``mlflow models serve`` on 127.0.0.1, the load test (``clients`` threads, one
+  keep-alive ``requests.Session`` each, for ``load_seconds``).
 - :mod:`.tuning` (optional): the same smoke study with and without pruning.
 - :mod:`.report`: :func:`run_bench`, the table and the JSON.
 

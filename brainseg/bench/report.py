@@ -20,7 +20,9 @@ from brainseg.bench.training import PIPELINE_TARGET, run_training_child
 from brainseg.bench.tuning import project_file, tuning_comparison
 
 OVERHEAD_TARGET = 1.3
-CLIENT = "requests.Session (keep-alive, one connection), JSON serialised once, posted as bytes"
+CLIENT = ("REST: http.client.HTTPConnection (keep-alive, one connection, headers and body in one send), "
+          "JSON serialised once and posted as bytes; requests.Session on the same bytes beside it; "
+          "load test: one requests.Session per client thread")
 
 
 def _f(v, fmt=".1f"):

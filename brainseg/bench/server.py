@@ -1,8 +1,9 @@
 """The REST side of the benchmark: start/stop ``mlflow models serve``, the tracking store it
 reads, the request body, and the load test.
 
-One HTTP client style throughout: ``requests.Session`` (keep-alive, one connection per client
-thread), bodies serialised once with ``json.dumps`` and posted as bytes.
+Bodies are serialised once with ``json.dumps`` and posted as bytes over keep-alive connections:
+the latency paths use ``http.client`` (bench/inference.py, with ``requests`` beside it), the load
+test one ``requests.Session`` per client thread.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def temporary_tracking(uri: str):
     """Point MLflow tracking and registry (and child processes, via the environment) at ``uri``."""
     import mlflow
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    # set_experiment (experiment_in) writes MLFLOW_EXPERIMENT_ID for subprocesses: put it back too
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
     os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -246,6 +246,19 @@ def check_image(arr: np.ndarray, source: str) -> np.ndarray:
                            f"{arr.shape[2] if arr.ndim == 3 else arr.ndim} channels/dims)")
 
 
+def is_one_channel(arr: np.ndarray) -> bool:
+    """A grey slice, (H, W) or (H, W, 1): :func:`check_image` takes it as FLAIR."""
+    return arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)
+
+
+def check_model_channels(arr: np.ndarray, source: str, channels: str) -> None:
+    """:class:`BadImage` if ``arr`` has one channel but the model reads all three (``channels``
+    is not ``"flair"``, see ``train.channels``): a repeated FLAIR is not its input."""
+    if is_one_channel(arr) and channels != "flair":
+        raise BadImage(source, "1-channel image, but this model needs 3 channels "
+                               "(pre-contrast, FLAIR, post-contrast)")
+
+
 def check_mask(arr: np.ndarray, source: str) -> np.ndarray:
     """Return the mask as (H, W) bool. Accepts uint8 {0, 255} or {0, 1}."""
     if arr.dtype != np.uint8:

@@ -1,0 +1,65 @@
+"""What every command shares: the two consoles, --profile / --set, settings checked up front,
+``fail`` (message and exit code), the metrics table and the quiet libraries."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from brainseg import quiet
+from brainseg.config import ConfigError, load_settings, validate_settings
+
+# soft_wrap: messages and BAD lines name long paths; never break them across lines
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="Apply a budget profile (smoke, cpu, gpu) "
+                                                   "in memory for this command (default: none, params.yaml as "
+                                                   "written; `brainseg profile use` writes one into it).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting, e.g. --set train.lr=0.0005 "
+                                                     "(repeatable).")]
+EXPERIMENT = "brainseg"
+
+
+def fail(message: str, code: int = 1):
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def settings_or_fail(profile: str | None, overrides: list[str] | None) -> dict:
+    """Settings with every value type- and range-checked (exit 2 naming the key, before any run)."""
+    try:
+        settings = load_settings(profile, overrides or [])
+        return validate_settings(settings, load_settings(profile, []) if overrides else None)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+
+def print_metrics(m: dict, title: str) -> None:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    table = Table(title=title)
+    for col in ("metric", "model", "all-empty baseline", "n"):
+        table.add_column(col)
+    rows = [("per-patient volume Dice, mean", "patient_dice_mean", "n_patients"),
+            ("per-patient volume Dice, median", "patient_dice_median", "n_patients"),
+            ("per-patient volume IoU, mean", "patient_iou_mean", "n_patients"),
+            ("Dice on tumor slices, mean", "tumor_slice_dice_mean", "n_tumor_slices"),
+            ("false-positive rate on empty slices", "empty_slice_fp_rate", "n_empty_slices"),
+            ("global Dice (all pixels)", "global_dice", "n_slices"),
+            ("global IoU (all pixels)", "global_iou", "n_slices"),
+            ("smoothed per-slice Dice, all slices (flattering)", "smoothed_slice_dice_all", "n_slices")]
+    for label, key, n in rows:
+        table.add_row(label, f(m.get(key)), f(m.get(f"baseline_empty_{key}")), str(m.get(n, "")))
+    out.print(table)
+    out.print("Empty masks: patients with an empty true volume are left out of the Dice means "
+              f"(here {m.get('n_patients_empty_truth', 0)}); empty slices count in the FP rate, never as Dice 1.")
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Library start-up noise and known-harmless warnings off (:mod:`brainseg.quiet`), unless ``verbose``."""
+    quiet.configure(verbose or quiet.verbose_requested())

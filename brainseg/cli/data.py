@@ -1,0 +1,147 @@
+"""``brainseg data ...`` (synth, validate, import, manifest, split, prepare) and ``brainseg profile use``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from brainseg.cli.common import ProfileOpt, SetOpt, console, fail, out, settings_or_fail
+from brainseg.config import ConfigError
+from brainseg.data.layout import open_dataset
+from brainseg.profiles import use_profile
+
+# brainseg.data.{synth,manifest,split,importer,context} import pandas: deferred into the commands
+# that use them, so `brainseg --help` and the other commands start fast.
+
+
+def data_synth(out_dir: Annotated[Path, typer.Argument(help="Folder to write (the kaggle_3m layout).")],
+               patients: int = 12, slices: int = 16, size: int = 64, seed: int = 0):
+    """Write synthetic patients in the public kaggle_3m layout (with data.csv)."""
+    from brainseg.data.synth import generate
+
+    try:
+        generate(out_dir, patients=patients, slices=slices, size=size, seed=seed)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    out.print(f"wrote {patients} synthetic patients x {slices} slices ({size}x{size}) to {out_dir}")
+
+
+def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a parent of it, or the .zip/.tar.* archive.")],
+                  json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON.")] = None):
+    """Check every image/mask pair and data.csv; exit 1 if anything is bad."""
+    from brainseg.data.manifest import scan
+
+    with tempfile.TemporaryDirectory(prefix="brainseg-validate-") as tmp:  # an archive unpacks here
+        try:
+            found = open_dataset(root, Path(tmp))
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc), 2)
+        result = scan(found)
+    s = result.summary()
+    table = Table(title=f"dataset {found}")
+    for col in ("institution", "patients", "slices"):
+        table.add_column(col)
+    for inst, counts in s["institutions"].items():
+        table.add_row(inst, str(counts["patients"]), str(counts["slices"]))
+    out.print(table)
+    out.print(f"patients: {s['patients']}  slices: {s['slices']}  tumor slices: {s['tumor_slices']}  "
+              f"problems: {s['problems']}")
+    for p in result.problems:
+        out.print(f"BAD {p}", markup=False, highlight=False)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(s | {"problem_list": [str(p) for p in result.problems]}, indent=2))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download: kaggle_3m folder, a parent, or the archive.")],
+                dest: Path = Path("data/raw/kaggle_3m"),
+                dvc: Annotated[bool, typer.Option(help="Track the copy with DVC (dvc add).")] = True):
+    """Copy or unpack a dataset into data/raw/kaggle_3m and track it with DVC (switches the pipeline to it)."""
+    from brainseg.data.importer import import_dataset
+
+    try:
+        message = import_dataset(src, dest, use_dvc=dvc)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        fail(str(exc), 2)
+    out.print(message)
+
+
+def data_manifest(profile: ProfileOpt = None, set_: SetOpt = None,
+                  root: Annotated[Optional[Path], typer.Option(help="Dataset folder (default: data.root).")] = None,
+                  output: Annotated[Optional[Path], typer.Option("--out", help="Default: data.manifest.")] = None):
+    """Validate the dataset and write the manifest (one row per slice); refuses a dataset with problems."""
+    from brainseg.data.context import stamp_manifest
+    from brainseg.data.manifest import scan
+
+    settings = settings_or_fail(profile, set_)
+    root = root or Path(settings["data"]["root"])
+    output = output or Path(settings["data"]["manifest"])
+    if not root.exists():
+        fail(f"{root}: dataset not found (run `brainseg data import PATH` or `brainseg run`)", 2)
+    result = scan(root)
+    if not result.ok:
+        for p in result.problems:
+            console.print(f"BAD {p}", markup=False, highlight=False)
+        fail(f"{len(result.problems)} problem(s) in {root}; fix them or remove the files (see above)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result.manifest.to_csv(output, index=False)
+    stamp_manifest(output, root)  # the data version it was built from: train/tune rebuild it when stale
+    s = result.summary()
+    out.print(f"manifest: {s['patients']} patients, {s['slices']} slices ({s['tumor_slices']} with tumor) -> {output}")
+
+
+def data_split(profile: ProfileOpt = None, set_: SetOpt = None,
+               manifest: Optional[Path] = None,
+               output: Annotated[Optional[Path], typer.Option("--out")] = None):
+    """Split patients (never slices) into train/val/test and k folds, stratified by institution and burden."""
+    from brainseg.data.manifest import patients_table, read_manifest
+    from brainseg.data.split import split_patients
+
+    settings = settings_or_fail(profile, set_)
+    manifest = manifest or Path(settings["data"]["manifest"])
+    output = output or Path(settings["data"]["split"])
+    try:
+        m = read_manifest(manifest)
+        sp = settings["split"]
+        split = split_patients(patients_table(m), val_fraction=sp["val_fraction"], test_fraction=sp["test_fraction"],
+                               folds=sp["folds"], seed=sp["seed"], burden_bins=sp["burden_bins"])
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    split.to_csv(output, index=False)
+    counts = split["subset"].value_counts().to_dict()
+    out.print(f"split {len(split)} patients: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("train", "val", "test"))
+              + f" -> {output}")
+
+
+def data_prepare(profile: ProfileOpt = None, set_: SetOpt = None,
+                 dvc: Annotated[bool, typer.Option(help="Track generated synthetic data with DVC.")] = True):
+    """Make sure a dataset is there (the synthetic default if none was imported), then manifest and split."""
+    from brainseg.data.importer import dvc_available, ensure_dataset
+
+    settings = settings_or_fail(profile, set_)
+    out.print(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"],
+                             use_dvc=dvc and dvc_available()))
+    data_manifest(profile=profile, set_=set_, root=None, output=None)
+    data_split(profile=profile, set_=set_, manifest=None, output=None)
+
+
+def profile_use(name: Annotated[str, typer.Argument(help="A profile of experiments/profiles.yaml.")],
+                dry_run: Annotated[bool, typer.Option(help="Show the changes, write nothing.")] = False):
+    """Copy a budget profile's values into params.yaml (comments kept): what DVC records is what runs."""
+    try:
+        diff = use_profile(name, dry_run=dry_run)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    for key, old, new in diff:
+        out.print(f"{key}: {old!r} -> {new!r}", markup=False, highlight=False)
+    verb = "would change" if dry_run else "changed"
+    out.print(f"params.yaml: {verb} {len(diff)} value(s) for profile {name}" if diff
+              else f"params.yaml already has profile {name}'s values")
