@@ -155,6 +155,7 @@ def test_every_listed_param_exists_and_templated_values_are_listed(stage):
     ("tune", ["train", "tune", "evaluate", "split", "data"]),
     ("register", ["register", "data", "survival.final"]),
     ("survival", ["survival"]),
+    ("features", ["train", "evaluate", "split", "data", "survival.oof"]),  # out-of-fold segmenters
 ])
 def test_stages_list_the_sections_they_read(stage, sections):
     assert set(sections) <= set(DVC[stage]["params"])

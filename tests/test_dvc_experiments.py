@@ -1,6 +1,6 @@
 """DVC tells the truth on a fresh clone: `dvc exp run -S` changes exactly what runs (and MLflow logs
 it), metrics are compared across runs, and a code edit shows up in `dvc status`. Uses the cheap
-features -> survival branch of the pipeline (no training)."""
+features -> survival branch of the pipeline (the smoke profile's out-of-fold segmenters train 2 steps each)."""
 
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ def _copy_checkout(dest: Path) -> Path:
 def test_stage_commands_follow_dvc_yaml_with_params_filled_in():
     params = {"data": {"root": "data/raw/kaggle_3m", "manifest": "m.csv", "split": "s.csv"}}
     stages = stage_commands(params, PROJECT_ROOT / "dvc.yaml")
-    assert [s for s, _ in stages] == ["validate", "manifest", "split", "tune", "features", "survival",
-                                      "register", "test_report"]
+    assert [s for s, _ in stages] == ["validate", "manifest", "split", "tune", "features", "features_truth",
+                                      "survival", "register", "test_report"]
     assert stages[0][1] == "brainseg data validate data/raw/kaggle_3m --json reports/validate.json"
 
 
