@@ -34,9 +34,11 @@ def test_use_profile_writes_the_values_keeps_comments_and_switching_back_restore
     assert "profile" in changed and "train.channels" in changed and "survival.repeats" in changed
     s = load_settings()
     assert s["profile"] == "cpu"
-    for key, value in cpu.items():
-        section, leaf = key.split(".")
-        assert s[section][leaf] == value, key
+    for key, value in cpu.items():  # nested keys too (survival.oof.train.epochs)
+        node = s
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
     text = Path("params.yaml").read_text()
     assert "# unet | unetpp | linknet" in text and "encoder_weights: null" in text  # comments, nulls kept
     assert use_profile("cpu") == []  # idempotent
