@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,8 +60,9 @@ def load_arrays(manifest: pd.DataFrame, prep: PrepConfig, *, cache_dir: Path | N
     Y = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, prep.size, prep.size, 1), np.uint8)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        for f, a in ((xf, X), (yf, Y)):  # write then rename: a killed run leaves no half file
-            tmp = f.with_suffix(".tmp.npy")
+        for f, a in ((xf, X), (yf, Y)):  # write then rename: a killed run leaves no half file, and
+            # a per-process name lets two workers build the same cache at once (same content)
+            tmp = f.with_suffix(f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy")
             np.save(tmp, a)
             tmp.replace(f)
     return X, Y
