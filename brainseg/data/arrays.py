@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,8 +60,8 @@ def load_arrays(manifest: pd.DataFrame, prep: PrepConfig, *, cache_dir: Path | N
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for f, a in ((xf, X), (yf, Y)):  # write then rename: a killed run leaves no half file, and
-            # a per-process name lets two workers build the same cache at once (same content)
-            tmp = f.with_suffix(f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npy")
+            # a unique name lets two workers build the same cache at once (same content)
+            tmp = f.with_suffix(f".{uuid.uuid4().hex}.tmp.npy")
             np.save(tmp, a)
             tmp.replace(f)
     return X, Y
