@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 
 CARD_FILE, FACTS_FILE = "model_card.md", "model_card.json"
+CARD_HEADING = "# Model card:"
 DESCRIPTION_LIMIT = 4900  # MLflow stores a version description in 5,000 characters
-MISSES = 3                # lowest-Dice validation patients listed under failure modes
+MISSES = 3                # lowest-Dice validation patients (survival: largest out-of-fold misses) listed
+WORST_FOLDS = 3           # lowest-AUC cross-validation folds listed on the survival card
 
 SEGMENTER_USE = ("Outlines the FLAIR abnormality of lower-grade gliomas on axial brain MRI slices "
                  "(TCGA-LGG / kaggle_3m layout: 3-channel pre-contrast, FLAIR, post-contrast TIFF, "
@@ -86,7 +88,7 @@ def segmenter_card(info: dict) -> str:
     val, test = info.get("val") or {}, info.get("test") or {}
     patients = data.get("patients") or {}
     counts = ", ".join(f"{k} {_count(v)}" for k, v in patients.items()) or "not recorded"
-    lines = [f"# Model card: {info.get('name', 'segmenter')} v{info.get('version', '?')}", "",
+    lines = [f"{CARD_HEADING} {info.get('name', 'segmenter')} v{info.get('version', '?')}", "",
              f"Training run `{info.get('run_id', '')}`.", "",
              "## Intended use", SEGMENTER_USE, "",
              "## Training data",
@@ -135,14 +137,16 @@ def survival_card(info: dict) -> str:
     ``info``: ``name``, ``version``, ``run_id``, ``classifier``, ``feature_set``, ``features_from``,
     ``data_version``, ``fitted_on`` ("real"/"synthetic"), ``patients``, ``positives``, ``cv``
     {``roc_auc_mean``, ``roc_auc_low``, ``roc_auc_high``, ``balanced_accuracy_mean``,
-    ``brier_mean``, ``baseline_brier``, ``folds``, ``repeats``}.
+    ``brier_mean``, ``baseline_brier``, ``folds``, ``repeats``}; ``failures`` {``worst_folds``:
+    [{``repeat``, ``fold``, ``roc_auc``}] lowest first, ``misses``: [{``patient``, ``death01``,
+    ``probability``}] misclassified out of fold, largest error first, ``threshold``}.
     """
     cv = info.get("cv") or {}
     fitted_on = info.get("fitted_on")
     synthetic = None if fitted_on not in ("real", "synthetic") else fitted_on == "synthetic"
     repeats = f"{_count(cv['repeats'])} x " if cv.get("repeats") else ""
     folds = f"{_count(cv['folds'])}-fold" if cv.get("folds") else "k-fold"
-    lines = [f"# Model card: {info.get('name', 'survival')} v{info.get('version', '?')}", "",
+    lines = [f"{CARD_HEADING} {info.get('name', 'survival')} v{info.get('version', '?')}", "",
              f"Fitting run `{info.get('run_id', '')}`.", "",
              "## Intended use", SURVIVAL_USE, "",
              "## Training data",
@@ -163,8 +167,56 @@ def survival_card(info: dict) -> str:
              "and specificity at the prevalence threshold |",
              f"| Brier score | {_num(cv.get('brier_mean'))} (prevalence-only: "
              f"{_num(cv.get('baseline_brier'))}) | mean squared error of the probability; lower is better |",
+             "", *survival_failure_lines(info.get("failures") or {}),
              "", "## Limits", *[f"- {limit}" for limit in SURVIVAL_LIMITS], ""]
     return "\n".join(lines)
+
+
+def survival_failure_lines(failures: dict) -> list[str]:
+    """The survival card's "Failure modes seen": worst folds and largest out-of-fold misses."""
+    lines = ["## Failure modes seen"]
+    folds, misses = failures.get("worst_folds") or [], failures.get("misses") or []
+    if folds:
+        lines.append("Weakest cross-validation folds (held-out ROC-AUC; 0.5 is chance):")
+        lines += [f"- repeat {_count(f.get('repeat'))}, fold {_count(f.get('fold'))}: ROC-AUC {_num(f.get('roc_auc'))}"
+                  for f in folds]
+    if misses:
+        lines.append(f"Misclassified out of fold, largest error |probability - death01| first (class "
+                     f"threshold {_num(failures.get('threshold'))}, the training prevalence):")
+        lines += [f"- {m.get('patient', '?')}: death01 = {_count(m.get('death01'))}, predicted probability "
+                  f"{_num(m.get('probability'))}" for m in misses]
+    elif folds:
+        lines.append("No patient was misclassified out of fold.")
+    if not folds and not misses:
+        lines.append("No out-of-fold results were recorded.")
+    return lines
+
+
+def survival_failures(fold_scores, probability, truth, threshold: float, n: int = MISSES,
+                      n_folds: int = WORST_FOLDS) -> dict:
+    """The survival card's ``failures`` from cross-validation (:func:`brainseg.outcome.cv.cross_validate`).
+
+    ``fold_scores``: one row per fold (``repeat``, ``roc_auc``; rows of a repeat in fold order);
+    ``probability`` / ``truth``: out-of-fold P(death01 = 1) and death01 per patient (same index);
+    a patient is missed when its class (probability >= ``threshold``) is not its death01; the ``n``
+    misses with the largest error ``|probability - death01|`` are kept, largest first.
+
+    >>> import pandas as pd
+    >>> folds = pd.DataFrame({"repeat": [0, 0, 1, 1], "roc_auc": [0.9, 0.4, 0.7, 0.6]})
+    >>> prob = pd.Series({"a": 0.9, "b": 0.6, "c": 0.2, "d": 0.45})
+    >>> f = survival_failures(folds, prob, pd.Series({"a": 0, "b": 1, "c": 1, "d": 0}), 0.5, n=2, n_folds=1)
+    >>> f["worst_folds"], [m["patient"] for m in f["misses"]]
+    ([{'repeat': 0, 'fold': 1, 'roc_auc': 0.4}], ['a', 'c'])
+    """
+    folds = fold_scores.assign(fold=fold_scores.groupby("repeat").cumcount())
+    worst = folds.dropna(subset=["roc_auc"]).sort_values(["roc_auc", "repeat", "fold"]).head(n_folds)
+    truth = truth.loc[probability.index].astype(int)
+    wrong = probability[(probability >= threshold).astype(int) != truth]
+    order = sorted(wrong.index, key=lambda p: (-abs(float(wrong[p]) - truth[p]), str(p)))[:n]
+    return {"threshold": float(threshold),
+            "worst_folds": [{"repeat": int(r.repeat), "fold": int(r.fold), "roc_auc": float(r.roc_auc)}
+                            for r in worst.itertuples()],
+            "misses": [{"patient": str(p), "death01": int(truth[p]), "probability": float(wrong[p])} for p in order]}
 
 
 def lowest_dice_patients(per_patient, n: int = MISSES) -> list[dict]:
@@ -196,25 +248,38 @@ def card_tags(facts: dict) -> dict[str, str]:
     return tags
 
 
-def description(markdown: str) -> str:
-    """The card as a version description (cut, with a pointer to the artifact, if too long)."""
-    if len(markdown) <= DESCRIPTION_LIMIT:
-        return markdown
-    return markdown[:DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + f"\n\n(cut: the full card is {CARD_FILE})\n"
+def description(markdown: str, lead: str = "") -> str:
+    """A version description: ``lead`` (the registration's short text), a blank line and the card,
+    cut with a pointer to the artifact if too long for MLflow.
+
+    ``lead`` loses any card already in it, so documenting a version again does not repeat the card.
+
+    >>> description("# Model card: m v1", "Short text.\\n\\n# Model card: m v0")
+    'Short text.\\n\\n# Model card: m v1'
+    """
+    lead = lead.split(CARD_HEADING, 1)[0].strip()
+    text = f"{lead}\n\n{markdown}" if lead else markdown
+    if len(text) <= DESCRIPTION_LIMIT:
+        return text
+    return text[:DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + f"\n\n(cut: the full card is {CARD_FILE})\n"
 
 
 # ----------------------------------------------------------------------------- MLflow glue
 def segmenter_facts(name: str, version: str, run, per_patient=None, patients: dict | None = None,
-                    synthetic: bool | None = None) -> dict:
-    """The card's facts from a training run (``mlflow.entities.Run``) and its per-patient table."""
+                    synthetic: bool | None = None, recipe_run=None) -> dict:
+    """The card's facts from the model's run (``mlflow.entities.Run``) and its per-patient table.
+
+    ``recipe_run``: the training run of the network when ``run`` only chose the inference settings
+    (the recipe and best epoch come from it; the figures and settings from ``run``)."""
     import json
 
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    trained = recipe_run.data if recipe_run is not None else run.data
 
     def split(prefix):
         return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
 
-    loss = params.get("loss_weights", params.get("loss", ""))  # JSON {name: weight}
+    loss = trained.params.get("loss_weights", trained.params.get("loss", ""))  # JSON {name: weight}
     try:
         loss = " + ".join(f"{w:g} x {n}" for n, w in json.loads(loss).items() if w)
     except (TypeError, ValueError, AttributeError):
@@ -223,18 +288,18 @@ def segmenter_facts(name: str, version: str, run, per_patient=None, patients: di
                  and k.split(".", 1)[1] in ("threshold", "tta", "min_component_px", "keep_largest", "largest_3d")}
     return {"name": name, "version": str(version), "run_id": run.info.run_id,
             "data": {"version": tags.get("data_version", ""), "synthetic": synthetic, "patients": patients or {}},
-            "recipe": {"arch": params.get("arch"), "encoder": params.get("encoder"), "size": params.get("size"),
-                       "channels": params.get("channels"), "loss": loss, "epochs": params.get("epochs"),
-                       "best_epoch": _count(metrics.get("best_epoch")),
-                       "epochs_run": _count(metrics.get("epochs_run")), "inference": inference},
+            "recipe": {**{k: trained.params.get(k) for k in ("arch", "encoder", "size", "channels")}, "loss": loss,
+                       "epochs": trained.params.get("epochs"), "best_epoch": _count(trained.metrics.get("best_epoch")),
+                       "epochs_run": _count(trained.metrics.get("epochs_run")), "inference": inference},
             "val": split("val_"), "test": split("test_"), "misses": lowest_dice_patients(per_patient)}
 
 
-def document_segmenter(name: str, version: str, run_id: str, ctx=None) -> str:
-    """Build and log the card of segmenter ``name`` v``version`` trained in ``run_id``; returns it.
+def document_segmenter(name: str, version: str, run_id: str, ctx=None, trained_in: str | None = None) -> str:
+    """Build and log the card of segmenter ``name`` v``version`` logged in ``run_id``; returns it.
 
     ``ctx`` (a :class:`brainseg.data.context.DataContext` of the same data version) adds the
-    patient counts per split and whether the data is synthetic.
+    patient counts per split and whether the data is synthetic; ``trained_in``: the training run
+    when ``run_id`` only chose the inference settings (the recipe is read from it).
     """
     import pandas as pd
 
@@ -256,7 +321,8 @@ def document_segmenter(name: str, version: str, run_id: str, ctx=None) -> str:
         for subset in ("train", "val", "test"):
             patients[subset] = int(ctx.rows(subset)["patient"].nunique())
         synthetic = is_synthetic(ctx.root, list(ctx.rows("train")["patient"].unique()))
-    facts = segmenter_facts(name, version, run, per_patient, patients, synthetic)
+    recipe_run = tracking.client().get_run(trained_in) if trained_in else None
+    facts = segmenter_facts(name, version, run, per_patient, patients, synthetic, recipe_run)
     markdown = segmenter_card(facts)
     tracking.log_model_card(name, version, run_id, markdown, facts, card_tags(facts))
     return markdown
@@ -275,7 +341,7 @@ def document_survival(name: str, version: str, run_id: str, summary: dict) -> st
              "classifier": final.get("classifier"), "feature_set": final.get("feature_set"),
              "features_from": summary.get("features_from"), "data_version": summary.get("data_version", ""),
              "fitted_on": summary.get("fitted_on"), "patients": summary.get("patients"),
-             "positives": summary.get("positives"), "cv": cv}
+             "positives": summary.get("positives"), "cv": cv, "failures": summary.get("failures") or {}}
     markdown = survival_card(facts)
     tracking.log_model_card(name, version, run_id, markdown, facts, card_tags(facts))
     return markdown
@@ -284,6 +350,9 @@ def document_survival(name: str, version: str, run_id: str, summary: dict) -> st
 # ----------------------------------------------------------------------------- run descriptions
 NOTE_TAG = "mlflow.note.content"  # the MLflow UI shows it as the run's description
 _RUN_KINDS = (  # run-name prefix -> what the run is
+    ("survival-final", "Final death01 survival model: the pipeline declared in params.yaml (`survival.final`) "
+                       "fitted on all patients (imaging features from {features_from} masks); its "
+                       "cross-validated figures are in the candidate runs of its parent."),
     ("refit-trial-", "Full-fidelity refit of the best tuning trial ({rest}) on the train patients; the "
                      "epoch and post-processing chosen on validation patients."),
     ("trial-", "Optuna tuning trial {rest}: a segmenter trained at low fidelity, scored by the best "
@@ -308,7 +377,7 @@ def run_note(name: str, tags: dict) -> str:
     what = f"Run {name}."
     for prefix, template in _RUN_KINDS:
         if name.startswith(prefix):
-            what = template.format(rest=name[len(prefix):] or "?")
+            what = template.format(rest=name[len(prefix):] or "?", features_from=tags.get("features_from", "?"))
             break
     else:
         if tags.get("features_from") or name.startswith(("survival", "death01")):

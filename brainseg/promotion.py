@@ -104,22 +104,42 @@ def segmenter_tags(run, ctx: DataContext, run_id: str) -> dict:
             **{k: (f"{v:.0f}" if k in ("best_epoch", "epochs_run") else f"{v:.4f}") for k, v in copied.items()}}
 
 
+def stored_inference(model_uri: str) -> dict:
+    """The inference settings stored with a model (what every consumer of it applies)."""
+    from brainseg.inference import SETTINGS_FILE, read_settings
+    from brainseg.serving import resolve_model_dir
+
+    return read_settings(next(resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
+
+
 def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri: str, promote: bool = False,
-                       force: bool = False, extra_tags: dict | None = None) -> dict:
-    """Register a training run's model and tag it with its validation score; gate it if ``promote``."""
+                       force: bool = False, extra_tags: dict | None = None, trained_in: str | None = None) -> dict:
+    """Register the model ``model_uri`` logged in run ``run_id`` and tag it with its validation score
+    and its stored inference settings (and where they were chosen); gate it if ``promote``.
+
+    ``trained_in``: the training run of the network when ``run_id`` only chose its inference
+    settings (the lineage and best-epoch tags come from it)."""
+    from brainseg.workflows import CHOSEN_ON_TAG
+
     name = settings["register"]["segmenter_name"]
     subset = gate_subset(settings)
-    run = tracking.client().get_run(run_id)
-    tags = {**segmenter_tags(run, ctx, run_id), **(extra_tags or {})}
+    model_run = tracking.client().get_run(run_id)
+    run = tracking.client().get_run(trained_in) if trained_in else model_run
+    chosen_on = model_run.data.tags.get(CHOSEN_ON_TAG, "not recorded")
+    inference = stored_inference(model_uri)
+    tags = {**segmenter_tags(run, ctx, trained_in or run_id), CHOSEN_ON_TAG: chosen_on,
+            **{f"inference.{k}": str(v) for k, v in inference.items()},
+            **({"inference_run_id": run_id} if trained_in else {}), **(extra_tags or {})}
     params = run.data.params
     description = (f"Segmenter of LGG FLAIR abnormality: {params.get('arch')} / {params.get('encoder')}, "
                    f"{params.get('channels')} channels at {params.get('size')} px, trained on data "
                    f"{tags['data_version'][:12]}. Input: base64 TIFF/PNG slices; output: tumor features and mask.")
     mv, created = registry.register(name, model_uri, run_id, tags, description)
-    modelcard.document_segmenter(name, str(mv.version), run_id, ctx)  # artifact + version description
+    modelcard.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
     score = segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
     out = {"name": name, "version": str(mv.version), "created": created, f"{subset}_patient_dice_mean": score,
-           f"{subset}_data_version": ctx.version, "promoted": None,
+           f"{subset}_data_version": ctx.version, "inference": inference, CHOSEN_ON_TAG: chosen_on,
+           "promoted": None,
            "decision": f"{name} v{mv.version}: {subset}_patient_dice_mean "
                        f"{'n/a' if score is None else f'{score:.4f}'}; registered, not put through the gate "
                        "(promotion off: register.promote, --promote or `brainseg promote`)"}

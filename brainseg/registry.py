@@ -8,7 +8,9 @@ Registry tags say which split a number was computed on (``val_patient_dice_mean`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 
 import mlflow
@@ -88,7 +90,8 @@ def register(name: str, model_uri: str, run_id: str, tags: dict, description: st
         client().create_registered_model(name, description=f"brainseg: {description.split('.')[0]}.")
     except MlflowException:
         pass  # already exists
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Registered model ... already exists" prints
+        mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client().update_model_version(name, mv.version, description=description)
     return client().get_model_version(name, mv.version), True
 

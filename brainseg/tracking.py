@@ -114,8 +114,10 @@ def epoch_logger():
     import tf_keras as keras
 
     class MlflowEpochLogger(keras.callbacks.Callback):
-        # The running best val_patient_dice goes first in the first batch: MLflow keeps metrics in
-        # the order first logged and its Compare view defaults to the first one (the headline).
+        # The running best val_patient_dice goes first in the first batch. On SQLite, MLflow returns
+        # a run's metrics in the order first logged (it sets no ORDER BY: PostgreSQL may differ),
+        # and the UI's Compare view opens its parallel-coordinates plot on the first metric the
+        # compared runs share (and on the first three, alphabetically, of the params that differ).
         best = None
 
         def on_epoch_end(self, epoch, logs=None):
@@ -296,12 +298,14 @@ def terminate(run_id: str, status: str) -> None:
 
 def log_model_card(name: str, version: str, run_id: str, markdown: str, facts: dict, tags: dict) -> None:
     """A registered version's model card: ``model_card.md`` / ``.json`` artifacts of its source run,
-    the version's description (the card, cut to MLflow's limit) and ``card.*`` version tags."""
+    the version's description (its short registration text, a blank line and the card, cut to
+    MLflow's limit) and ``card.*`` version tags."""
     from brainseg import modelcard
 
     c = client()
     c.log_text(run_id, markdown, modelcard.CARD_FILE)
     c.log_dict(run_id, facts, modelcard.FACTS_FILE)
-    c.update_model_version(name, str(version), description=modelcard.description(markdown))
+    lead = c.get_model_version(name, str(version)).description or ""
+    c.update_model_version(name, str(version), description=modelcard.description(markdown, lead))
     for key, value in tags.items():
         c.set_model_version_tag(name, str(version), key, str(value))

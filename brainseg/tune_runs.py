@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 
+from brainseg.modelcard import NOTE_TAG
 from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, redact, trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -96,7 +97,7 @@ def study_storage(url: str, heartbeat: int):
 def parent_params(plan: StudyPlan) -> dict:
     t, f = plan.tune, plan.fidelity
     return {"study.name": plan.study_name, "study.storage": redact(plan.storage_url),
-            "study.sampler": "TPESampler", "study.sampler_seed": t["sampler_seed"], "study.pruner": t["pruner"],
+            "study.sampler": "TPESampler, seeded per trial number", "study.sampler_seed": t["sampler_seed"], "study.pruner": t["pruner"],
             "study.objective": OBJECTIVE, "study.size_px": f.size, "study.steps_per_epoch": f.steps_per_epoch,
             "study.min_resource": f.min_resource, "study.max_resource": f.max_resource,
             "study.reduction_factor": f.reduction_factor, "study.rungs": f.rungs(),
@@ -119,7 +120,8 @@ def _usable(run_id: str | None) -> bool:
 def claim_project_run(project: str, experiment: str, name: str, tags: dict, params: dict) -> tuple[str, bool]:
     """Make ``mlflow run``'s run (``project``) this command's run in ``experiment``.
 
-    Returns (run id, moved). In ``experiment`` (or another experiment the user chose) it is used
+    Returns (run id, moved). Either way the run gets its description (``mlflow.note.content``,
+    :func:`brainseg.tracking.with_note`). In ``experiment`` (or another experiment the user chose) it is used
     as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
     is ended with a note pointing at the new run (not deleted: ``mlflow run`` sets its status when
     the command ends).
@@ -135,18 +137,19 @@ def claim_project_run(project: str, experiment: str, name: str, tags: dict, para
     if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
         new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()
                       if k not in run.data.params]
-        c.log_batch(project, params=new_params, tags=[entities.RunTag(k, str(v)) for k, v in tags.items()])
+        c.log_batch(project, params=new_params,
+                    tags=[entities.RunTag(k, str(v)) for k, v in tracking.with_note(name, tags).items()])
         c.set_tag(project, "mlflow.runName", name)
         return project, False
     copied = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
     new = c.create_run(exp.experiment_id, run_name=name,
-                       tags={**copied, **tags, "brainseg.moved_from_run": project})
+                       tags=tracking.with_note(name, {**copied, **tags, "brainseg.moved_from_run": project}))
     items = {**run.data.params, **params}
     c.log_batch(new.info.run_id, params=[entities.Param(k, "None" if v is None else str(v)[:6000])
                                          for k, v in items.items()])
     # Not deleted: `mlflow run` sets the status of its run when the command ends and fails on a
     # deleted run. It is ended, and says where the study went (`--experiment-name brainseg` avoids it).
-    c.log_batch(project, tags=[entities.RunTag("mlflow.note.content",
+    c.log_batch(project, tags=[entities.RunTag(NOTE_TAG,
                                                f"Launcher only: the study is run {new.info.run_id} in "
                                                f"experiment {experiment!r}."),
                                entities.RunTag("brainseg.moved_to_run", new.info.run_id)])
@@ -170,8 +173,11 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
         if claim and tracking.run_status(parent) != "RUNNING":
             tracking.client().update_run(parent, status="RUNNING")  # resumed: running again
         if project and project != parent:
+            note = (f"Session resuming Optuna study {plan.study_name}: its trials are children of the "
+                    f"study's run {parent}.")
             session, moved = claim_project_run(project, experiment, f"resume-{plan.study_name}",
-                                               {**tags, "brainseg.role": "tune-session", "mlflow.parentRunId": parent}, {})
+                                               {**tags, "brainseg.role": "tune-session", "mlflow.parentRunId": parent,
+                                                NOTE_TAG: note}, {})
             return parent, session if moved else None
         return parent, None
     if project:
@@ -206,7 +212,8 @@ def trial_callbacks(trial: optuna.Trial) -> list:
     return [TrialReport()]
 
 
-def objective_for(plan: StudyPlan, ctx, parent: str):
+def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None = None):
+    """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs."""
     from brainseg import tracking
     from brainseg.workflows import tracked_training
 
@@ -221,9 +228,10 @@ def objective_for(plan: StudyPlan, ctx, parent: str):
                 "brainseg.role": "trial", "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
         if trial.user_attrs.get("recipe"):
             tags["recipe"] = trial.user_attrs["recipe"]
+        shown = [progress.epochs(trial.number, cfg.epochs)] if progress is not None else []
         try:
             res = tracked_training(settings, cfg, ctx, run_name=f"trial-{trial.number:03d}",
-                                   callbacks=trial_callbacks(trial), tags=tags, verbose=0,
+                                   callbacks=[*shown, *trial_callbacks(trial)], tags=tags, verbose=0,
                                    finished_on=(optuna.TrialPruned,))
         except optuna.TrialPruned:
             raise
@@ -239,14 +247,41 @@ def objective_for(plan: StudyPlan, ctx, parent: str):
 
 
 class Progress:
-    """Optuna callback: one console line per finished trial; progress metrics on the parent run."""
+    """Optuna callback: trial k of n, best so far, pruned count; progress metrics on the parent run.
 
-    def __init__(self, parent: str, n_trials: int, start_count: int, echo=print):
+    ``mode`` ``lines`` (output not a terminal, or a worker process): one ``echo`` line per finished
+    trial and :meth:`epochs` gives one line per epoch prefixed with the trial number. ``bar`` (a
+    terminal): a rich display (trials done of n, best, pruned; the current trial's epochs and steps)
+    with the finished trials' lines printed above it. ``parent`` None: nothing logged to MLflow.
+    """
+
+    def __init__(self, parent: str | None, n_trials: int, start_count: int, echo=print, mode: str = "lines",
+                 console=None):
         self.parent, self.n, self.start, self.echo = parent, n_trials, start_count, echo
+        self.bar = self.task = None
+        if mode == "bar":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console or Console())
+            self.task = self.bar.add_task("trials", total=n_trials, last="best - | pruned 0")
+            self.bar.start()
+
+    def epochs(self, trial: int, epochs: int):
+        """The Keras callback showing trial ``trial``'s epochs (lines or rows of the display)."""
+        from brainseg.progress import epoch_progress
+
+        if self.bar is not None:
+            return epoch_progress(epochs, "bar", label=f"trial #{trial}", bar=self.bar)
+        return epoch_progress(epochs, "lines", write=self.echo, label=f"trial #{trial}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        from brainseg import tracking
-
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state.is_finished()]
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
@@ -257,14 +292,27 @@ class Progress:
                  f"{trial.intermediate_values[max(trial.intermediate_values)]:.4f} after epoch "
                  f"{max(trial.intermediate_values)}"
                  if trial.intermediate_values else "-")
-        self.echo(f"trial {k} of {self.n} (#{trial.number}) {trial.state.name.lower()}: {value} | best "
-                  + (f"{best[0]:.4f} (#{best[1]})" if best else "-") + f" | pruned {pruned}")
-        metrics = {"trials_finished": len(done), "trials_pruned": pruned}
+        status = "best " + (f"{best[0]:.4f} (#{best[1]})" if best else "-") + f" | pruned {pruned}"
+        line = f"trial {k} of {self.n} (#{trial.number}) {trial.state.name.lower()}: {value} | {status}"
+        if self.bar is None:
+            self.echo(line)
+        else:
+            for task in self.bar.task_ids[1:]:  # the finished trial's epoch rows
+                self.bar.remove_task(task)
+            self.bar.update(self.task, completed=k, last=status)
+            self.bar.console.print(line)
+        if self.parent:
+            self.log(len(done), pruned, best)
+
+    def log(self, finished: int, pruned: int, best: tuple | None) -> None:
+        from brainseg import tracking
+
+        metrics = {"trials_finished": finished, "trials_pruned": pruned}
         if best:
             metrics["best_val_patient_dice_so_far"] = best[0]
         try:
-            tracking.log_metrics_to(self.parent, metrics, step=len(done))
-            tracking.set_tags(self.parent, {"progress": f"{len(done)} trials finished, {pruned} pruned, best "
+            tracking.log_metrics_to(self.parent, metrics, step=finished)
+            tracking.set_tags(self.parent, {"progress": f"{finished} trials finished, {pruned} pruned, best "
                                                         + (f"{best[0]:.4f} (trial {best[1]})" if best else "-")})
         except Exception:  # noqa: BLE001 - progress must never stop the study
             pass

@@ -9,7 +9,6 @@ patients for the report (``test_*`` metrics, used in no decision) and, if asked,
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from brainseg.tune import OBJECTIVE, StudyPlan, apply_params, open_plan_study, refit_epochs
+from brainseg.tune import OBJECTIVE, StudyPlan, apply_params, open_plan_study, quiet_optuna, refit_epochs
 from brainseg.tune_runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
                                 study_storage)
 
@@ -56,6 +55,23 @@ def launch_workers(plan: StudyPlan, study_trials: int, settings_args: list[str])
             raise
 
 
+def display(echo, is_worker: bool = False) -> tuple[str, object]:
+    """How to show progress: (``bar`` or ``lines``, the rich Console behind ``echo`` or None).
+
+    ``bar`` only when that console (else stdout) is a terminal and this is not a worker process
+    (workers share the launcher's terminal: lines, each naming its trial).
+    """
+    from rich.console import Console
+
+    from brainseg.progress import choose_mode
+
+    console = getattr(echo, "__self__", None)
+    console = console if isinstance(console, Console) else None
+    if is_worker:
+        return "lines", console
+    return choose_mode("auto", console.file if console is not None else None), console
+
+
 def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, worker: int | None = None,
               study_trials: int | None = None, refit: bool = False, register: bool = False,
               settings_args: list[str] | None = None, echo=print) -> dict:
@@ -67,8 +83,9 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     from brainseg import tracking
 
     is_worker = worker is not None
+    quiet_optuna()
     storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
-    study = open_plan_study(plan, worker if is_worker else os.getpid(), storage)
+    study = open_plan_study(plan, worker or 0, storage)  # seeds per trial number: no pid needed
     parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=not is_worker)
     import mlflow
 
@@ -93,11 +110,17 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
                 echo(f"worker exit codes {codes}")
         else:
             set_threads(plan.threads)
-            callbacks = [Progress(parent, plan.n_trials, start, echo)]
+            mode, console = display(echo, is_worker)
+            progress = Progress(parent, plan.n_trials, start, echo, mode, console)
+            callbacks = [progress]
             if study_trials:
                 callbacks.insert(0, optuna.study.MaxTrialsCallback(study_trials, states=None))
-            study.optimize(objective_for(plan, ctx, parent), n_trials=plan.n_trials, timeout=plan.timeout,
-                           catch=(ValueError, RuntimeError, MemoryError), gc_after_trial=True, callbacks=callbacks)
+            try:
+                study.optimize(objective_for(plan, ctx, parent, progress), n_trials=plan.n_trials,
+                               timeout=plan.timeout, catch=(ValueError, RuntimeError, MemoryError),
+                               gc_after_trial=True, callbacks=callbacks)
+            finally:
+                progress.close()
         if is_worker:
             return {"study": plan.study_name, "parent_run_id": parent, "worker": worker}
         summary = summarize_study(study, parent)
@@ -203,6 +226,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     """Train the best configuration at full fidelity on the train patients (validation selects the
     epoch), score it once on the test patients for the report, register it if asked."""
     from brainseg import tracking
+    from brainseg.progress import epoch_progress
     from brainseg.promotion import register_segmenter
     from brainseg.workflows import tracked_training
 
@@ -212,8 +236,10 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     tags = {"mlflow.parentRunId": parent, "brainseg.study_parent_run_id": parent, "brainseg.role": "refit",
             "optuna.study": plan.study_name, "refit_of_trial": str(best.number),
             "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
+    mode, console = display(echo)
+    shown = epoch_progress(cfg.epochs, mode, write=echo, console=console, label="refit")
     res = tracked_training(settings, cfg, ctx, run_name=f"refit-trial-{best.number:03d}", tags=tags, verbose=0,
-                           report_test=True)  # test_*: once, for the report only; no decision reads it
+                           callbacks=[shown], report_test=True)  # test_*: for the report only; no decision
     m = res["metrics"]
     out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": best.number, "epochs": cfg.epochs,
            "size": cfg.size, "best_epoch": res["best_epoch"], "val_patient_dice_mean": m.get("patient_dice_mean"),

@@ -18,6 +18,8 @@ from brainseg.evaluate import evaluate, select_postprocessing
 from brainseg.inference import InferenceSettings, Segmenter, save_model
 from brainseg.train import train
 
+CHOSEN_ON_TAG = "inference_chosen_on"  # "val" when TTA and post-processing were chosen on val patients
+
 
 def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
@@ -42,22 +44,68 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
         mlflow.log_metrics(tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run))
         tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
 
-        segmenter, choice = choose_inference(settings, result.model, cfg, val_rows, ctx)
-        if choice is not None:
-            tracking.log_table(choice, "val_postprocessing_candidates.csv")
-        tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()})
-        val_images, truths = load_full_images(val_rows), ctx.truths("val")
-        ev = evaluate(segmenter, val_rows, val_images, truths)
-        metrics = tracking.log_evaluation(ev, "val_", val_images, truths)
+        segmenter, metrics, example = choose_and_score(settings, result.model, cfg, ctx)
         if report_test:
             metrics.update(report_on_test(segmenter, ctx))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_model(result.model, cfg, segmenter.settings, Path(tmp))
-            example = val_images[0]
-            model_uri = tracking.log_segmenter_model(Path(tmp), example, {"data_version": ctx.version})
+        model_uri = log_model(result.model, cfg, segmenter, example, ctx)
         return {"run_id": active.info.run_id, "model_uri": model_uri, "best_epoch": result.best_epoch + 1,
                 "val_patient_dice": result.best_value, "metrics": metrics,
                 "inference": segmenter.settings.to_dict()}
+
+
+def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):
+    """In the active run: choose the inference settings on the validation patients
+    (:func:`choose_inference`), log them (params ``inference.*``, tag ``inference_chosen_on``, the
+    candidates table) and the validation metrics they give. Returns (segmenter, val metrics, a slice)."""
+    val_rows = ctx.rows("val")
+    segmenter, choice = choose_inference(settings, model, cfg, val_rows, ctx)
+    if choice is not None:
+        tracking.log_table(choice, "val_postprocessing_candidates.csv")
+    mlflow.set_tag(CHOSEN_ON_TAG, "val" if choice is not None else "fixed (evaluate settings)")
+    tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()})
+    val_images, truths = load_full_images(val_rows), ctx.truths("val")
+    ev = evaluate(segmenter, val_rows, val_images, truths)
+    return segmenter, tracking.log_evaluation(ev, "val_", val_images, truths), val_images[0]
+
+
+def log_model(model, cfg: TrainConfig, segmenter: Segmenter, example, ctx: DataContext) -> str:
+    """Log the network with ``segmenter``'s settings as the active run's serving model; its URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, cfg, segmenter.settings, Path(tmp))
+        return tracking.log_segmenter_model(Path(tmp), example, {"data_version": ctx.version})
+
+
+def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=print) -> dict:
+    """The best trial's network with TTA and post-processing chosen on the validation patients, as
+    a model of its own (run ``postprocessing-trial-NNN``, tagged with the study parent).
+
+    Trials skip that choice (they are ranked by their best epoch's ``val_patient_dice``); the refit
+    makes it for its own model. Without a refit this is the model the study hands on: the summary's
+    ``best_model_uri`` becomes it (the trial's own model stays ``best_trial_model_uri``), so what is
+    registered and reported on test is what was chosen on val.
+    """
+    from brainseg.inference import load_model_dir
+    from brainseg.modelcard import NOTE_TAG
+    from brainseg.serving import resolve_model_dir
+
+    trial_uri, number = summary["best_model_uri"], int(summary["best_trial"])
+    model, cfg, _ = load_model_dir(resolve_model_dir(trial_uri))
+    tags = {**tracking.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
+            "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
+            "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri,
+            NOTE_TAG: f"TTA and post-processing of tuning trial {number}'s model (run {summary['best_run_id']}) "
+                      "chosen on the validation patients (`val_postprocessing_candidates.csv`); the same network, "
+                      "logged with the chosen settings."}
+    echo(f"trial {number}'s model: choosing TTA and post-processing on the validation patients")
+    with tracking.run(f"postprocessing-trial-{number:03d}", tags) as active:
+        tracking.log_params(tracking.train_config_params(cfg))
+        segmenter, metrics, example = choose_and_score(settings, model, cfg, ctx)
+        model_uri = log_model(model, cfg, segmenter, example, ctx)
+    echo(f"chosen on val: {segmenter.settings.to_dict()}; val per-patient Dice "
+         f"{metrics.get('patient_dice_mean', float('nan')):.3f}")
+    return {"run_id": active.info.run_id, "model_uri": model_uri, "trial": number, "trial_run_id": summary["best_run_id"],
+            "trial_model_uri": trial_uri, "inference": segmenter.settings.to_dict(),
+            "val_patient_dice_mean": metrics.get("patient_dice_mean")}
 
 
 def choose_inference(settings: dict, model, cfg: TrainConfig, val_rows, ctx: DataContext):
@@ -168,7 +216,8 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
 
     The default name is tune.study_name + profile + data version (+ the project run under
     ``mlflow run`` outside the pipeline, so each `mlflow run` gets its own study); ``refit`` and
-    ``register`` default to tune.refit / tune.register (a worker never refits).
+    ``register`` default to tune.refit / tune.register (a worker never refits). Without a refit
+    the best trial's TTA and post-processing are then chosen on val (:func:`choose_for_best_trial`).
     Raises :class:`TuneRefused` for bad input or an unreachable storage; anything later propagates.
     """
     from brainseg.tune import plan_from_settings, run_study  # Optuna: only tuning pays for it
@@ -184,28 +233,34 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
     refit = settings["tune"].get("refit", False) if refit is None else refit
     register = settings["tune"].get("register", False) if register is None else register
     try:
-        return run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
-                         refit=bool(refit) and worker is None, register=bool(register),
-                         settings_args=settings_args or [], echo=echo)
+        summary = run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
+                            refit=bool(refit) and worker is None, register=bool(register),
+                            settings_args=settings_args or [], echo=echo)
     except Exception as exc:  # storage unreachable, bad URL: before any trial started
         if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
             raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]})") from exc
         raise
+    if (summary.get("best_model_uri") and not summary.get("refit") and worker is None
+            and settings.get("evaluate", {}).get("select_postprocessing", False)):
+        chosen = choose_for_best_trial(settings, ctx, summary, echo)
+        summary.update({"postprocessing": chosen, "best_trial_model_uri": summary["best_model_uri"],
+                        "best_model_uri": chosen["model_uri"]})
+    return summary
 
 
 def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | None = None,
                     survival_summary: Path | None = None, promote: bool | None = None, force: bool = False,
                     echo=print) -> dict:
-    """``brainseg register``: the segmenter of run ``run_id`` (else the best trial of ``tune_summary``,
-    or its full-fidelity refit) and the survival model of ``survival_summary`` (skipped when
+    """``brainseg register``: the segmenter of run ``run_id`` (else the model ``tune_summary`` hands
+    on: the full-fidelity refit, or the best trial with TTA and post-processing chosen on val) and the survival model of ``survival_summary`` (skipped when
     missing), each tagged with its validation / CV figures and gated if ``promote`` (default:
     register.promote). Returns each model's result; echoes each decision.
     FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
     from brainseg.promotion import register_segmenter, register_survival  # promotion imports this module
 
     promote = bool(settings["register"].get("promote", False)) if promote is None else promote
-    results = {}
+    results, trained_in = {}, None
     if run_id:
         logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
         if not logged:
@@ -217,11 +272,15 @@ def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | 
         summary = json.loads(tune_summary.read_text())
         if not summary.get("best_run_id"):
             raise ValueError(f"{tune_summary}: the study has no completed trial to register")
-        refit = summary.get("refit") or {}  # the full-fidelity refit of the best trial, if any
-        run_id = refit.get("run_id") or summary["best_run_id"]
-        model_uri = refit.get("model_uri") or summary["best_model_uri"]
+        # the full-fidelity refit of the best trial, else the best trial's network with its
+        # inference settings chosen on val (both choose TTA and post-processing on val patients)
+        chosen = summary.get("refit") or summary.get("postprocessing") or {}
+        run_id = chosen.get("run_id") or summary["best_run_id"]
+        model_uri = chosen.get("model_uri") or summary["best_model_uri"]
+        trained_in = chosen.get("trial_run_id")  # the trial run that trained the network, if not run_id
     ctx = DataContext.from_settings(settings)
-    results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, promote=promote, force=force)
+    results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, promote=promote, force=force,
+                                              trained_in=trained_in)
     echo(results["segmenter"]["decision"])
     if survival_summary and survival_summary.is_file():
         results["survival"] = register_survival(settings, json.loads(survival_summary.read_text()),

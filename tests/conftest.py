@@ -60,7 +60,8 @@ def test_tracking_env():
 
 # Lines of console output that are library noise, never the project's own (tests of the console).
 NOISE = re.compile(r"tensorflow|absl|cuInit|cuda|oneDNN|^[IWEF]\d{4} |Segmentation Models|"
-                   r"warning|Downloading artifacts|\x08|dataset source", re.IGNORECASE)
+                   r"warning|Downloading artifacts|\x08|dataset source|"
+                   r"^\[[IWE] \d{4}-\d\d-\d\d |INFO\s+\[alembic|Registered model|Created version", re.IGNORECASE)
 MAX_LINE = 300
 
 

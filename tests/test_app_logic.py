@@ -195,6 +195,22 @@ def test_analyse_tables_and_downloads():
     assert captions[1] == "predicted tumor (red): 64 px" and captions[2].endswith("Dice 1.000")
 
 
+@pytest.mark.parametrize("image_boxes, truth_boxes, expected", [
+    # predicted areas 0, 64, 128; the largest true tumor is on slice 1: the predicted one wins
+    ([(0, 0, 0, 0), (8, 16, 8, 16), (4, 20, 4, 12)], [(0, 0, 0, 0), (2, 30, 2, 30), (0, 0, 0, 0)], 2),
+    # nothing predicted: the largest true tumor
+    ([(0, 0, 0, 0)] * 3, [(2, 30, 2, 30), (8, 16, 8, 16), (0, 0, 0, 0)], 0),
+    # neither: the middle slice
+    ([(0, 0, 0, 0)] * 3, [(0, 0, 0, 0)] * 3, 1),
+])
+def test_default_slice_is_the_largest_predicted_tumor(image_boxes, truth_boxes, expected):
+    slices = [logic.SliceInput(f"{FOLDER}/{FOLDER}_{k + 1}.tif", "TCGA_CS_4941", FOLDER, k + 1,
+                               slice_image(32, b), truth=box_mask(32, t) > 0)
+              for k, (b, t) in enumerate(zip(image_boxes, truth_boxes))]
+    results, _ = logic.analyse(slices, FakeBackend())
+    assert logic.default_slice(results) == expected
+
+
 def test_slice_table_without_truth_has_no_truth_columns():
     results, _ = logic.analyse(three_slices(truth=False), FakeBackend())
     assert "dice_vs_truth" not in logic.slice_table(results).columns
@@ -239,10 +255,15 @@ class FakeServer(http.server.BaseHTTPRequestHandler):
     """Answers /invocations like ``mlflow models serve`` does; an all-black slice gets a 400."""
 
     requests: typing.ClassVar[list] = []
+    max_rows: typing.ClassVar[int] = 1000  # more rows get a 400 naming the limit, as the served model's
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeServer.requests.append((self.path, body))
+        if len(body["dataframe_split"]["data"]) > FakeServer.max_rows:
+            return self.reply(400, {"error_code": "INVALID_PARAMETER_VALUE", "message":
+                                    f"{len(body['dataframe_split']['data'])} rows exceed the limit of "
+                                    f"{FakeServer.max_rows} rows per request"})
         images = [imageio.check_image(imageio.decode_bytes(base64.b64decode(row[0]), "row"), "row")
                   for row in body["dataframe_split"]["data"]]
         if any(image.max() == 0 for image in images):
@@ -275,7 +296,7 @@ def endpoint():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    FakeServer.requests = []
+    FakeServer.requests, FakeServer.max_rows = [], 1000
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -304,10 +325,33 @@ def test_rest_backend_errors(endpoint):
     slices = three_slices() + [logic.SliceInput(*black[:1], "B", "B", 1, black[1])]
     results, problems = logic.analyse(slices, logic.RestBackend(endpoint))
     assert len(results) == 3 and problems == [
-        "black.tif: endpoint refused the slice (HTTP 400): row 0, column 'image': all black"]
+        "black.tif: endpoint refused the request (HTTP 400): row 0, column 'image': all black"]
     with pytest.raises(logic.SegmentError, match="cannot be reached") as down:
         logic.RestBackend("http://127.0.0.1:9", timeout=5).segment([black])
     assert not down.value.per_item
+
+
+def test_rest_backend_sends_no_more_than_the_servers_limits(endpoint):
+    from brainseg.serving_limits import RequestLimits
+
+    assert logic.RestBackend(endpoint).limits == RequestLimits()  # the server's defaults
+    slices = three_slices()  # 32x32: 1,024 pixels each
+    for limits in (RequestLimits(max_rows=2), RequestLimits(max_pixels=2 * 1024)):
+        FakeServer.requests = []
+        results, problems = logic.analyse(slices, logic.RestBackend(endpoint, limits=limits))
+        assert [len(body["dataframe_split"]["data"]) for _, body in FakeServer.requests] == [2, 1]
+        assert [int(r.mask.sum()) for r in results] == [0, 64, 128]
+        assert len(problems) == 1 and problems[0].startswith("patient TCGA_CS_4941: 3 slices were not segmented "
+                                                             "together (the segmenter's request limits)")
+
+
+def test_a_volume_refused_as_a_whole_keeps_its_slices_with_a_problem_line(endpoint):
+    FakeServer.max_rows = 2  # the server takes fewer rows than the page believes
+    results, problems = logic.analyse(three_slices(), logic.RestBackend(endpoint))
+    assert [int(r.mask.sum()) for r in results] == [0, 64, 128]  # one by one, no exception
+    assert problems == [("patient TCGA_CS_4941: 3 slices were not segmented together (refused together: endpoint "
+                         "refused the request (HTTP 400): 3 rows exceed the limit of 2 rows per request); the "
+                         "per-volume post-processing (largest 3-D component) saw only part of the volume")]
 
 
 # ------------------------------------------------------------------ settings and provenance

@@ -136,6 +136,21 @@ def test_example_patient_shows_volume_plot_survival_and_disclaimer(app):
     assert "Slice number 3" in texts(app.caption)
 
 
+def test_a_patient_opens_on_its_largest_predicted_tumor_not_the_largest_true_one(app):
+    def slice_bytes(side: int) -> bytes:  # FLAIR-bright square of side x side: the fake's tumor
+        image = np.full((64, 64, 3), 60, np.uint8)
+        image[8:8 + side, 8:8 + side, 1] = 250
+        return tiff_bytes(image)
+
+    big_truth = np.zeros((64, 64), np.uint8)
+    big_truth[4:60, 4:60] = 255
+    files = [(f"{FOLDER}_{k}.tif", slice_bytes(side), "image/tiff") for k, side in ((1, 4), (2, 20), (3, 10))]
+    files.append((f"{FOLDER}_3_mask.tif", tiff_bytes(big_truth), "image/tiff"))  # the largest true tumor: slice 3
+    app.file_uploader[0].set_value(files).run()
+    assert not app.exception and not app.error
+    assert app.slider[0].value == 2  # the largest predicted tumor (20x20) is on slice 2
+
+
 def test_model_that_cannot_load_is_a_message(monkeypatch):
     def broken(settings):
         raise FileNotFoundError("models:/brainseg-segmenter@champion: cannot be resolved")

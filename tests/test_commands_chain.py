@@ -3,7 +3,11 @@ stale, `predict` never reads its own --out folder."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -155,24 +159,84 @@ def test_collect_inputs_never_reads_the_output_folder(tmp_path):
     assert len(files) == 6
 
 
+# ------------------------------------------------------- the commands build what they need (CLI)
+BUILT = ("manifest missing: built data/processed/manifest.csv (6 patients, 24 slices",
+         "split missing: built data/processed/split.csv")
+
+
+def _said(output: str) -> str:
+    return " ".join(output.split())
+
+
+def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeypatch):
+    """`brainseg tune` right after an import: the CLI path up to the study, which is replaced by a
+    stub receiving the data context (the study itself is tested in test_tune*)."""
+    from conftest import invoke
+
+    import brainseg.tune
+
+    seen = {}
+
+    def study(plan, ctx, experiment, **kwargs):
+        seen["ctx"] = ctx
+        return {"study": plan.study_name, "trials": 0, "states": {}, "parent_run_id": "stub"}
+
+    monkeypatch.setattr(brainseg.tune, "run_study", study)
+    result = invoke("tune", "--profile", "smoke", "--out", "reports/tune.json")
+    assert result.exit_code == 0, result.output
+    assert all(line in _said(result.output) for line in BUILT), result.output
+    assert len(seen["ctx"].manifest) == 24 and Path("data/processed/split.csv").is_file()
+    assert "manifest missing" not in _said(invoke("tune", "--profile", "smoke").output)  # built once
+
+
+def test_evaluate_builds_the_missing_manifest_and_split_and_says_so(project, tmp_path):
+    """`brainseg evaluate --model FOLDER` right after an import, for real (a tiny untrained model)."""
+    from conftest import Tracking, invoke
+
+    from brainseg.config import TrainConfig
+    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.models.factory import build_model
+
+    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
+    model_dir = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path / "model")
+    with Tracking(tmp_path / "mlflow.db"):
+        result = invoke("evaluate", "--model", str(model_dir), "--out", "reports/evaluate")
+    assert result.exit_code == 0, result.output
+    assert all(line in _said(result.output) for line in BUILT), result.output
+    metrics = json.loads(Path("reports/evaluate/metrics.json").read_text())
+    split = pd.read_csv("data/processed/split.csv")
+    assert metrics["val_n_patients"] == (split["subset"] == "val").sum() >= 1  # on the split it built
+
+
 @pytest.mark.slow
-def test_import_then_train_on_a_fresh_project(tmp_path, monkeypatch):
-    """`brainseg data import SRC && brainseg train` with no manifest or split: train builds them."""
-    from typer.testing import CliRunner
+@pytest.mark.real
+def test_import_then_train_on_a_fresh_clone(real_sample, tmp_path):
+    """The issue's `brainseg data import SAMPLE && brainseg train --profile smoke` on a fresh clone,
+    as a user runs it: two processes in a copy of the checkout (tracked + new files, its own git),
+    import with DVC, no manifest or split beforehand; MLflow's default store in the clone."""
+    import mlflow
+    from conftest import Tracking
+    from test_pipeline import _copy_checkout
 
-    from brainseg.cli import app
+    clone = _copy_checkout(tmp_path / "clone")
+    assert not (clone / "data/raw/kaggle_3m").exists() and not (clone / "data/processed/split.csv").exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BRAINSEG_"))}
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT / "experiments", tmp_path / "experiments")
-    src = generate(tmp_path / "download" / "kaggle_3m", patients=6, slices=6, size=32, seed=0)
-    runner = CliRunner()
-    result = runner.invoke(app, ["data", "import", str(src.parent), "--no-dvc"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["train", "--verbose", "0", "--set", "train.epochs=1", "--set", "train.size=32",
-                                 "--set", "train.steps_per_epoch=2"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    assert "manifest missing: built data/processed/manifest.csv (6 patients, 36 slices" in text
-    assert "split missing: built data/processed/split.csv" in text and "model:" in text
+    def run(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "brainseg", *args], cwd=clone, env=env, capture_output=True,
+                              text=True, timeout=900, check=False)
+        assert done.returncode == 0, f"brainseg {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    imported = run("data", "import", str(real_sample))
+    assert (clone / "data/raw/kaggle_3m.dvc").is_file(), imported.stdout  # tracked with DVC
+    n_slices = sum(1 for p in real_sample.rglob("*.tif") if not p.stem.endswith("_mask"))
+    trained = run("train", "--profile", "smoke", "--progress", "none")
+    said = _said(trained.stdout + trained.stderr)
+    assert f"manifest missing: built data/processed/manifest.csv (6 patients, {n_slices} slices" in said, said
+    assert "split missing: built data/processed/split.csv" in said and "model: " in said, said
+    with Tracking(clone / "mlflow.db"):
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.status = 'FINISHED'")
+        assert len(runs) >= 1 and runs["metrics.val_patient_dice_mean"].notna().any()
+        model_uri = said.split("model: ")[1].split()[0]
+        assert mlflow.models.get_model_info(model_uri).signature is not None  # the logged model

@@ -59,15 +59,37 @@ def test_an_unknown_progress_mode_is_refused_by_name():
         progress.choose_mode("fancy")
 
 
-def test_line_mode_callback_writes_one_line_per_epoch():
+@pytest.mark.parametrize("label, prefix", [("", ""), ("trial #3", "trial #3  ")])
+def test_line_mode_callback_writes_one_line_per_epoch(label, prefix):
     lines = []
-    cb = progress.epoch_progress(2, "lines", write=lines.append)
+    cb = progress.epoch_progress(2, "lines", write=lines.append, label=label)
     for epoch, value in enumerate((0.3, 0.1)):
         cb.on_epoch_begin(epoch)
         cb.on_epoch_end(epoch, {"loss": 1.0 - epoch, "val_patient_dice": value})
-    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert [line[:len(prefix) + 9] for line in lines] == [f"{prefix}epoch 1/2", f"{prefix}epoch 2/2"]
     assert "(best 0.300, epoch 1)" in lines[1]
     assert progress.epoch_progress(2, "none") is None
+
+
+def test_bar_mode_shows_epochs_steps_and_the_epoch_figures_with_lr_on_a_terminal():
+    from rich.console import Console
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=240)
+    cb = progress.epoch_progress(2, "bar", console=screen)
+    cb.set_params({"epochs": 2, "steps": 3})
+    cb.on_train_begin()
+    for epoch, value in enumerate((0.3, 0.1)):
+        cb.on_epoch_begin(epoch)
+        for step in range(3 - epoch):  # the last epoch stops after 2 steps: the row shows 2 of 3
+            cb.on_train_batch_end(step)
+        cb.on_epoch_end(epoch, {"loss": 1.0 - epoch, "val_patient_dice": value, "lr": 0.001 / (epoch + 1)})
+    epochs, steps = cb.bar.tasks
+    assert (epochs.completed, epochs.total) == (2, 2) and (steps.completed, steps.total) == (2, 3)
+    last = epochs.fields["last"]  # the epoch's line without "epoch 2/2"; ends with its seconds
+    assert last.startswith("loss 0.000  val_patient_dice 0.100 (best 0.300, epoch 1)  lr 0.0005  ") and last.endswith(" s")
+    cb.on_train_end()
+    shown = screen.file.getvalue()
+    assert "2/2" in shown and "lr 0.0005" in shown and "\x08" not in shown
 
 
 # ------------------------------------------------------------------------------------ muting

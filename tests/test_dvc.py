@@ -152,13 +152,19 @@ def test_every_listed_param_exists_and_templated_values_are_listed(stage):
 
 
 @pytest.mark.parametrize("stage, sections", [
-    ("tune", ["train", "tune", "evaluate", "split", "data"]),
+    ("tune", ["train", "tune", "evaluate", "split", "data", "register"]),  # tune.register: the refit registers
     ("register", ["register", "data", "survival.final"]),
     ("survival", ["survival"]),
     ("features", ["train", "evaluate", "split", "data", "survival.oof"]),  # out-of-fold segmenters
 ])
 def test_stages_list_the_sections_they_read(stage, sections):
     assert set(sections) <= set(DVC[stage]["params"])
+
+
+def test_stages_that_read_images_depend_on_the_image_folder():
+    """Editing pixels changes the data version these stages read and tag: DVC must re-run them."""
+    for name in ("validate", "manifest", "features", "features_truth", "tune", "register", "test_report"):
+        assert "${data.root}" in DVC[name]["deps"], f"dvc.yaml stage {name!r}: add ${{data.root}} to its deps"
 
 
 def test_no_stage_applies_a_profile_and_metrics_are_versioned():

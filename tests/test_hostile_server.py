@@ -5,13 +5,15 @@ limit), that no stack trace or server path leaks, that the answer is strict JSON
 Infinity tokens), and that a good request still succeeds right after it. The memory test sends
 decompression bombs and asserts the serving process's peak RSS grows by less than 100 MB.
 
-The server runs with small request limits (``LIMITS``) so the limit cases are cheap; the model is
-a tiny seeded untrained U-Net (masks arbitrary but deterministic).
+The server runs with the default request limits (:class:`brainseg.serving.RequestLimits`; the
+limit cases read them, so they follow a change of the defaults) and the decoder's default
+per-image limit; the model is a tiny seeded untrained U-Net (masks arbitrary but deterministic).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -24,16 +26,16 @@ import numpy as np
 import pytest
 import requests
 import tifffile
+from conftest import Tracking
 
 from brainseg.bench import dataframe_split, experiment_in, register_champion, serve_model
 from brainseg.data import imageio
-from brainseg.serving import OUTPUT_COLUMNS
-from conftest import Tracking
+from brainseg.serving import OUTPUT_COLUMNS, RequestLimits
 
 pytestmark = pytest.mark.timeout(900)
 
-LIMITS = {"BRAINSEG_SERVE_MAX_ROWS": "8", "BRAINSEG_SERVE_MAX_PIXELS": str(6 * 256 * 256),
-          "BRAINSEG_SERVE_MAX_IMAGE_BYTES": "2000000"}
+LIMITS = RequestLimits()  # the defaults: the server's environment sets none of BRAINSEG_SERVE_*
+ENV = RequestLimits.ENV
 RSS_GROWTH_LIMIT_MB = 100
 LEAKS = ("Traceback", "stack_trace", "site-packages", 'File "/')
 
@@ -64,6 +66,19 @@ def png_claiming(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return imageio.PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@functools.lru_cache(maxsize=2)
+def png_zeros(width: int, height: int) -> bytes:
+    """A valid, fully decodable RGB PNG of zeros: ``width`` x ``height`` x 3 bytes once decoded,
+    a few KB per megapixel on the wire (rows are compressed as they are made)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), bytes(1 + 3 * width)  # filter byte 0, then the row's pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return imageio.PNG_MAGIC + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def tiff_bomb(shape: tuple[int, int, int], planar: bool, tile: int = 1024) -> bytes:
@@ -131,7 +146,8 @@ def server(tracking, tmp_path_factory, good_slice):
     experiment_in("hostile", tracking.artifacts)
     uri = register_champion(model_dir, imageio.read_image(_as_file(tmp_path_factory, good_slice)),
                             tracking.artifacts)
-    with serve_model(uri, tracking.uri, tmp_path_factory.mktemp("serve"), timeout_s=300, env=LIMITS) as s:
+    with serve_model(uri, tracking.uri, tmp_path_factory.mktemp("serve"), timeout_s=300,
+                     env={var: "" for var in ENV.values()}) as s:  # "" = unset: the defaults
         s.model_uri = uri
         yield s
 
@@ -158,9 +174,18 @@ def split_of(*cells, params=None) -> dict:
     return dataframe_split(list(cells), params)
 
 
+def _pixels_side() -> int:
+    """The side of a square image of which 2 fit in the request's pixel limit and 3 do not."""
+    side = math.isqrt(LIMITS.max_pixels // 2)
+    assert 3 * side * side > LIMITS.max_pixels and 32 <= side and side * side <= imageio.pixel_limit()
+    return side
+
+
 def _cases() -> list[tuple[str, object, int, list[str]]]:
     """(name, body, status, words the message must hold). GOOD in a body stands for the good slice."""
     rgb = np.full((64, 64, 3), 90, np.uint8)
+    cell = ["row 0", "column 'image'"]
+    side = _pixels_side()
     return [
         # ---- params
         ("threshold null", split_of(GOOD, params={"threshold": None}), 400, ["threshold", "null"]),
@@ -181,12 +206,12 @@ def _cases() -> list[tuple[str, object, int, list[str]]]:
         ("return_mask null", split_of(GOOD, params={"return_mask": None}), 400, ["return_mask", "null"]),
         ("params a list", {**split_of(GOOD), "params": [0.5]}, 400, ["arameters", "dictionary"]),
         # ---- the image cell
-        ("image number", split_of(5), 400, ["image"]),
-        ("image float", split_of(0.5), 400, ["image"]),
-        ("image list", split_of([1, 2, 3]), 400, ["image"]),
-        ("image object", {"dataframe_records": [{"image": {"a": 1}}]}, 400, ["image"]),
-        ("image null", split_of(None), 400, ["row 0", "column 'image'", "null"]),
-        ("image boolean", split_of(True), 400, ["image"]),
+        ("image number", split_of(5), 400, [*cell, "got a number", "expected a string"]),
+        ("image float", split_of(0.5), 400, [*cell, "got a number", "expected a string"]),
+        ("image list", split_of([1, 2, 3]), 400, [*cell, "got a list", "expected a string"]),
+        ("image object", {"dataframe_records": [{"image": {"a": 1}}]}, 400, [*cell, "got an object"]),
+        ("image null", split_of(None), 400, [*cell, "null"]),
+        ("image boolean", split_of(True), 400, [*cell, "got a boolean", "expected a string"]),
         ("image empty string", split_of(""), 400, ["row 0", "column 'image'", "empty"]),
         ("image blanks", split_of("   "), 400, ["row 0", "empty"]),
         ("not base64", split_of("this is not base64!"), 400, ["row 0", "not valid base64"]),
@@ -206,13 +231,14 @@ def _cases() -> list[tuple[str, object, int, list[str]]]:
          ["row 0", "stack of 6 pages"]),
         ("PNG claiming 100000x100000", split_of(b64(png_claiming(100_000, 100_000))), 400,
          ["row 0", "decompression bomb", "limit"]),
-        ("image over the byte limit", split_of(b64(bytes(2_100_000))), 400,
-         ["row 0", "bytes per image", "BRAINSEG_SERVE_MAX_IMAGE_BYTES"]),
+        ("image over the byte limit", split_of(b64(bytes(LIMITS.max_image_bytes + 3))), 400,
+         ["row 0", f"limit of {LIMITS.max_image_bytes:,} bytes per image", ENV["max_image_bytes"]]),
         ("bad row among good ones", split_of(GOOD, GOOD, GOOD, "@@@"), 400, ["row 3", "base64"]),
         # ---- the table and the request
-        ("too many rows", split_of(*[GOOD] * 9), 400, ["9 rows", "limit of 8", "BRAINSEG_SERVE_MAX_ROWS"]),
-        ("too many pixels", split_of(*[b64(imageio.encode_png(np.zeros((400, 400, 3), np.uint8)))] * 3), 400,
-         ["row 2", "393,216", "BRAINSEG_SERVE_MAX_PIXELS"]),
+        ("too many rows", split_of(*[b64(imageio.encode_png(rgb))] * (LIMITS.max_rows + 1)), 400,
+         [f"{LIMITS.max_rows + 1} rows", f"limit of {LIMITS.max_rows} rows", ENV["max_rows"]]),
+        ("too many pixels", split_of(*[b64(png_claiming(side, side))] * 3), 400,
+         ["row 2", f"limit of {LIMITS.max_pixels:,} pixels", ENV["max_pixels"]]),
         ("no rows", {"dataframe_split": {"columns": ["image"], "data": []}}, 400, ["no rows"]),
         ("wrong column", {"dataframe_split": {"columns": ["img"], "data": [["x"]]}}, 400, ["image"]),
         ("extra column", {"dataframe_records": [{"image": GOOD, "slice_no": 3}]}, 400, ["slice_no", "unknown column"]),
@@ -220,7 +246,8 @@ def _cases() -> list[tuple[str, object, int, list[str]]]:
          ["row 0", "column 'patient'", "null"]),
         ("body not JSON", b"{not json", 400, ["JSON"]),
         ("no dataframe key", {"rows": [GOOD]}, 400, ["dataframe_split"]),
-        ("split data not a list", {"dataframe_split": {"columns": ["image"], "data": "abc"}}, 400, []),
+        ("split data not a list", {"dataframe_split": {"columns": ["image"], "data": "abc"}}, 400,
+         ["dataframe_split", "not a valid dataframe", "'split' format"]),
         ("wrong content type", b"image=abc", 415, ["content type"]),
     ]
 
@@ -290,8 +317,8 @@ def test_return_mask_false_gives_null_masks_and_unknown_params_are_listed_as_not
     r = post(server.url, split_of(b64(good_slice), params={"return_mask": False, "thresold": 0.9}))
     assert r.status_code == 200, r.text[:300]
     row = strict_json(r.text)["predictions"][0]
-    assert row["mask_png"] is None
-    assert row["threshold"] == 0.5  # the misspelt param was not applied, and the answer says what was
+    assert row["mask_png"] is None and row["return_mask"] is False  # the answer lists what was applied
+    assert row["threshold"] == 0.5 and "thresold" not in row  # the misspelt param was not applied
 
 
 def test_a_batch_equals_its_rows_sent_one_by_one(server, good_slice, tmp_path):
@@ -324,20 +351,50 @@ BOMBS = {  # name -> (declared shape, planar, words of the refusal)
 }
 
 
+def _peak_growth_mb(server, body) -> tuple[requests.Response, float]:
+    """POST ``body``; (answer, growth of the model worker's peak RSS during it, MB)."""
+    pid = server.worker_pid()
+    before = _status_kb(pid, "VmRSS")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    r = post(server.url, body)
+    return r, (_status_kb(pid, "VmHWM") - before) / 1024
+
+
 @pytest.mark.parametrize("bomb", list(BOMBS))
 def test_a_bomb_is_refused_without_the_server_growing(server, good_slice, bomb):
     shape, planar, words = BOMBS[bomb]
     data = tiff_bomb(shape, planar)
     assert len(data) < 1_500_000  # small on the wire, hundreds of MB if decoded
     assert_still_serves(server.url, good_slice)
-    pid = server.worker_pid()
-    before = _status_kb(pid, "VmRSS")
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    r = post(server.url, split_of(b64(data)))
-    growth_mb = (_status_kb(pid, "VmHWM") - before) / 1024
+    r, growth_mb = _peak_growth_mb(server, split_of(b64(data)))
     assert r.status_code == 400, r.text[:300]
     message = strict_json(r.text)["message"]
     for word in ["row 0", *words]:
         assert word in message, f"{bomb}: {word!r} not in {message[-400:]!r}"
+    assert growth_mb < RSS_GROWTH_LIMIT_MB, f"{bomb}: peak RSS grew by {growth_mb:.0f} MB"
+    assert_still_serves(server.url, good_slice)
+
+
+ROWS_BOMBS = {  # name -> (rows, the limit variable the refusal must name)
+    "the row limit's worth of images at the pixel limit": (LIMITS.max_rows, ENV["max_pixels"]),
+    "one row more than the row limit": (LIMITS.max_rows + 1, ENV["max_rows"]),
+}
+
+
+@pytest.mark.parametrize("bomb", list(ROWS_BOMBS))
+def test_a_rows_bomb_is_refused_without_the_server_growing(server, good_slice, bomb):
+    """Many rows, each a real zero-filled PNG at the decoder's per-image pixel limit (the issue's
+    "32 rows at the pixel limit: 20 s and +2.1 GB"), at the server's default request limits."""
+    rows, variable = ROWS_BOMBS[bomb]
+    side = math.isqrt(imageio.pixel_limit())
+    cell = b64(png_zeros(side, side))
+    assert rows * side * side * 3 > 500 * 2**20 and len(cell) * rows < 20 * 2**20  # GBs decoded, MBs sent
+    assert_still_serves(server.url, good_slice)
+    r, growth_mb = _peak_growth_mb(server, split_of(*[cell] * rows))
+    assert r.status_code in (400, 413), r.text[:300]
+    message = strict_json(r.text)["message"]
+    assert variable in message and "limit" in message, f"{bomb}: {message[-400:]!r}"
+    for leak in LEAKS:
+        assert leak not in r.text
     assert growth_mb < RSS_GROWTH_LIMIT_MB, f"{bomb}: peak RSS grew by {growth_mb:.0f} MB"
     assert_still_serves(server.url, good_slice)

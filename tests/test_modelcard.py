@@ -59,6 +59,11 @@ def test_segmenter_card_variants(changes, present, absent):
         assert text not in card, text
 
 
+SURVIVAL_FAILURES = {"threshold": 0.35, "worst_folds": [{"repeat": 1, "fold": 2, "roc_auc": 0.31}],
+                     "misses": [{"patient": "TCGA_X", "death01": 0, "probability": 0.93},
+                                {"patient": "TCGA_Y", "death01": 1, "probability": 0.08}]}
+
+
 def test_survival_card_shows_cv_figures_and_says_when_fitted_on_synthetic_data():
     info = {"name": "brainseg-survival", "version": "2", "run_id": "s" * 32, "classifier": "logreg",
             "feature_set": "both", "features_from": "oof_predicted", "data_version": "fedcba9876543210",
@@ -70,6 +75,34 @@ def test_survival_card_shows_cv_figures_and_says_when_fitted_on_synthetic_data()
                  "2 x 3-fold", "| ROC-AUC | 0.610 (0.40-0.80)", "(prevalence-only: 0.230)", "never for clinical"):
         assert text in card, text
     assert "real (TCGA" in modelcard.survival_card({**info, "fitted_on": "real"})
+
+
+@pytest.mark.parametrize("failures, present, absent", [
+    (SURVIVAL_FAILURES, ["- repeat 1, fold 2: ROC-AUC 0.310", "threshold 0.350",
+                         "- TCGA_X: death01 = 0, predicted probability 0.930"], ["No out-of-fold"]),
+    ({**SURVIVAL_FAILURES, "misses": []}, ["ROC-AUC 0.310", "No patient was misclassified"], ["TCGA_X"]),
+    ({}, ["No out-of-fold results were recorded."], ["Weakest", "Misclassified"]),
+])
+def test_survival_card_lists_failure_modes_seen(failures, present, absent):
+    card = modelcard.survival_card({"name": "s", "version": "1", "failures": failures})
+    section = card.split("## Failure modes seen", 1)[1].split("## Limits", 1)[0]
+    for text in present:
+        assert text in section, text
+    for text in absent:
+        assert text not in section, text
+    if failures.get("misses"):
+        assert section.index("TCGA_X") < section.index("TCGA_Y")  # largest error first
+
+
+def test_survival_failures_are_the_lowest_auc_folds_and_the_most_confident_misses():
+    folds = pd.DataFrame({"repeat": [0, 0, 0, 1, 1, 1], "roc_auc": [0.8, 0.3, 0.9, 0.6, float("nan"), 0.3]})
+    prob = pd.Series({"a": 0.9, "b": 0.5, "c": 0.1, "d": 0.39, "e": 0.7})
+    truth = pd.Series({"e": 1, "d": 1, "c": 1, "b": 0, "a": 0})  # another order than prob
+    f = modelcard.survival_failures(folds, prob, truth, threshold=0.4, n=3, n_folds=2)
+    assert f["worst_folds"] == [{"repeat": 0, "fold": 1, "roc_auc": 0.3}, {"repeat": 1, "fold": 2, "roc_auc": 0.3}]
+    # misclassified at 0.4, error |probability - death01|: a 0.9, c 0.9, d 0.61, b 0.5; e is right
+    assert [(m["patient"], m["death01"]) for m in f["misses"]] == [("a", 0), ("c", 1), ("d", 1)]
+    assert f["threshold"] == 0.4 and json.loads(json.dumps(f)) == f
 
 
 def test_lowest_dice_patients_skips_patients_without_tumor_and_sorts_lowest_first():
@@ -98,6 +131,17 @@ def test_a_long_card_is_cut_to_mlflows_description_limit_with_a_pointer():
     cut = modelcard.description(long)
     assert len(cut) <= modelcard.DESCRIPTION_LIMIT and cut.endswith(f"the full card is {modelcard.CARD_FILE})\n")
     assert modelcard.description("short") == "short"
+    with_lead = modelcard.description(long, "Registered text.")
+    assert len(with_lead) <= modelcard.DESCRIPTION_LIMIT and with_lead.startswith("Registered text.\n\nline 0 ")
+
+
+@pytest.mark.parametrize("lead, expected", [
+    ("", "# Model card: m v2\nbody"),
+    ("Segmenter of X.", "Segmenter of X.\n\n# Model card: m v2\nbody"),
+    ("Segmenter of X.\n\n# Model card: m v1\nold body", "Segmenter of X.\n\n# Model card: m v2\nbody"),
+])
+def test_description_is_the_short_text_then_the_card_never_two_cards(lead, expected):
+    assert modelcard.description("# Model card: m v2\nbody", lead) == expected
 
 
 @pytest.mark.parametrize("name, tags, expected", [
@@ -107,6 +151,8 @@ def test_a_long_card_is_cut_to_mlflows_description_limit_with_a_pointer():
     ("refit-trial-003", {}, ["refit of the best tuning trial (003)", "Data version `unknown`."]),
     ("logreg/both", {"features_from": "truth", "fitted_on": "synthetic", "data_version": "d"},
      ["death01 survival model run logreg/both (imaging features from truth masks)", "Data version `d` (synthetic)"]),
+    ("survival-final", {"features_from": "oof_predicted", "fitted_on": "real", "data_version": "d"},
+     ["Final death01 survival model", "`survival.final`", "oof_predicted masks", "Data version `d` (real)"]),
     ("something", {}, ["Run something."]),
 ])
 def test_run_note_says_what_the_run_is_its_data_and_profile(name, tags, expected):
@@ -131,12 +177,14 @@ def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
         client = mlflow.MlflowClient()
         assert "Training of one segmenter" in client.get_run(run_id).data.tags[modelcard.NOTE_TAG]
         client.create_registered_model("seg")
-        mv = client.create_model_version("seg", f"runs:/{run_id}/model", run_id=run_id)
+        mv = client.create_model_version("seg", f"runs:/{run_id}/model", run_id=run_id, description="Short text.")
         card = modelcard.document_segmenter("seg", mv.version, run_id)
         assert "0.5 x bce + 1 x dice" in card and "- p2: volume Dice 0.300, 2 tumor slices" in card
         assert "| Per-patient volume Dice, mean | 0.750 (n=3) | 0.600" in card
         stored = client.get_model_version("seg", mv.version)
-        assert stored.description == card
+        assert stored.description == f"Short text.\n\n{card}"
+        assert modelcard.document_segmenter("seg", mv.version, run_id) == card  # documented again: one card
+        assert client.get_model_version("seg", mv.version).description == f"Short text.\n\n{card}"
         assert stored.tags["card.val_patient_dice_mean"] == "0.7500" and stored.tags["card.size"] == "64"
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=modelcard.CARD_FILE)
         assert open(local).read() == card

@@ -53,12 +53,30 @@ def test_brainseg_run_gates_what_the_register_stage_left_ungated(tmp_path, repor
     assert pending_promotions(path) == pending
 
 
-def test_main_job_on_the_embedded_default_then_nothing_to_redo(tmp_path):
-    clone = _copy_checkout(tmp_path / "clone")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    first = subprocess.run([sys.executable, "-m", "brainseg", "run"], cwd=clone, env=env,
+def _env() -> dict:
+    # deterministic kernels, so the clean run and the corrupted-masks run can be compared exactly
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TF_DETERMINISTIC_OPS": "1"}
+
+
+def _reports(clone: Path, stdout: str) -> dict:
+    read = lambda name: json.loads((clone / name).read_text())  # noqa: E731
+    return {"tune": read("reports/tune.json"), "register": read("reports/register.json"),
+            "test": read("reports/test/metrics.json"), "stdout": stdout,
+            "split": (clone / "data/processed/split.csv").read_text()}
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory) -> dict:
+    """`brainseg run` once on a fresh clone (the Quickstart's main job); two tests read it."""
+    clone = _copy_checkout(tmp_path_factory.mktemp("fresh") / "clone")
+    first = subprocess.run([sys.executable, "-m", "brainseg", "run"], cwd=clone, env=_env(),
                            capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return {"clone": clone, "first": first, **_reports(clone, first.stdout)}
+
+
+def test_main_job_on_the_embedded_default_then_nothing_to_redo(fresh_run):
+    clone, first, env = fresh_run["clone"], fresh_run["first"], _env()
     assert "mlflow models serve -m models:/brainseg-segmenter@champion" in first.stdout
     metrics = json.loads((clone / "reports/test/metrics.json").read_text())
     assert metrics["test_n_patients"] >= 1 and 0 <= metrics["test_patient_dice_mean"] <= 1
@@ -108,15 +126,15 @@ print(json.dumps({"seg": seg.version, "surv": surv.version, "tags": tag, "runs":
     assert "cdn.jsdelivr" not in page  # the JavaScript is inlined: the page renders offline
 
 
-def _run_clone(path: Path, corrupt_test_masks: bool) -> dict:
-    """`brainseg data prepare`, optionally move every test patient's tumor (np.roll: same pixel
-    count, so the same manifest and split, but wrong labels), then `brainseg run`."""
+def _run_with_corrupted_test_masks(path: Path) -> dict:
+    """`brainseg data prepare`, then move every test patient's tumor (np.roll: same pixel count, so
+    the same manifest and split, but wrong labels), then `brainseg run`."""
     import numpy as np
     import pandas as pd
     import tifffile
 
     clone = _copy_checkout(path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TF_DETERMINISTIC_OPS": "1"}
+    env = _env()
 
     def sh(*cmd):
         done = subprocess.run(list(cmd), cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
@@ -125,33 +143,36 @@ def _run_clone(path: Path, corrupt_test_masks: bool) -> dict:
 
     sh(sys.executable, "-m", "brainseg", "data", "prepare")
     split_before = (clone / "data/processed/split.csv").read_text()
-    if corrupt_test_masks:
-        split = pd.read_csv(clone / "data/processed/split.csv")
-        manifest = pd.read_csv(clone / "data/processed/manifest.csv")
-        test = manifest[manifest["patient"].isin(split.loc[split["subset"] == "test", "patient"])]
-        moved = 0
-        for mask_path in test.loc[test["tumor_px"] > 0, "mask_path"]:
-            mask = tifffile.imread(clone / mask_path if not Path(mask_path).is_absolute() else mask_path)
-            tifffile.imwrite(clone / mask_path if not Path(mask_path).is_absolute() else mask_path,
-                             np.roll(mask, (17, 23), axis=(0, 1)))
-            moved += 1
-        assert moved, "no test slice with tumor to corrupt"
-        sh("dvc", "add", "data/raw/kaggle_3m")
+    split = pd.read_csv(clone / "data/processed/split.csv")
+    manifest = pd.read_csv(clone / "data/processed/manifest.csv")
+    test = manifest[manifest["patient"].isin(split.loc[split["subset"] == "test", "patient"])]
+    moved = 0
+    for mask_path in test.loc[test["tumor_px"] > 0, "mask_path"]:
+        target = Path(mask_path) if Path(mask_path).is_absolute() else clone / mask_path
+        tifffile.imwrite(target, np.roll(tifffile.imread(target), (17, 23), axis=(0, 1)))
+        moved += 1
+    assert moved, "no test slice with tumor to corrupt"
+    sh("dvc", "add", "data/raw/kaggle_3m")
     run = sh(sys.executable, "-m", "brainseg", "run")
-    read = lambda name: json.loads((clone / name).read_text())  # noqa: E731
-    assert (clone / "data/processed/split.csv").read_text() == split_before  # same split
-    return {"tune": read("reports/tune.json"), "register": read("reports/register.json"),
-            "test": read("reports/test/metrics.json"), "stdout": run.stdout}
+    result = _reports(clone, run.stdout)
+    assert result["split"] == split_before  # the pipeline kept the same split
+    return result
 
 
-def test_corrupted_test_masks_change_only_the_test_report(tmp_path):
-    clean = _run_clone(tmp_path / "clean", corrupt_test_masks=False)
-    corrupt = _run_clone(tmp_path / "corrupt", corrupt_test_masks=True)
+def test_corrupted_test_masks_change_only_the_test_report(fresh_run, tmp_path):
+    clean = fresh_run  # the same deterministic `brainseg run` on the untouched data
+    corrupt = _run_with_corrupted_test_masks(tmp_path / "corrupt")
+    assert corrupt["split"] == clean["split"]  # same patients in train/val/test
     for key in ("best_trial", "best_params"):
         assert clean["tune"][key] == corrupt["tune"][key], key  # tuning chose the same
     assert corrupt["tune"]["best_value"] == pytest.approx(clean["tune"]["best_value"], abs=1e-6)
     seg_clean, seg_corrupt = clean["register"]["segmenter"], corrupt["register"]["segmenter"]
     assert seg_corrupt["val_patient_dice_mean"] == pytest.approx(seg_clean["val_patient_dice_mean"], abs=1e-6)
+    for result in (clean, corrupt):  # smoke: no refit, so the tune stage chose them for the best trial
+        seg, chosen = result["register"]["segmenter"], result["tune"]["postprocessing"]
+        assert seg["inference_chosen_on"] == "val" and seg["inference"] == chosen["inference"]
+        assert result["tune"]["best_model_uri"] == chosen["model_uri"]  # registered and test-reported
+    assert seg_corrupt["inference"] == seg_clean["inference"]  # TTA and post-processing chosen the same
     for result in (clean, corrupt):  # promoted exactly as before: v1 through the gate
         assert "brainseg-segmenter v1" in result["stdout"] and "-> champion" in result["stdout"]
     assert corrupt["test"]["test_patient_dice_mean"] != pytest.approx(clean["test"]["test_patient_dice_mean"],

@@ -2,7 +2,9 @@
 
 The Quickstart (`brainseg run`) generates the synthetic default from params.yaml's `data.synth`
 into data/raw/kaggle_3m; every data path the README names must exist there, the curl request it
-builds must be accepted by MLflow's scoring server, and its `brainseg predict` must segment.
+builds must be accepted by MLflow's scoring server, and its `brainseg predict ... --survival` must
+run as written against the two `@champion` models the Quickstart leaves in `sqlite:///mlflow.db`
+(here registered directly: a tiny segmenter and a survival model fitted on the Quickstart's data.csv).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -95,21 +98,63 @@ def test_the_curl_example_runs_against_the_served_model(quickstart, tiny_model, 
     assert len(rows) == 1 and "tumor" in rows[0] and "area_px" in rows[0]
 
 
-def test_the_predict_example_runs_twice_without_reading_its_outputs(quickstart, tiny_model, monkeypatch):
+@pytest.fixture(scope="module")
+def champions(quickstart, tiny_model):
+    """The Quickstart's end state that `brainseg predict` needs, in its default store
+    (``sqlite:///mlflow.db`` in the project, artifacts in ``./mlruns``): a segmenter and a survival
+    model registered as ``@champion`` under params.yaml's ``register`` names. The segmenter is tiny
+    and untrained and the survival model a logistic regression on the Quickstart's data.csv (what
+    `brainseg run` trains is tested in test_pipeline); the example's command is run as written."""
+    import os
+
+    import mlflow
+    from conftest import Tracking
+
+    from brainseg.bench.server import experiment_in, register_champion
+    from brainseg.data.clinical import CLINICAL_COLUMNS, TARGET, read_clinical
+    from brainseg.outcome import model, pyfunc
+    from brainseg.outcome.validate import build_spec
+
+    names = yaml.safe_load((PROJECT / "params.yaml").read_text())["register"]
+    clinical = read_clinical(quickstart / "data/raw/kaggle_3m/data.csv")
+    columns = [c for c in CLINICAL_COLUMNS if c in clinical.columns]
+    X, y = clinical[columns].astype(float), clinical[TARGET].astype(int)
+    old = os.getcwd()
+    os.chdir(quickstart)
+    try:
+        with Tracking(quickstart / "mlflow.db"):
+            assert names["segmenter_name"] == register_champion(tiny_model, None, quickstart / "mlruns").split("/")[1].split("@")[0]
+            experiment_in("survival", quickstart / "mlruns")
+            pipe = model.make_pipeline("logreg", columns, inner_folds=3).fit(X, y)
+            evidence = {"cv_roc_auc": 0.5, "cv_n_patients": len(X), "data_version": "quickstart",
+                        "fitted_on": "synthetic", "features_from": "truth"}
+            _, uri = pyfunc.log_final_model(pipe, X, build_spec(X, columns), evidence)
+            version = mlflow.register_model(uri, names["survival_name"]).version
+            mlflow.MlflowClient().set_registered_model_alias(names["survival_name"], "champion", version)
+    finally:
+        os.chdir(old)
+    return quickstart
+
+
+def test_the_predict_example_runs_as_written_twice_without_reading_its_outputs(champions, monkeypatch):
+    from conftest import Tracking
+
     from brainseg.cli import app
 
     command = next(c for c in inline_commands(README, "brainseg predict") if "kaggle_3m/" in c)
     args = shlex.split(command)[1:]
-    assert "--survival" in args  # the README's example adds survival; here without a survival model
-    args.remove("--survival")
-    folder = quickstart / args[1]
+    folder = champions / args[1]
     assert folder.is_dir(), f"{args[1]} (named in the README) does not exist after the Quickstart"
-    monkeypatch.chdir(quickstart)
+    monkeypatch.chdir(champions)
     n_slices = len([p for p in folder.glob("*.tif") if not p.stem.endswith("_mask")])
-    for out in (args[args.index("--out") + 1], str(Path(args[1]) / "predictions")):  # also --out inside it
-        run = [*args[:args.index("--out") + 1], out, *args[args.index("--out") + 2:]]
-        for _ in range(2):
-            result = CliRunner().invoke(app, [*run, "--model", str(tiny_model)], catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-            assert f"{n_slices} slices, 1 patients" in " ".join(result.output.split())
-        assert len(list(Path(out).glob("*_pred.png"))) == n_slices
+    out_at = args.index("--out") + 1
+    with Tracking(champions / "mlflow.db"):  # MLflow's default store of the Quickstart
+        for out in (args[out_at], str(Path(args[1]) / "predictions")):  # as written, then --out inside it
+            run = [*args[:out_at], out, *args[out_at + 1:]]
+            for _ in range(2):
+                result = CliRunner().invoke(app, run, catch_exceptions=False)
+                assert result.exit_code == 0, result.output
+                assert f"{n_slices} slices, 1 patients" in " ".join(result.output.split())
+            assert len(list(Path(out).glob("*_pred.png"))) == n_slices
+            patients = pd.read_csv(Path(out) / "patients.csv")
+            assert patients["status"].tolist() == ["ok"] and patients["death01_probability"].between(0, 1).all()

@@ -87,7 +87,12 @@ def test_register_tags_the_version_by_split_and_moves_no_alias(in_project):
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, seg["version"])
     summary = json.loads(open("reports/tune.json").read())
-    assert mv.tags["source_run_id"] == summary["best_run_id"]
+    assert mv.tags["source_run_id"] == summary["best_run_id"]  # the trial that trained the network
+    chosen = summary["postprocessing"]  # no refit: the trial's TTA and post-processing chosen on val
+    assert mv.tags["inference_run_id"] == chosen["run_id"] and mv.tags["inference_chosen_on"] == "val"
+    assert seg["inference"] == chosen["inference"] and seg["inference_chosen_on"] == "val"
+    assert {k: mv.tags[f"inference.{k}"] for k in chosen["inference"]} == {
+        k: str(v) for k, v in chosen["inference"].items()}
     assert 0.0 <= float(mv.tags[VAL]) <= 1.0 and math.isclose(float(mv.tags[VAL]), seg[VAL], abs_tol=1e-6)
     assert mv.tags["val_data_version"] == mv.tags["data_version"]
     for tag in ("git_commit", "study", "trial", "best_val_patient_dice", "best_epoch", "val_n_patients"):
@@ -124,6 +129,30 @@ def test_the_gate_promotes_a_better_challenger_and_refuses_a_worse_one(in_projec
     tags = client.get_model_version(name, worse["version"]).tags
     assert tags["gate_decision"] == "not promoted" and tags["gate_champion_version"] == better["version"]
     assert float(tags[f"gate_champion_{VAL}"]) == pytest.approx(_score(name, better["version"]), abs=1e-6)
+
+
+def test_the_register_stage_alone_never_moves_an_existing_champion(in_project):
+    """What `dvc repro` / `dvc exp run` run (dvc.yaml's register command, register.promote false):
+    a better version is registered and tagged, the champion stays where it was."""
+    import yaml
+
+    from brainseg.config import load_settings
+    from conftest import PROJECT_ROOT
+
+    stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["register"]["cmd"]
+    assert "--promote" not in stage and "--force" not in stage
+    name = "seg-exp-run"
+    first, _ = _register(name, "--run", constant_run(load_settings("smoke")), "--promote")
+    assert _champion(name) == first["version"]
+    args = stage.split()[2:]  # brainseg register --tune ... --survival ... --out ...
+    args[args.index("--survival") + 1] = "missing.json"
+    result = invoke("register", *args[:-2], "--out", f"reports/{name}.json", "--set", f"register.segmenter_name={name}")
+    assert result.exit_code == 0, result.output
+    seg = json.loads(open(f"reports/{name}.json").read())["segmenter"]
+    assert seg["version"] != first["version"] and seg["promoted"] is None
+    assert _score(name, seg["version"]) > _score(name, first["version"])  # better, yet not promoted
+    assert _champion(name) == first["version"]
+    assert set(mlflow.MlflowClient().get_registered_model(name).aliases) == {"champion"}
 
 
 def test_promote_command_is_the_explicit_way_to_move_the_champion(in_project):

@@ -66,8 +66,40 @@ def test_tuning_registration_and_promotion_need_no_test_mask(project):
     assert seg["promoted"] is True and seg["val_patient_dice_mean"] is not None
     champion = mlflow.MlflowClient().get_model_version_by_alias("brainseg-segmenter", "champion")
     assert str(champion.version) == seg["version"]
-    trial = mlflow.MlflowClient().get_run(summary["best_run_id"])
-    assert not any(k.startswith("test_") for k in trial.data.metrics)  # tuning scored no test patient
+    assert seg["inference_chosen_on"] == "val" and seg["inference"] == summary["postprocessing"]["inference"]
+    client = mlflow.MlflowClient()
+    for run_id in (summary["best_run_id"], summary["postprocessing"]["run_id"]):  # the trial, the choice
+        assert not any(k.startswith("test_") for k in client.get_run(run_id).data.metrics)  # no test patient
+
+
+def test_the_handed_on_model_stores_the_settings_chosen_on_val(project):
+    """Without a refit, the model the study hands on (registered, reported) is the best trial's
+    network with the candidate that scores best on the validation patients stored with it."""
+    from brainseg.config import load_settings
+    from brainseg.data.arrays import load_full_images
+    from brainseg.data.context import DataContext
+    from brainseg.evaluate import select_postprocessing
+    from brainseg.inference import InferenceSettings, Segmenter
+    from brainseg.serving import resolve_model_dir
+
+    summary = json.loads(Path("reports/tune.json").read_text())
+    chosen = summary["postprocessing"]
+    assert "refit" not in summary and summary["best_model_uri"] == chosen["model_uri"]
+    assert chosen["trial_model_uri"] == summary["best_trial_model_uri"] != chosen["model_uri"]
+    trial = Segmenter.from_dir(resolve_model_dir(summary["best_trial_model_uri"]))
+    stored = Segmenter.from_dir(resolve_model_dir(summary["best_model_uri"]))
+    ctx = DataContext.from_settings(load_settings())
+    rows = ctx.rows("val")
+    best, table = select_postprocessing(trial, rows, load_full_images(rows), ctx.truths("val"))
+    assert stored.settings == best == InferenceSettings.from_dict(chosen["inference"])
+    for a, b in zip(stored.model.get_weights(), trial.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same network, only the inference settings chosen
+    run = mlflow.MlflowClient().get_run(chosen["run_id"])
+    assert run.data.tags["inference_chosen_on"] == "val" and run.data.tags["trial_run_id"] == summary["best_run_id"]
+    logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=chosen["run_id"],
+                                                             artifact_path="val_postprocessing_candidates.csv"))
+    assert len(logged) == len(table) and logged["patient_dice_mean"].max() == pytest.approx(
+        table["patient_dice_mean"].max())
 
 
 def test_the_test_report_says_the_masks_are_unavailable_and_the_stage_succeeds(project):

@@ -2,12 +2,15 @@
 ``brainseg predict``; each must give exactly the masks ``evaluate`` gives.
 
 The model is a tiny untrained U-Net (seeded): its masks are arbitrary but deterministic, which is
-all an equality test between paths needs. The REST tests start the real ``mlflow models serve``
-once for the module, on 127.0.0.1 only. Hostile input is in test_hostile_server.py.
+all an equality test between paths needs. The REST tests start the MLflow scoring server once
+for the module, on 127.0.0.1 only, behind the body limit of :mod:`brainseg.serving_app`
+(test_hostile_server.py and test_one_truth.py serve with plain ``mlflow models serve``). Hostile
+input is in test_hostile_server.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -26,7 +29,8 @@ from brainseg.bench import dataframe_split, experiment_in, serve_model
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.serving import OUTPUT_COLUMNS
-from conftest import PROJECT_ROOT, Tracking, invoke
+from brainseg.serving_limits import RequestLimits
+from conftest import PROJECT_ROOT, Tracking, invoke, noise
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,6 +38,8 @@ MODEL_NAME = "brainseg-segmenter"
 CHAMPION_URI = f"models:/{MODEL_NAME}@{registry.CHAMPION}"
 SERVER_READY_S = 90
 HTTP_TIMEOUT_S = 60
+MiB = 2**20
+RSS_GROWTH_LIMIT_MB = 100
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -104,10 +110,11 @@ def champion(tracking, tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def server(champion, tracking, tmp_path_factory):
-    """``mlflow models serve -m models:/brainseg-segmenter@champion``; always stopped afterwards."""
+    """MLflow's scoring server for ``models:/brainseg-segmenter@champion`` behind the body limit
+    (:mod:`brainseg.serving_app`), default limits; always stopped afterwards."""
     try:
         with serve_model(CHAMPION_URI, tracking.uri, tmp_path_factory.mktemp("serve"),
-                         timeout_s=SERVER_READY_S) as s:
+                         timeout_s=SERVER_READY_S, body_limit=True) as s:
             yield s
     except RuntimeError as exc:
         pytest.fail(str(exc))
@@ -125,15 +132,21 @@ def synth_images(tmp_path_factory) -> list[np.ndarray]:
 
 # --------------------------------------------------------------- in process: the pyfunc's pieces
 @pytest.mark.parametrize("env, expected", [
-    ({}, (64, 8_388_608, 16 * 2**20)),
-    ({"BRAINSEG_SERVE_MAX_ROWS": "3", "BRAINSEG_SERVE_MAX_PIXELS": "1000"}, (3, 1000, 16 * 2**20)),
-    ({"BRAINSEG_SERVE_MAX_IMAGE_BYTES": " "}, (64, 8_388_608, 16 * 2**20)),
+    ({}, (128, 8_388_608, 16 * MiB, 64 * MiB)),
+    ({"BRAINSEG_SERVE_MAX_ROWS": "3", "BRAINSEG_SERVE_MAX_PIXELS": "1000"}, (3, 1000, 16 * MiB, 64 * MiB)),
+    ({"BRAINSEG_SERVE_MAX_IMAGE_BYTES": " ", "BRAINSEG_SERVE_MAX_BODY_BYTES": "99"}, (128, 8_388_608, 16 * MiB, 99)),
 ])
 def test_request_limits_come_from_the_environment_with_safe_defaults(env, expected):
-    from brainseg.serving import RequestLimits
-
     limits = RequestLimits.from_env(env)
-    assert (limits.max_rows, limits.max_pixels, limits.max_image_bytes) == expected
+    assert (limits.max_rows, limits.max_pixels, limits.max_image_bytes, limits.max_body_bytes) == expected
+
+
+def test_the_default_limits_take_a_whole_real_patient_in_one_request():
+    limits = RequestLimits()
+    largest_patient = 88  # slices of the largest patient of the real LGG data set, 256x256 each
+    assert limits.max_rows >= largest_patient and limits.max_pixels >= largest_patient * 256 * 256
+    base64_tiff = 4 * (256 * 256 * 3 + 4096) // 3  # an uncompressed RGB TIFF slice, base64-encoded
+    assert limits.max_body_bytes >= limits.max_rows * base64_tiff
 
 
 @pytest.mark.parametrize("env, words", [
@@ -141,8 +154,6 @@ def test_request_limits_come_from_the_environment_with_safe_defaults(env, expect
     ({"BRAINSEG_SERVE_MAX_PIXELS": "0"}, "BRAINSEG_SERVE_MAX_PIXELS='0' must be >= 1"),
 ])
 def test_a_bad_limit_setting_is_refused_by_name(env, words):
-    from brainseg.serving import RequestLimits
-
     with pytest.raises(ValueError) as info:
         RequestLimits.from_env(env)
     assert str(info.value) == words
@@ -175,6 +186,7 @@ def test_an_empty_mask_answers_null_geometry_and_python_types():
     out = answer_rows([empty, box], [image, image], 0.5, False, {"run_id": "r1"})
     rows = json.loads(json.dumps(out.to_dict(orient="records")), parse_constant=lambda t: pytest.fail(t))
     assert list(out.columns) == OUTPUT_COLUMNS and rows[0]["mask_png"] is None
+    assert (rows[0]["threshold"], rows[0]["return_mask"]) == (0.5, False)  # the params applied
     assert rows[0]["centroid_x"] is None and rows[0]["bbox_x0"] is None and rows[0]["area_px"] == 0
     assert rows[0]["area_pct_brain"] is None  # no head pixels: undefined, not NaN
     assert (rows[1]["bbox_x0"], rows[1]["bbox_y0"], rows[1]["bbox_x1"], rows[1]["bbox_y1"]) == (5, 10, 15, 20)
@@ -229,7 +241,7 @@ def test_champion_by_alias_gives_the_masks_and_features_of_evaluate(champion, re
     assert evaluated["metrics"]["n_slices"] == len(rows) == 176
 
     monkeypatch.setenv("BRAINSEG_SERVE_MAX_ROWS", "500")  # the whole sample in one call (default limits:
-    monkeypatch.setenv("BRAINSEG_SERVE_MAX_PIXELS", str(500 * 256 * 256))  # 64 rows, 8.4 M pixels)
+    monkeypatch.setenv("BRAINSEG_SERVE_MAX_PIXELS", str(500 * 256 * 256))  # 128 rows, 8.4 M pixels)
     served = mlflow.pyfunc.load_model(CHAMPION_URI)
     frame = pd.DataFrame({"image": [b64(Path(p).read_bytes()) for p in rows["image_path"]],
                           "patient": rows["patient"].tolist()})  # volumes, as evaluate segments them
@@ -299,6 +311,105 @@ def test_server_accepts_a_one_channel_flair_png_for_a_flair_model(server, real_s
     assert gray.status_code == rgb.status_code == 200, gray.text[:500]
     assert np.array_equal(decode_mask(strict_json(gray.text)["predictions"][0]["mask_png"]),
                           decode_mask(strict_json(rgb.text)["predictions"][0]["mask_png"]))
+
+
+# ------------------------------------------------------------------------- the body-size limit
+def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10) -> tuple[int, bytes, list[bytes], int]:
+    """One POST through ``BodyLimit`` around an app that echoes the body's length.
+
+    Returns (status, answer body, the bodies the app saw, messages left unread)."""
+    from brainseg.serving_app import BodyLimit
+
+    inbox = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent, seen = [], []
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def echo(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        seen.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(BodyLimit(echo, max_bytes)(scope, receive, send))
+    return sent[0]["status"], sent[1]["body"], seen, len(inbox)
+
+
+@pytest.mark.parametrize("headers, chunks, status, seen", [
+    ({"content-length": "10"}, [b"x" * 10], 200, [b"x" * 10]),
+    ({"content-length": "11"}, [b"x" * 5, b"x" * 6], 413, []),  # refused from the header, body discarded
+    ({"content-length": "1e9"}, [b"x"], 413, []),
+    ({}, [b"x" * 5, b"x" * 5], 200, [b"x" * 10]),  # chunked: read, then handed on whole
+    ({}, [b"x" * 4] * 5, 413, []),  # chunked: refused once past the limit, the rest discarded
+])
+def test_the_body_limit_refuses_a_body_over_the_limit_before_the_app_reads_it(headers, chunks, status, seen):
+    got, answer, app_saw, unread = call_asgi(headers, chunks)
+    assert (got, app_saw, unread) == (status, seen, 0)
+    if status == 413:
+        message = strict_json(answer)["message"]
+        assert "exceeds the limit of 10 bytes per request (BRAINSEG_SERVE_MAX_BODY_BYTES)" in message
+
+
+def test_the_server_refuses_an_oversized_body_with_413_and_flat_memory(server, synth_images):
+    """160 MiB bodies, with a length and chunked: MLflow alone would read and parse all of them."""
+    limits = RequestLimits()
+    worker = server.worker_pid()
+    Path(f"/proc/{worker}/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = server.memory_mb()["worker_peak_rss_mb"]
+    cell = b64(imageio.encode_png(synth_images[0]))
+    head = b'{"dataframe_split": {"columns": ["image"], "data": [["'
+    size = limits.max_body_bytes * 5 // 2
+
+    def chunked():
+        yield head
+        for _ in range(size // MiB):
+            yield b"A" * MiB
+        yield b'"]]}}'
+
+    answers = [requests.post(f"{server.url}/invocations", data=head + b"A" * size + b'"]]}}',
+                             headers={"Content-Type": "application/json"}, timeout=HTTP_TIMEOUT_S),
+               requests.post(f"{server.url}/invocations", data=chunked(),
+                             headers={"Content-Type": "application/json"}, timeout=HTTP_TIMEOUT_S)]
+    growth = server.memory_mb()["worker_peak_rss_mb"] - before
+    for r in answers:
+        assert r.status_code == 413, r.text[:300]
+        assert f"limit of {limits.max_body_bytes:,} bytes per request (BRAINSEG_SERVE_MAX_BODY_BYTES)" in \
+            strict_json(r.text)["message"]
+    assert growth < RSS_GROWTH_LIMIT_MB, f"peak RSS grew {growth:.0f} MB"
+    over = post(server.url, dataframe_split([cell] * (limits.max_rows + 1)))  # small body, too many rows
+    assert over.status_code == 400 and (f"{limits.max_rows + 1} rows exceed the limit of {limits.max_rows} rows "
+                                        "per request (BRAINSEG_SERVE_MAX_ROWS)") in strict_json(over.text)["message"]
+    assert post(server.url, dataframe_split([cell])).status_code == 200  # and it keeps answering
+
+
+def test_the_answer_lists_the_params_applied_and_mlflow_drops_undeclared_ones(server, synth_images):
+    cell = b64(imageio.encode_png(synth_images[0]))
+    r = post(server.url, dataframe_split([cell], {"return_mask": False, "thresold": 0.9}))
+    assert r.status_code == 200, r.text[:300]
+    row = strict_json(r.text)["predictions"][0]
+    assert row["mask_png"] is None and (row["threshold"], row["return_mask"]) == (0.5, False)
+    assert "thresold" not in row and list(row) == OUTPUT_COLUMNS
+    default = strict_json(post(server.url, dataframe_split([cell], {"threshold": 0.3})).text)["predictions"][0]
+    assert (default["threshold"], default["return_mask"]) == (0.3, True) and default["mask_png"]
+    log = server.log_path.read_text(errors="replace")
+    assert "Unrecognized params ['thresold'] are ignored" in log  # MLflow's warning, in the server's log
+
+
+def test_the_served_models_log_has_no_tensorflow_noise(server, synth_images):
+    assert post(server.url, dataframe_split([b64(imageio.encode_png(synth_images[0]))])).status_code == 200
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    assert any("Application startup complete" in line for line in lines), lines[-20:]
+    dropped_param = "Unrecognized params"  # MLflow's warning for a client's undeclared param (test above)
+    assert [line for line in noise(lines) if dropped_param not in line] == []
 
 
 # ------------------------------------------------------------------------------ brainseg predict

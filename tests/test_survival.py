@@ -248,6 +248,19 @@ def test_features_and_survival_commands_on_a_synthetic_project(tmp_path, monkeyp
                 "balanced_accuracy_mean"} <= set(summary["final"])
         importances = pd.read_csv(project / "reports/survival/importances.csv")
         assert {"feature", "auc_drop_mean"} <= set(importances.columns) and len(importances) >= 10
+        client = mlflow.MlflowClient()
+        note = client.get_run(summary["final_run_id"]).data.tags["mlflow.note.content"]
+        assert note.startswith("Final death01 survival model") and f"`{summary['data_version'][:12]}` (synthetic)" in note
+        candidate = client.get_run(summary["parent_run_id"]).data.tags["final_run_id"]  # the final's CV run
+        oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=candidate, artifact_path="oof_probability.csv"),
+                          index_col=0)
+        wrong = oof[(oof["probability"] >= summary["failures"]["threshold"]).astype(int) != oof["death01"]]
+        misses = summary["failures"]["misses"]
+        assert [m["patient"] for m in misses] == list(
+            (wrong["probability"] - wrong["death01"]).abs().sort_values(ascending=False, kind="stable").index[:3])
+        assert summary["failures"]["threshold"] == pytest.approx(summary["positives"] / summary["patients"])
+        folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=candidate, artifact_path="fold_scores.csv"))
+        assert summary["failures"]["worst_folds"][0]["roc_auc"] == pytest.approx(folds["roc_auc"].min())
         loaded = mlflow.pyfunc.load_model(summary["final_model_uri"])
         inputs = {c.name: c.type.name for c in loaded.metadata.get_input_schema().inputs}
         assert inputs["gender"] == "string" and inputs["age_at_initial_pathologic"] == "double"

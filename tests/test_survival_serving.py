@@ -1,7 +1,8 @@
 """The served outcome model: its answer carries the evidence, its signature has explicit types, and
 hostile input gets a 400 naming the column or an explicit ``insufficient_data`` row, as strict
-JSON, never a stack trace. Requests go through MLflow's own scoring code (the function
-``mlflow models serve`` runs for /invocations), in process."""
+JSON, never a stack trace. Most requests go through MLflow's own scoring code (the function
+``mlflow models serve`` runs for /invocations) in process; a few go to a real ``mlflow models
+serve`` of the same model, to show its HTTP handler answers the same way."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import requests
+from conftest import Tracking
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
+from brainseg.bench.server import serve_model
 from brainseg.data.clinical import CLINICAL_COLUMNS
 from brainseg.outcome import client, model, pyfunc
-from brainseg.outcome.validate import InputSpec, build_spec
-from conftest import Tracking
+from brainseg.outcome.validate import InputSpec, InvalidInput, build_spec, check_frame
 
 CLIN = list(CLINICAL_COLUMNS)
 IMG = ["tumor_volume_px", "tumor_slices", "centroid_x"]
@@ -37,20 +40,26 @@ def training_frame(n=30, seed=0):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A small logreg fitted on clinical + imaging columns, logged as the pyfunc and loaded back."""
+def logged(tmp_path_factory):
+    """A small logreg fitted on clinical + imaging columns, logged as the pyfunc and loaded back:
+    (loaded, X, pipe, model URI, tracking URI)."""
     folder = tmp_path_factory.mktemp("survival-serving")
     X, y = training_frame()
     columns = CLIN + IMG
     pipe = model.make_pipeline("logreg", columns, inner_folds=3).fit(X[columns], y)
     spec = build_spec(X, columns, 0.5)
     spec.max_rows = 50
-    with Tracking(folder / "mlflow.db"):
+    with Tracking(folder / "mlflow.db") as tracking:
         exp = mlflow.MlflowClient().create_experiment("serve", artifact_location=str(folder / "artifacts"))
         mlflow.set_experiment(experiment_id=exp)
         _, uri = pyfunc.log_final_model(pipe, X, spec, EVIDENCE)
         loaded = mlflow.pyfunc.load_model(uri)
-        yield loaded, X, pipe
+        yield loaded, X, pipe, uri, tracking.uri
+
+
+@pytest.fixture(scope="module")
+def served(logged):
+    return logged[:3]
 
 
 def good_record(X: pd.DataFrame, i: int = 0) -> dict:
@@ -157,6 +166,78 @@ def test_hostile_input(served, name, change, status, message):
         assert row["cv_roc_auc"] == EVIDENCE["cv_roc_auc"]  # the evidence travels even then
     ok_status, ok = request(loaded, {"dataframe_records": [good_record(X)]})  # the server still answers
     assert ok_status == 200 and ok["predictions"][0]["status"] == "ok"
+
+
+# ------------------------------------------------------------ a real `mlflow models serve` of the model
+@pytest.fixture(scope="module")
+def rest(logged, tmp_path_factory):
+    """``mlflow models serve`` of the logged model (one worker); yields its URL."""
+    _, _, _, uri, tracking_uri = logged
+    with serve_model(uri, tracking_uri, tmp_path_factory.mktemp("survival-serve"), timeout_s=300) as server:
+        yield server.url
+
+
+def post_rest(url: str, body) -> tuple[int, str]:
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    return r.status_code, r.text
+
+
+# (name, record changes, status, words of the message (400) or of the row's message (200))
+REST_HOSTILE = [
+    ("age far below zero", {"age_at_initial_pathologic": -500}, 400,
+     ["column 'age_at_initial_pathologic', row 0", "plausible range 0-120"]),
+    ("unseen code", {"gender": "7"}, 400, ["column 'gender', row 0", "not seen in training"]),
+    ("Infinity token", {"tumor_volume_px": float("inf")}, 400, ["column 'tumor_volume_px', row 0", "inf"]),
+    ("code as a word", {"race": "white"}, 400, ["column 'race', row 0", "not an integer code"]),
+    ("age as a word", {"age_at_initial_pathologic": "old"}, 400, ["age_at_initial_pathologic"]),  # MLflow's schema
+    ("all null", {c: None for c in CLIN + IMG}, 200, ["0 of 16 clinical fields known"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, change, status, words", REST_HOSTILE, ids=[h[0] for h in REST_HOSTILE])
+def test_the_real_server_refuses_by_column_in_strict_json(rest, served, name, change, status, words):
+    _, X, _ = served
+    got, text = post_rest(rest, json.dumps({"dataframe_records": [with_(X, **change)]}))  # inf as Infinity
+    assert got == status, text[:500]
+    for leak in ("Traceback", "stack_trace", "site-packages", 'File "/'):
+        assert leak not in text, f"{name}: the answer leaks {leak!r}: {text[-500:]!r}"
+    answer = strict_json(text)
+    if status == 400:
+        assert answer["error_code"] in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST")
+        for word in words:
+            assert word in answer["message"], f"{name}: {word!r} not in {answer['message']!r}"
+    else:
+        row = answer["predictions"][0]
+        assert row["status"] == "insufficient_data" and row["death01_probability"] is None
+        assert all(word in row["message"] for word in words), row["message"]
+    ok_status, ok_text = post_rest(rest, {"dataframe_records": [good_record(X)]})  # still answers
+    assert ok_status == 200 and strict_json(ok_text)["predictions"][0]["status"] == "ok", ok_text[:500]
+
+
+# ------------------------------------------------------------------------------ unknown columns
+@pytest.mark.parametrize("extra", [["gendr"], ["shoe_size", "tumour_volume"]])
+def test_check_frame_refuses_unknown_columns_by_name(served, extra):
+    loaded, X, _ = served
+    frame = pd.DataFrame([{**good_record(X), **{c: 1 for c in extra}}])
+    spec = loaded.unwrap_python_model().spec
+    with pytest.raises(InvalidInput) as err:
+        check_frame(frame, spec)
+    message = str(err.value)
+    assert all(repr(c) in message for c in extra) and "unknown column" in message
+    assert "gender" in message  # the columns the model reads are listed
+    checked, reasons = check_frame(frame.drop(columns=extra), spec)
+    assert reasons == [None] and list(checked.columns) == spec.columns
+
+
+def test_the_model_given_an_unknown_column_directly_answers_400_naming_it(served):
+    loaded, X, _ = served
+    frame = pd.DataFrame([{**good_record(X), "gendr": "1"}])
+    with pytest.raises(MlflowException) as err:
+        loaded.unwrap_python_model().predict(None, frame)
+    assert err.value.get_http_status_code() == 400 and "'gendr'" in err.value.message
+    assert loaded.unwrap_python_model().predict(None, frame.drop(columns="gendr"))["status"].tolist() == ["ok"]
 
 
 @pytest.mark.parametrize("change", [{"race": None}, {"gender": " 2 "}, {"gender": 2}, {"centroid_x": None}])

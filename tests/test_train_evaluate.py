@@ -27,6 +27,8 @@ def test_train_logs_a_complete_mlflow_run(in_project):
         assert len(client.get_metric_history(run.info.run_id, name)) == epochs, name
     best = max(m.value for m in client.get_metric_history(run.info.run_id, "val_patient_dice"))
     assert run.data.metrics["best_val_patient_dice"] == pytest.approx(best)
+    assert_names_do_not_mislead(client, run, epochs)
+    assert f"best epoch {int(run.data.metrics['best_epoch'])}" in result.output  # the console counts alike
     assert run.data.tags["data_version"] and run.data.tags["git_commit"]
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation"}
@@ -38,6 +40,34 @@ def test_train_logs_a_complete_mlflow_run(in_project):
     assert sorted(per_patient["patient"]) == sorted(split.loc[split.subset == "val", "patient"])
     logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
     assert len(logged) == 1 and logged[0].name == "model"
+
+
+def assert_names_do_not_mislead(client, run, epochs: int) -> None:
+    """Params and metrics never share a name; per-epoch histories keep their names at steps 1..epochs
+    and each has its best-epoch value as ``best_<name>``; ``best_epoch`` is the step of the highest
+    val_patient_dice; the headline ``best_val_patient_dice`` is the run's first metric, the one the
+    UI's Compare view opens on (on SQLite, MLflow returns metrics in the order first logged)."""
+    metrics, run_id = run.data.metrics, run.info.run_id
+    assert not set(run.data.params) & set(metrics)
+    assert "loss" in metrics and "loss" not in run.data.params
+    assert next(iter(metrics)) == "best_val_patient_dice"
+    histories = {k: client.get_metric_history(run_id, k) for k in metrics}
+    per_epoch = {k: h for k, h in histories.items() if len(h) > 1 or (h and h[0].step > 0)}
+    assert {"loss", "val_patient_dice", "val_empty_fp_rate", "learning_rate"} <= set(per_epoch)
+    running_best = per_epoch.pop("best_val_patient_dice")  # per epoch, plus the run's summary at step 0
+    assert sorted(m.step for m in running_best if m.step) == list(range(1, epochs + 1))
+    for key, history in per_epoch.items():
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
+    dice = sorted(per_epoch["val_patient_dice"], key=lambda m: m.step)
+    top = max(m.value for m in dice)
+    best_step = next(m.step for m in dice if m.value == top)
+    assert metrics["best_epoch"] == best_step and metrics["best_val_patient_dice"] == pytest.approx(top)
+    assert all(m.value == pytest.approx(max(d.value for d in dice[:m.step])) for m in running_best if m.step)
+    for key, history in per_epoch.items():
+        at_best = next(m.value for m in history if m.step == best_step)
+        assert metrics[f"best_{key}"] == pytest.approx(at_best), key
+    summaries = set(metrics) - set(per_epoch)  # one value per run: best-epoch or evaluation, named so
+    assert all(k.startswith(("best_", "val_", "test_")) or k == "epochs_run" for k in summaries), summaries
 
 
 def test_train_refuses_unknown_architecture_before_training(in_project):

@@ -1,15 +1,20 @@
 """Optuna tuning: search space, recipe first, rungs, seeds, nested MLflow runs, resume, bad input."""
 
+import io
 import json
+import re
 
 import mlflow
 import optuna
 import pytest
 
 from brainseg.config import ConfigError
-from brainseg.tune import (Fidelity, apply_params, derive_seed, load_search_space, make_pruner, recipe_params,
-                           redact, refit_epochs, trial_config)
-from conftest import invoke
+from brainseg.tune import (Fidelity, TrialSeededSampler, apply_params, derive_seed, load_search_space, make_pruner,
+                           recipe_params, redact, refit_epochs, trial_config)
+from brainseg.tune_runs import Progress
+from conftest import MAX_LINE, invoke
+
+TrialState = optuna.trial.TrialState
 
 BASE = {"arch": "unet", "encoder": "resnet18", "size": 64, "loss": {"bce": 0.5, "dice": 1.0}}
 SMOKE = "experiments/search_space_smoke.yaml"
@@ -122,6 +127,80 @@ def test_sampler_seed_differs_per_resume_and_per_worker():
     assert derive_seed(0, "study", 2, 1) == derive_seed(0, "study", 2, 1)
 
 
+def _sample(*studies: optuna.Study) -> list[float]:
+    """One trial of each study, asked together (as processes running at once), then told."""
+    trials = [study.ask() for study in studies]
+    points = [t.suggest_float("x", 0.0, 1.0) for t in trials]
+    for study, t, x in zip(studies, trials, points):
+        study.tell(t, x)
+    return points
+
+
+def _sessions(sessions: int, per_session: int) -> list[float]:
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    points = []
+    for _ in range(sessions):
+        study = optuna.load_study(study_name="s", storage=storage, sampler=TrialSeededSampler(7, "s"))
+        points += [x for _ in range(per_session) for x in _sample(study)]
+    return points
+
+
+def test_a_resumed_study_samples_new_points_reproducibly():
+    straight = _sessions(1, 6)  # past TPE's 4 random start-up trials
+    assert len(set(straight)) == 6
+    assert _sessions(6, 1) == straight  # resumed 5 times: the same points as one session, none repeated
+
+
+def test_two_sessions_started_together_without_worker_ids_sample_different_points():
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    first, second = (optuna.load_study(study_name="s", storage=storage, sampler=TrialSeededSampler(7, "s"))
+                     for _ in range(2))
+    points = [x for _ in range(3) for x in _sample(first, second)]
+    assert len(set(points)) == 6
+
+
+def _finish(study: optuna.Study, state, value=None, epochs=None) -> optuna.trial.FrozenTrial:
+    study.add_trial(optuna.trial.create_trial(state=state, value=value, intermediate_values=epochs or {}))
+    return study.trials[-1]
+
+
+FINISHED = [(TrialState.PRUNED, None, {1: 0.21}), (TrialState.COMPLETE, 0.55, {1: 0.5, 2: 0.55}),
+            (TrialState.FAIL, None, None)]
+
+
+def test_trial_progress_lines_count_pruned_trials_and_the_best_so_far():
+    study = optuna.create_study(direction="maximize")
+    _finish(study, TrialState.COMPLETE, 0.4, {1: 0.4})  # an earlier session's trial
+    lines = []
+    progress = Progress(None, 3, start_count=1, echo=lines.append)
+    for state, value, epochs in FINISHED:
+        progress(study, _finish(study, state, value, epochs))
+    assert lines == ["trial 1 of 3 (#1) pruned: 0.2100 after epoch 1 | best 0.4000 (#0) | pruned 1",
+                     "trial 2 of 3 (#2) complete: 0.5500 | best 0.5500 (#2) | pruned 1",
+                     "trial 3 of 3 (#3) fail: - | best 0.5500 (#2) | pruned 1"]
+
+
+def test_trial_progress_on_a_terminal_is_a_rich_display_with_the_current_trials_epochs():
+    from rich.console import Console
+
+    screen = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=200)
+    study, lines = optuna.create_study(direction="maximize"), []
+    progress = Progress(None, 2, start_count=0, echo=lines.append, mode="bar", console=screen)
+    epochs = progress.epochs(0, 2)
+    epochs.on_train_begin()
+    epochs.on_epoch_begin(0)
+    epochs.on_epoch_end(0, {"val_patient_dice": 0.21})
+    assert [t.description for t in progress.bar.tasks] == ["trials", "trial #0", "  steps"]
+    progress(study, _finish(study, *FINISHED[0]))
+    progress(study, _finish(study, *FINISHED[1]))
+    progress.close()
+    (trials,) = progress.bar.tasks  # the finished trials' epoch rows are gone
+    assert (trials.completed, trials.total, trials.fields["last"]) == (2, 2, "best 0.5500 (#1) | pruned 1")
+    assert lines == [] and "trial 1 of 2 (#0) pruned: 0.2100 after epoch 1" in screen.file.getvalue()
+
+
 def test_a_new_study_starts_with_the_recipe_once(in_project, tmp_path):
     from brainseg.config import load_settings
     from brainseg.tune import open_plan_study, plan_from_settings
@@ -166,7 +245,7 @@ def test_study_is_a_parent_run_with_one_child_per_trial(in_project):
     parent = client.get_run(summary["parent_run_id"])
     assert client.get_experiment(parent.info.experiment_id).name == "brainseg"
     assert parent.data.params["study.name"] == summary["study"]
-    assert parent.data.params["study.pruner"] == "sha" and parent.data.params["study.sampler"] == "TPESampler"
+    assert parent.data.params["study.pruner"] == "sha" and parent.data.params["study.sampler"].startswith("TPESampler")
     assert parent.data.params["study.rungs"] == "[1, 2, 4]"
     assert parent.data.tags["best_run_id"] == summary["best_run_id"]
     assert parent.data.metrics["best_val_patient_dice"] == pytest.approx(summary["best_value"])
@@ -203,10 +282,13 @@ def test_resuming_a_study_twice_never_repeats_a_trial(in_project, tmp_path, caps
     storage = f"sqlite:///{tmp_path}/optuna.db"
     args = ("tune", "--profile", "smoke", "--study-name", "resume-me", "--storage", storage,
             "--set", "tune.epochs=1", "--set", "tune.min_resource=1", "--out", str(tmp_path / "t.json"))
-    for _ in range(3):
+    for session in range(3):
         result = invoke(*args, "--n-trials", "1")
         assert result.exit_code == 0, result.output
         assert "trial 1 of 1 (#" in result.output and "| best " in result.output and "| pruned " in result.output
+        # not a terminal: one line per epoch, naming the trial; no Keras bar of backspaces
+        assert re.search(rf"^trial #{session}  epoch 1/1  loss \S+ .* s$", result.output, re.MULTILINE), result.output
+        assert "\x08" not in result.output and max(map(len, result.output.splitlines())) <= MAX_LINE
     study = optuna.load_study(study_name="resume-me", storage=storage)
     assert [t.number for t in study.trials] == [0, 1, 2]
     params = [tuple(sorted(t.params.items())) for t in study.trials]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,12 @@ import pytest
 
 from brainseg.tune_runs import process_started, reap_dead_predecessors
 from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise
+
+
+# MLflow's store, alembic and Optuna log lines (not in conftest.NOISE; `mlflow.projects` lines may stay)
+LIBRARY_INFO = re.compile(r"INFO\s+(\[alembic|mlflow\.(?!projects))|^\[[IW] \d{4}-\d\d-\d\d ")
+EPOCH_LINE = re.compile(r"(trial #\d+|refit)  epoch \d+/\d+  ")
+TRIAL_LINE = re.compile(r"trial \d+ of \d+ \(#\d+\) ")
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +169,10 @@ def test_a_restarted_worker_fails_the_killed_workers_trial_without_waiting(proje
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mlflow_run_tune_nests_the_study_in_brainseg_under_the_project_run(tmp_path):
-    """`mlflow run . -e tune` (no --experiment-name): no run left in Default, the study's parent in
-    `brainseg` carries the project run's tags, a new study per `mlflow run` (an older one is not
-    resumed), and the refit is registered."""
+    """`mlflow run . -e tune` (no --experiment-name): the launcher run in Default ends pointing at the
+    study's parent in `brainseg` (described by its note), which carries the project run's tags and
+    parents every trial and the refit; a new study per `mlflow run` (an older one is not resumed),
+    the refit registered; the console: trial and epoch lines and a few others."""
     root = make_project(tmp_path / "proj", patients=8, slices=6, size=64)
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(PROJECT_ROOT / name, root / name)
@@ -184,23 +192,34 @@ def test_mlflow_run_tune_nests_the_study_in_brainseg_under_the_project_run(tmp_p
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     lines = (done.stdout + done.stderr).splitlines()  # the console: quiet under `mlflow run` too
     assert noise(lines) == [] and max(len(line) for line in lines) <= MAX_LINE, noise(lines)
+    assert [line for line in lines if LIBRARY_INFO.search(line)] == []
+    epochs = [line for line in lines if EPOCH_LINE.match(line)]  # no terminal: one line per epoch
+    assert {line.split("  ")[0] for line in epochs} >= {"trial #0", "trial #1", "refit"}, lines
+    own = [line for line in lines if line not in epochs and not TRIAL_LINE.match(line)]
+    # data prepare (3); the refit's announcement; the summary (study, best, refit); MLflow's own
+    # prints on registering ("Registered model ... already exists", "Created version") are silenced
+    assert len(own) <= 3 + 1 + 3, "\n".join(own)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    default = client.search_runs(["0"])
     exp = client.get_experiment_by_name("brainseg")
     parents = client.search_runs([exp.experiment_id], "tags.`brainseg.role` = 'study'")
     assert len(parents) == 2
     parent = next(p for p in parents if p.info.run_id != older["parent_run_id"])
     assert parent.data.params["profile"] == "smoke"
     assert parent.info.status == "FINISHED"
-    # mlflow's own launcher run (Default, as `mlflow run` has no --experiment-name here) is ended, not
-    # left RUNNING; the study and its trials are in `brainseg`
-    assert all(r.info.status == "FINISHED" for r in default)
-    trials = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                                                     "and tags.`brainseg.role` = 'trial'")
-    assert len(trials) == 2
+    assert parent.data.tags["mlflow.note.content"].startswith(f"Optuna study {parent.data.tags['optuna.study']}:")
+    # mlflow's own launcher run (Default, as `mlflow run` has no --experiment-name here) is ended with
+    # a note; the study's run in `brainseg` took its place, and every run of the study is its child
+    (launcher,) = client.search_runs(["0"])
+    assert parent.data.tags["brainseg.moved_from_run"] == launcher.info.run_id
+    assert launcher.data.tags["brainseg.moved_to_run"] == parent.info.run_id
+    assert parent.info.run_id in launcher.data.tags["mlflow.note.content"] and launcher.info.status == "FINISHED"
+    study_runs = client.search_runs([exp.experiment_id], f"tags.`optuna.study` = '{parent.data.tags['optuna.study']}'")
+    children = [r for r in study_runs if r.info.run_id != parent.info.run_id]
+    assert sorted(r.data.tags["brainseg.role"] for r in children) == ["refit", "trial", "trial"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     old_children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{older['parent_run_id']}'")
     assert len(old_children) == 1  # the older study got no new trial
-    refit = client.search_runs([exp.experiment_id], f"tags.`brainseg.study_parent_run_id` = '{parent.info.run_id}'")
-    assert len(refit) == 1
+    refit = [r for r in children if r.data.tags["brainseg.role"] == "refit"]
+    assert refit[0].data.tags["brainseg.study_parent_run_id"] == parent.info.run_id
     versions = client.search_model_versions(f"run_id = '{refit[0].info.run_id}'")
     assert len(versions) == 1

@@ -9,7 +9,9 @@ Segmenter backends::
 settings (the code path of ``brainseg predict`` and the served model, so the masks are the same);
 ``RestBackend`` posts the slices to a ``mlflow models serve`` endpoint of the same model.
 ``groups`` (a patient id per slice, slices in order) lets the stored ``largest_3d`` step see a
-patient's whole volume, as predict does. Both raise :class:`SegmentError`.
+patient's whole volume, as predict does. Both raise :class:`SegmentError`. ``limits``: what one
+call may hold (None: no limit; the REST backend: the server's
+:class:`brainseg.serving_limits.RequestLimits`, which cover a whole real patient by default).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import pandas as pd
 
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
+from brainseg.serving_limits import RequestLimits
 
 SMOKE_MAX_SIZE = 64  # a network input this small is the smoke profile's test model
 
@@ -178,6 +181,8 @@ def _check_channels(name: str, image: np.ndarray, channels: str) -> np.ndarray:
 class InProcessBackend:
     """A :class:`brainseg.inference.Segmenter` in this process (predict's and serving's code path)."""
 
+    limits = None
+
     def __init__(self, segmenter, provenance: dict):
         self.segmenter, self.provenance = segmenter, provenance
 
@@ -207,12 +212,17 @@ class InProcessBackend:
 
 
 class RestBackend:
-    """A served model (``mlflow models serve``): POST base64 PNG slices to its /invocations."""
+    """A served model (``mlflow models serve``): POST base64 PNG slices to its /invocations.
 
-    def __init__(self, endpoint: str, timeout: float = 120.0):
+    ``limits``: the server's request limits (default: the ``BRAINSEG_SERVE_*`` variables of this
+    process, else the server's defaults); the page sends no more rows or pixels per request.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 120.0, limits: RequestLimits | None = None):
         base = endpoint.rstrip("/")
         self.url = base if base.endswith("/invocations") else base + "/invocations"
         self.timeout = timeout
+        self.limits = limits or RequestLimits.from_env()
         self.provenance = empty_provenance(self.url)
 
     def describe(self) -> dict:
@@ -230,7 +240,7 @@ class RestBackend:
                 message = json.loads(body).get("message", body)
             except ValueError:
                 message = body
-            raise SegmentError(f"endpoint refused the slice (HTTP {exc.code}): {message[:500]}",
+            raise SegmentError(f"endpoint refused the request (HTTP {exc.code}): {message[:500]}",
                                per_item=400 <= exc.code < 500) from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import math
 import zipfile
 from collections.abc import Callable
@@ -112,28 +113,82 @@ def volumes(slices: list[SliceInput], limit: int = MAX_VOLUME) -> list[list[Slic
     return volume_chunks(slices, lambda s: s.patient, limit)
 
 
+def request_chunks(slices: list[SliceInput], limits=None) -> list[list[SliceInput]]:
+    """:func:`volumes`, each cut further to what one call of the backend may hold (``limits``: a
+    :class:`brainseg.serving_limits.RequestLimits`, rows and total pixels; None: no limit)."""
+    if limits is None:
+        return volumes(slices)
+    out = []
+    for chunk in volumes(slices, min(MAX_VOLUME, limits.max_rows)):
+        part, pixels = [], 0
+        for s in chunk:
+            size = s.image.shape[0] * s.image.shape[1]
+            if part and pixels + size > limits.max_pixels:
+                out.append(part)
+                part, pixels = [], 0
+            part.append(s)
+            pixels += size
+        out.append(part)
+    return out
+
+
+def _one_by_one(backend, chunk: list[SliceInput], problems: list[str]):
+    """Each slice of a refused chunk alone: (accepted slices, their outputs); the refused ones are
+    added to ``problems``. SegmentError (not per item) when the backend itself fails."""
+    good, outputs = [], []
+    for s in chunk:
+        try:
+            outputs += _segment(backend, [s])
+            good.append(s)
+        except SegmentError as one:
+            if not one.per_item:
+                raise
+            problems.append(f"{s.name}: {one}")
+    return good, outputs
+
+
+def _split_note(chunk: list[SliceInput], why: str) -> str:
+    return (f"patient {chunk[0].patient}: {len(chunk)} slices were not segmented together ({why}); "
+            "the per-volume post-processing (largest 3-D component) saw only part of the volume")
+
+
+def _refused(backend, chunk: list[SliceInput], exc: SegmentError, problems: list[str]):
+    """A chunk refused as input: each slice alone finds the refused ones (a problem line each); the
+    rest goes again together, or keeps its one-by-one masks with a problem line when the segmenter
+    refuses it together (e.g. a request limit). Returns (slices, outputs); SegmentError (not per
+    item) when the backend itself fails."""
+    good, outputs = _one_by_one(backend, chunk, problems)
+    if good and len(good) < len(chunk):
+        try:
+            return good, _segment(backend, good)
+        except SegmentError as again:
+            if not again.per_item:
+                raise
+            exc = again
+    if good:
+        problems.append(_split_note(good, f"refused together: {exc}"))
+    return good, outputs
+
+
 def analyse(slices: list[SliceInput], backend, progress: Callable[[int, int], None] | None = None
             ) -> tuple[list[SliceResult], list[str]]:
-    """Segment ``slices`` a patient volume at a time. Refused slices are found one by one and the
-    rest of the volume is sent again without them, so one bad slice costs only itself; a failing
-    backend stops with one problem line."""
+    """Segment ``slices`` a patient volume at a time, cut to the backend's ``limits`` per call
+    (with a problem line when a patient is cut). Refused slices cost only themselves
+    (:func:`_refused`); a failing backend stops with one problem line."""
     results, problems, done = [], [], 0
-    for chunk in volumes(slices):
+    chunks = request_chunks(slices, getattr(backend, "limits", None))
+    cut = dict.fromkeys(a[0].patient for a, b in itertools.pairwise(chunks) if a[0].patient == b[0].patient)
+    problems += [_split_note([s for s in slices if s.patient == p], "the segmenter's request limits") for p in cut]
+    for chunk in chunks:
         try:
-            outputs = _segment(backend, chunk)
-        except SegmentError as exc:
-            if not exc.per_item:
-                return results, problems + [f"segmenter: {exc}"]
-            good = []
-            for s in chunk:
-                try:
-                    _segment(backend, [s])
-                    good.append(s)
-                except SegmentError as one:
-                    if not one.per_item:
-                        return results, problems + [f"segmenter: {one}"]
-                    problems.append(f"{s.name}: {one}")
-            chunk, outputs = good, (_segment(backend, good) if good else [])
+            try:
+                outputs = _segment(backend, chunk)
+            except SegmentError as exc:
+                if not exc.per_item:
+                    raise
+                chunk, outputs = _refused(backend, chunk, exc, problems)
+        except SegmentError as failed:
+            return results, problems + [f"segmenter: {failed}"]
         results += [SliceResult(s, *out) for s, out in zip(chunk, outputs)]
         done += len(chunk)
         if progress:

@@ -95,8 +95,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: float = 90.0,
-                workers: int = 1, env: dict | None = None):
-    """Start ``mlflow models serve -m MODEL_URI --env-manager local`` on a free 127.0.0.1 port.
+                workers: int = 1, env: dict | None = None, body_limit: bool = False):
+    """Start ``mlflow models serve -m MODEL_URI --env-manager local`` on a free 127.0.0.1 port
+    (``body_limit``: the same MLflow app behind the request-body limit, :mod:`brainseg.serving_app`).
 
     Yields a :class:`ModelServer` once ``/ping`` answers 200; raises RuntimeError (with the
     server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
@@ -111,6 +112,12 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
     env = {**os.environ, **(env or {}), "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    if body_limit:
+        from brainseg.serving_app import MODEL_ENV
+
+        env[MODEL_ENV] = model_uri
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving_app:create_app",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     start = time.monotonic()
     with log_path.open("w") as log:
         process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,

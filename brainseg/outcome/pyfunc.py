@@ -47,6 +47,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from sklearn.pipeline import Pipeline
 
 import brainseg
+from brainseg import tracking
 from brainseg.data.clinical import TARGET
 from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame
 
@@ -134,14 +135,16 @@ def log_final_model(pipeline: Pipeline, X: pd.DataFrame, spec: InputSpec, eviden
                     extra_json: dict | None = None) -> tuple[str, str]:
     """Log the fitted pipeline as pyfunc ``model``; returns (run_id, model_uri).
 
-    Logs into ``run_id`` when given, else a new run "survival-final" (nested when a run is active).
+    Logs into ``run_id`` when given, else a new run "survival-final" (nested when a run is active)
+    with its description (the run note, :func:`brainseg.tracking.with_note`).
     The brainseg package goes in ``code_paths`` so the pickled pipeline loads without it installed.
     ``survival_model.json`` holds the spec, the evidence and ``extra_json`` (importances, notes).
     """
     model = SurvivalModel(pipeline, spec, evidence)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
     kwargs = ({"run_id": run_id} if run_id else
               {"run_name": "survival-final", "nested": mlflow.active_run() is not None})
-    with mlflow.start_run(**kwargs, tags={k: str(v) for k, v in (tags or {}).items()}) as run:
+    with mlflow.start_run(**kwargs, tags=tags if run_id else tracking.with_note("survival-final", tags)) as run:
         if params:
             mlflow.log_params(params)
         doc = {"spec": spec.to_dict(), "evidence": evidence, "threshold": pipeline[-1].threshold_,

@@ -13,6 +13,9 @@ Rules:
 - a row needs at least ``min_known_clinical`` known clinical fields when the model uses clinical
   fields, and a known ``tumor_volume_px`` when it uses imaging features.
 - at most ``max_rows`` rows per request.
+- a column the model does not read is refused by name (a misspelt ``gendr`` would otherwise leave
+  ``gender`` unknown without a word). Over REST, MLflow's schema enforcement drops such columns
+  before the model sees them, so this holds for frames given to the model directly.
 """
 
 from __future__ import annotations
@@ -109,14 +112,20 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> tuple[pd.DataFrame, lis
     """Request frame -> (float frame with exactly ``spec.columns``, per-row reason or None).
 
     Missing columns are all-unknown. Raises InvalidInput for no rows or no known column, too many
-    rows, a value of the wrong type, a value out of range or a code not seen in training. A reason
-    (``"2 of 16 clinical fields known, need 8"``) marks a row with too few known fields.
+    rows, a column the model does not read, a value of the wrong type, a value out of range or a
+    code not seen in training. A reason (``"2 of 16 clinical fields known, need 8"``) marks a row
+    with too few known fields.
     """
     if len(frame) > spec.max_rows:
         raise InvalidInput(f"{len(frame)} rows in one request; the limit is {spec.max_rows}")
+    unknown = [str(c) for c in frame.columns if c not in spec.columns]
+    if unknown:
+        raise InvalidInput(f"unknown column(s) {', '.join(map(repr, unknown[:10]))}"
+                           f"{' ...' if len(unknown) > 10 else ''}: the model reads only "
+                           f"{', '.join(spec.columns)}")
     if not len(frame) or not set(frame.columns) & set(spec.columns):
         raise InvalidInput(f"no row with a known column (the model reads {', '.join(spec.columns[:4])}, ... "
-                           f"{len(spec.columns)} columns in all; unknown columns are dropped)")
+                           f"{len(spec.columns)} columns in all)")
     out = pd.DataFrame(index=frame.index, columns=spec.columns, dtype=float)
     for column in spec.columns:
         if column not in frame.columns:

@@ -20,6 +20,7 @@ from brainseg import tracking
 from brainseg.config import TrainConfig
 from brainseg.data.clinical import read_clinical
 from brainseg.data.version import data_version
+from brainseg.modelcard import survival_failures
 from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
@@ -121,7 +122,8 @@ def read_features(csv: Path) -> tuple[pd.DataFrame, dict]:
 def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
                  compare_csvs: Sequence[Path] = (), experiment: str = "brainseg-survival") -> dict:
     """Compare candidates by repeated CV, fit and log the declared final pipeline; returns the summary
-    written to ``out_dir/cv.json`` (``final``, ``results``, run ids, ``final_model_uri``)."""
+    written to ``out_dir/cv.json`` (``final``, ``results``, run ids, ``final_model_uri``, and the
+    final candidate's ``failures`` for its model card: worst folds, largest out-of-fold misses)."""
     sv = settings["survival"]
     sv = {**sv, **{k: int(sv[k]) for k in ("folds", "repeats", "seed", "inner_folds", "min_frequency")}}
     root = Path(settings["data"]["root"])
@@ -171,12 +173,14 @@ def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_
         params={"classifier": final.classifier, "feature_set": final.feature_set, "features_from": main_from},
         extra_json={"notes": notes, "permutation_importance": importance.to_dict("records")})
     row = summary_row(final)
+    failures = survival_failures(final.cv["fold_scores"], final.cv["oof_probability"], y,
+                                 float(pipeline[-1].threshold_))
     summary = {"features_from": main_from, "fitted_on": fitted_on, "data_version": version, "join": report,
                "patients": int(len(y)), "positives": int(y.sum()), "notes": notes,
                "final_run_id": run_id, "final_model_uri": model_uri, "parent_run_id": logged["parent_run_id"],
                "final": {**row, "key": final.key, "roc_auc_mean": final.cv["roc_auc_mean"],
                          "balanced_accuracy": final.cv["balanced_accuracy_mean"], "brier": final.cv["brier_mean"]},
-               "results": [{**summary_row(r), "key": r.key} for r in results]}
+               "failures": failures, "results": [{**summary_row(r), "key": r.key} for r in results]}
     _write_reports(Path(out_dir), summary, results, importance, coefs)
     return summary
 

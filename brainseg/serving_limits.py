@@ -1,0 +1,45 @@
+"""What one request to the served segmenter may hold (no MLflow import: the page reads it too).
+
+The defaults let one whole patient volume through in one request (the largest real LGG patient has
+88 slices; ``max_rows`` 128), so the stored per-patient ``largest_3d`` step sees the volume over
+REST as it does in ``evaluate`` and ``brainseg predict``, while ``max_pixels`` bounds the memory of
+a request (128 slices of 256x256). ``max_body_bytes`` bounds the HTTP body before MLflow's scoring
+server reads it; only the server of :mod:`brainseg.serving_app` applies it (``mlflow models
+serve`` has no such setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import ClassVar
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """Limits per request, overridden by the ``BRAINSEG_SERVE_*`` variables of :data:`ENV`."""
+
+    max_rows: int = 128
+    max_pixels: int = 8_388_608
+    max_image_bytes: int = 16 * 2**20
+    max_body_bytes: int = 64 * 2**20
+
+    ENV: ClassVar[dict[str, str]] = {"max_rows": "BRAINSEG_SERVE_MAX_ROWS", "max_pixels": "BRAINSEG_SERVE_MAX_PIXELS",
+           "max_image_bytes": "BRAINSEG_SERVE_MAX_IMAGE_BYTES", "max_body_bytes": "BRAINSEG_SERVE_MAX_BODY_BYTES"}
+
+    @classmethod
+    def from_env(cls, env=None) -> RequestLimits:
+        """Defaults overridden by the environment; ValueError naming a variable that is not an int >= 1."""
+        env = os.environ if env is None else env
+        values = {}
+        for field, var in cls.ENV.items():
+            raw = (env.get(var) or "").strip()
+            if not raw:
+                continue
+            try:
+                values[field] = int(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not an integer") from None
+            if values[field] < 1:
+                raise ValueError(f"{var}={raw!r} must be >= 1")
+        return cls(**values)
