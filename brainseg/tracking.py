@@ -211,7 +211,7 @@ def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None
 
 def with_note(name: str, tags: dict) -> dict:
     """``tags`` plus the run's description (``mlflow.note.content``) unless one is given."""
-    from brainseg.modelcard import NOTE_TAG, run_note
+    from brainseg.run_notes import NOTE_TAG, run_note
 
     return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import optuna
 
-from brainseg.modelcard import NOTE_TAG
+from brainseg.run_notes import NOTE_TAG
 from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, redact, trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"

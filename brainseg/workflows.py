@@ -85,17 +85,14 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     registered and reported on test is what was chosen on val.
     """
     from brainseg.inference import load_model_dir
-    from brainseg.modelcard import NOTE_TAG
     from brainseg.serving import resolve_model_dir
 
     trial_uri, number = summary["best_model_uri"], int(summary["best_trial"])
     model, cfg, _ = load_model_dir(resolve_model_dir(trial_uri))
     tags = {**tracking.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
             "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
-            "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri,
-            NOTE_TAG: f"TTA and post-processing of tuning trial {number}'s model (run {summary['best_run_id']}) "
-                      "chosen on the validation patients (`val_postprocessing_candidates.csv`); the same network, "
-                      "logged with the chosen settings."}
+            "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri}
+    # its description comes from brainseg.run_notes, as for every run
     echo(f"trial {number}'s model: choosing TTA and post-processing on the validation patients")
     with tracking.run(f"postprocessing-trial-{number:03d}", tags) as active:
         tracking.log_params(tracking.train_config_params(cfg))

@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from brainseg import modelcard, tracking
+from brainseg import modelcard, run_notes, tracking
 from conftest import Tracking
 
 VAL = {"patient_dice_mean": 0.8123, "patient_dice_median": 0.85, "n_patients": 12,
@@ -156,7 +156,7 @@ def test_description_is_the_short_text_then_the_card_never_two_cards(lead, expec
     ("something", {}, ["Run something."]),
 ])
 def test_run_note_says_what_the_run_is_its_data_and_profile(name, tags, expected):
-    note = modelcard.run_note(name, tags)
+    note = run_notes.run_note(name, tags)
     for text in expected:
         assert text in note, text
 
@@ -175,7 +175,7 @@ def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
             mlflow.log_text("weights", "model/weights.txt")
         run_id = r.info.run_id
         client = mlflow.MlflowClient()
-        assert "Training of one segmenter" in client.get_run(run_id).data.tags[modelcard.NOTE_TAG]
+        assert "Training of one segmenter" in client.get_run(run_id).data.tags[run_notes.NOTE_TAG]
         client.create_registered_model("seg")
         mv = client.create_model_version("seg", f"runs:/{run_id}/model", run_id=run_id, description="Short text.")
         card = modelcard.document_segmenter("seg", mv.version, run_id)

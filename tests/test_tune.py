@@ -9,8 +9,9 @@ import optuna
 import pytest
 
 from brainseg.config import ConfigError
-from brainseg.tune import (Fidelity, TrialSeededSampler, apply_params, derive_seed, load_search_space, make_pruner,
-                           recipe_params, redact, refit_epochs, trial_config)
+from brainseg.tune import (Fidelity, apply_params, load_search_space, make_pruner, recipe_params, redact,
+                           refit_epochs, trial_config)
+from brainseg.tune_sampler import TrialSeededSampler, derive_seed
 from brainseg.tune_runs import Progress
 from conftest import MAX_LINE, invoke
 

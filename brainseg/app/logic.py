@@ -18,8 +18,8 @@ import dataclasses
 import os
 
 from brainseg.app.backends import (  # noqa: F401  (re-exported for the page)
-    InProcessBackend, RestBackend, SegmentError, SurvivalBackend, card_lines, make_segmenter, model_provenance,
-    provenance_line, registered_version, survival_context)
+    InProcessBackend, RestBackend, SegmentError, SurvivalBackend, make_segmenter, registered_version, survival_context)
+from brainseg.app.provenance import card_lines, model_provenance, provenance_line  # noqa: F401
 from brainseg.app.results import (  # noqa: F401
     PATIENT_GLOSSARY, SLICE_GLOSSARY, SliceResult, analyse, area_by_slice, by_patient, column_label, csv_bytes,
     default_slice, glossary_table, masks_zip, patient_table, slice_table, slice_views, with_provenance)

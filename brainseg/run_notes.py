@@ -1,0 +1,50 @@
+"""Run descriptions: the MLflow UI shows a run's ``mlflow.note.content`` tag as its description.
+
+Every run brainseg starts gets one (:func:`brainseg.tracking.with_note`): what the run is (from its
+name's prefix), its data version (and kind) and its budget profile.
+"""
+
+from __future__ import annotations
+
+NOTE_TAG = "mlflow.note.content"  # the MLflow UI shows it as the run's description
+_RUN_KINDS = (  # run-name prefix -> what the run is
+    ("survival-final", "Final death01 survival model: the pipeline declared in params.yaml (`survival.final`) "
+                       "fitted on all patients (imaging features from {features_from} masks); its "
+                       "cross-validated figures are in the candidate runs of its parent."),
+    ("postprocessing-trial-", "TTA and post-processing of tuning trial {rest}'s network chosen on the validation "
+                              "patients (`val_postprocessing_candidates.csv`); the same network, logged with the "
+                              "chosen settings as the model the study hands on."),
+    ("refit-trial-", "Full-fidelity refit of the best tuning trial ({rest}) on the train patients; the "
+                     "epoch and post-processing chosen on validation patients."),
+    ("trial-", "Optuna tuning trial {rest}: a segmenter trained at low fidelity, scored by the best "
+               "epoch's per-patient validation Dice (`best_val_patient_dice`)."),
+    ("study-", "Optuna study {rest}: the parent of its trial runs (compare them on "
+               "`best_val_patient_dice`); tagged with the best trial."),
+    ("train-", "Training of one segmenter ({rest}) on the train patients; the epoch and "
+               "post-processing chosen on validation patients (`best_val_patient_dice`, `val_*`)."),
+    ("evaluate-", "Evaluation of a segmenter on the {rest} patients (`{rest}_*` metrics, with the "
+                  "all-empty baseline)."),
+    ("promote-", "Promotion gate of {rest}: challenger against champion on validation patients."),
+    ("register-", "Registration of {rest}."),
+)
+
+
+def run_note(name: str, tags: dict) -> str:
+    """The run's description: what it is, its data version (and kind) and budget profile.
+
+    >>> run_note("evaluate-val", {"data_version": "0123456789abcdef", "profile": "smoke"})
+    'Evaluation of a segmenter on the val patients (`val_*` metrics, with the all-empty baseline).\\n\\nData version `0123456789ab`; profile `smoke`.'
+    """
+    what = f"Run {name}."
+    for prefix, template in _RUN_KINDS:
+        if name.startswith(prefix):
+            what = template.format(rest=name[len(prefix):] or "?", features_from=tags.get("features_from", "?"))
+            break
+    else:
+        if tags.get("features_from") or name.startswith(("survival", "death01")):
+            what = f"death01 survival model run {name} (imaging features from {tags.get('features_from', '?')} masks)."
+    data = f"Data version `{(tags.get('data_version') or 'unknown')[:12]}`"
+    if tags.get("fitted_on"):
+        data += f" ({tags['fitted_on']})"
+    profile = tags.get("profile") or ""
+    return f"{what}\n\n{data}" + (f"; profile `{profile}`." if profile else ".")
