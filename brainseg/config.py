@@ -123,6 +123,11 @@ class PrepConfig:
         return f"{self.channels}-{self.size}-{self.normalize}-{'sharp' if self.sharpen else 'plain'}{crop}"
 
 
+# train settings of runs sized in epochs, not minutes (tuning trials and their refit, the survival
+# fold segmenters): the recipe's time budget and resolution schedule do not apply to them
+EPOCH_SIZED = {"budget_minutes": None, "progressive_size": None}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     arch: str = "unet"
@@ -144,8 +149,11 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 8
     lr_patience: int = 3
-    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | cosine (warm-up then cosine decay)
+    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | cosine | linear (warm-up, then decay)
     warmup_epochs: int = 0
+    budget_minutes: float | None = None  # wall-clock budget of the training (overrides epochs)
+    progressive_size: int | None = None  # train the first steps at this size (progressive resizing)
+    progressive_share: float = 0.5  # share of the training time (or epochs) at progressive_size
     sampling: str = "balanced"  # balanced (tumor_fraction) | area (tumor area + uniform_share)
     uniform_share: float = 0.5
     tumor_fraction: float = 0.5
@@ -162,8 +170,15 @@ class TrainConfig:
             raise ConfigError(f"train: unknown setting(s) {unknown}; known: {sorted(known)}")
         cfg = cls(**d)
         cfg.prep  # validates the preprocessing part
-        if cfg.lr_schedule not in ("plateau", "cosine"):
-            raise ConfigError(f"train.lr_schedule: {cfg.lr_schedule!r} is not one of plateau, cosine")
+        if cfg.lr_schedule not in ("plateau", "cosine", "linear"):
+            raise ConfigError(f"train.lr_schedule: {cfg.lr_schedule!r} is not one of plateau, cosine, linear")
+        if cfg.budget_minutes is not None and cfg.freeze_encoder_epochs:
+            raise ConfigError("train.budget_minutes: a budgeted run cannot also freeze the encoder for "
+                              "freeze_encoder_epochs (set one of them)")
+        if cfg.progressive_size is not None and (int(cfg.progressive_size) % 32 or
+                                                 not 32 <= int(cfg.progressive_size) < int(cfg.size)):
+            raise ConfigError(f"train.progressive_size: {cfg.progressive_size} must be a multiple of 32 "
+                              f"below train.size ({cfg.size}), or null")
         if cfg.sampling not in ("balanced", "area"):
             raise ConfigError(f"train.sampling: {cfg.sampling!r} is not one of balanced, area")
         if not 0.0 <= cfg.uniform_share <= 1.0:
@@ -227,6 +242,9 @@ RULES: dict[str, tuple[str, Any]] = {
     "train.lr": _number_in(0, 1, low_open=True), "train.threshold": _number_in(0, 1, True, True),
     "train.augment": _number_in(0, 1), "train.tumor_fraction": _number_in(0, 1),
     "train.uniform_share": _number_in(0, 1), "train.tversky_alpha": _number_in(0, 1),
+    "train.budget_minutes": ("null or a number of minutes > 0",
+                             lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
+    "train.progressive_share": _number_in(0, 1, True, True),
     "train.tversky_beta": _number_in(0, 1),
     "evaluate.threshold": _number_in(0, 1, True, True), "evaluate.batch_size": _int_at_least(1),
     "evaluate.min_component_px": _int_at_least(0),

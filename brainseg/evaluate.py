@@ -51,7 +51,9 @@ def evaluate(segmenter: Segmenter, manifest: pd.DataFrame, images: list[np.ndarr
 
 
 # Candidates, simplest first: ties go to the simpler setting.
-POSTPROCESS_GRID = {"tta": (False, True), "min_component_px": (0, 64), "largest_3d": (False, True)}
+# component_confidence: keep a patient's 3-D components whose peak probability reaches it (0: all);
+# the largest-3-D-component step is no longer a candidate (it dropped small true tumors).
+POSTPROCESS_GRID = {"tta": (False, True), "min_component_px": (0, 64), "component_confidence": (0.0, 0.8, 0.9, 0.95)}
 
 
 def postprocess_candidates(base: InferenceSettings, grid: dict | None = None) -> list[InferenceSettings]:
@@ -80,7 +82,8 @@ def select_postprocessing(segmenter: Segmenter, manifest: pd.DataFrame, images: 
         masks = final_masks(probs_by_tta[cand.tta], shapes, boxes, cand, groups)
         s = score(manifest, masks, truths).summary
         rows.append({"tta": cand.tta, "min_component_px": cand.min_component_px,
-                     "largest_3d": cand.largest_3d, "keep_largest": cand.keep_largest,
+                     "component_confidence": cand.component_confidence, "largest_3d": cand.largest_3d,
+                     "keep_largest": cand.keep_largest,
                      "patient_dice_mean": s["patient_dice_mean"], "patient_dice_median": s["patient_dice_median"],
                      "empty_slice_fp_rate": s["empty_slice_fp_rate"]})
         value = s["patient_dice_mean"] if s["patient_dice_mean"] == s["patient_dice_mean"] else -1.0

@@ -65,6 +65,26 @@ def patient_table(slices: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def bootstrap_ci(values, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, seeded).
+
+    Over patients, this is the noise on a mean per-patient Dice: 13 patients give about +-0.05.
+
+    >>> bootstrap_ci([0.8, 0.8, 0.8])
+    (0.8, 0.8)
+    >>> lo, hi = bootstrap_ci([0.2, 0.9, 0.7, 0.95, 0.85]); bool(lo < 0.72 < hi)
+    True
+    """
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(v, size=(n, v.size), replace=True).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return round(float(lo), 12), round(float(hi), 12)
+
+
 def summarize(slices: pd.DataFrame) -> dict:
     """All headline metrics with the count behind each (see the module docstring for the policy)."""
     pt = patient_table(slices)
@@ -78,9 +98,13 @@ def summarize(slices: pd.DataFrame) -> dict:
         v = np.asarray(values, float)
         return float(fn_(v)) if v.size else float("nan")
 
+    ci_low, ci_high = bootstrap_ci(with_tumor["volume_dice"])
+
     return {
         "patient_dice_mean": stat(with_tumor["volume_dice"], np.mean),
         "patient_dice_median": stat(with_tumor["volume_dice"], np.median),
+        "patient_dice_ci_low": ci_low,  # 95% bootstrap interval of the mean over patients
+        "patient_dice_ci_high": ci_high,
         "patient_iou_mean": stat(with_tumor["volume_iou"], np.mean),
         "patient_iou_median": stat(with_tumor["volume_iou"], np.median),
         "n_patients": int(len(with_tumor)),

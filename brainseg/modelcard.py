@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 
+from brainseg.budget import compute_facts, compute_line
+
 CARD_FILE, FACTS_FILE = "model_card.md", "model_card.json"
 CARD_HEADING = "# Model card:"
+INFERENCE_KEYS = ("threshold", "tta", "min_component_px", "keep_largest", "largest_3d", "component_confidence")
 DESCRIPTION_LIMIT = 4900  # MLflow stores a version description in 5,000 characters
 MISSES = 3                # lowest-Dice validation patients (survival: largest out-of-fold misses) listed
 WORST_FOLDS = 3           # lowest-AUC cross-validation folds listed on the survival card
@@ -100,9 +103,10 @@ def segmenter_card(info: dict) -> str:
              f"{recipe.get('channels', '?')} channels at {recipe.get('size', '?')} px",
              f"- Loss: {recipe.get('loss', '?')}",
              f"- Epochs: best {recipe.get('best_epoch', '?')} of {recipe.get('epochs_run', '?')} run "
-             f"(max {recipe.get('epochs', '?')}); the epoch and post-processing were chosen on validation patients"]
-    if recipe.get("inference"):
-        lines.append("- Inference: " + ", ".join(f"{k}={v}" for k, v in recipe["inference"].items()))
+             f"(max {recipe.get('epochs', '?')}); the epoch and post-processing were chosen on validation patients",
+             compute_line(recipe.get("compute") or {}),
+             "- Inference: " + ", ".join(f"{k}={v}" for k, v in recipe["inference"].items()) if recipe.get("inference") else None]
+    lines = [line for line in lines if line is not None]
     lines += ["", "## Validation and test figures",
               "| metric | validation | test | definition |", "|---|---|---|---|"]
     for key, label, definition, n in SEGMENTER_METRICS:
@@ -267,10 +271,8 @@ def description(markdown: str, lead: str = "") -> str:
 # ----------------------------------------------------------------------------- MLflow glue
 def segmenter_facts(name: str, version: str, run, per_patient=None, patients: dict | None = None,
                     synthetic: bool | None = None, recipe_run=None) -> dict:
-    """The card's facts from the model's run (``mlflow.entities.Run``) and its per-patient table.
-
-    ``recipe_run``: the training run of the network when ``run`` only chose the inference settings
-    (the recipe and best epoch come from it; the figures and settings from ``run``)."""
+    """The card's facts from the model's run (``mlflow.entities.Run``) and its per-patient table;
+    ``recipe_run``: the training run of the network when ``run`` only chose the inference settings."""
     import json
 
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
@@ -285,12 +287,13 @@ def segmenter_facts(name: str, version: str, run, per_patient=None, patients: di
     except (TypeError, ValueError, AttributeError):
         pass
     inference = {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith("inference.")
-                 and k.split(".", 1)[1] in ("threshold", "tta", "min_component_px", "keep_largest", "largest_3d")}
+                 and k.split(".", 1)[1] in INFERENCE_KEYS}
     return {"name": name, "version": str(version), "run_id": run.info.run_id,
             "data": {"version": tags.get("data_version", ""), "synthetic": synthetic, "patients": patients or {}},
             "recipe": {**{k: trained.params.get(k) for k in ("arch", "encoder", "size", "channels")}, "loss": loss,
                        "epochs": trained.params.get("epochs"), "best_epoch": _count(trained.metrics.get("best_epoch")),
-                       "epochs_run": _count(trained.metrics.get("epochs_run")), "inference": inference},
+                       "epochs_run": _count(trained.metrics.get("epochs_run")), "inference": inference,
+                       "compute": compute_facts(trained.params, trained.metrics)},
             "val": split("val_"), "test": split("test_"), "misses": lowest_dice_patients(per_patient)}
 
 

@@ -16,6 +16,17 @@ from brainseg.outcome import features
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, then a rename): a full disk
+    or a kill leaves the files written before complete and no truncated one."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def collect_inputs(inputs: list[Path], exclude: list[Path] | None = None) -> tuple[list[Path], list[str]]:
     """Slice files from files and folders (any nesting); masks (``*_mask.*``) are skipped, and so
     is everything inside an ``exclude`` folder (predict's ``--out``: never read our own outputs).
@@ -84,8 +95,8 @@ def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None) ->
         masks = segmenter.segment(images, groups=[i["patient"] for i in idents]).masks if images else []
         for f, ident, image, mask in zip(chunk, idents, images, masks):
             pred_png, overlay_png = out_dir / f"{f.stem}_pred.png", out_dir / f"{f.stem}_overlay.png"
-            pred_png.write_bytes(imageio.encode_png(mask.astype(np.uint8) * 255))
-            overlay_png.write_bytes(imageio.encode_png(plots.overlay(image, mask)))
+            write_atomic(pred_png, imageio.encode_png(mask.astype(np.uint8) * 255))
+            write_atomic(overlay_png, imageio.encode_png(plots.overlay(image, mask)))
             rows.append({**ident, **features.slice_features(mask, image), "mask_file": pred_png.name,
                          "overlay_file": overlay_png.name})
             masks_by_patient.setdefault(ident["patient"], []).append((ident["slice"], mask))
@@ -132,6 +143,6 @@ def predict_to_folder(files: list[Path], out_dir: Path, model_uri: str, *, thres
             pred.patients = pred.patients.merge(probs, on="patient", how="left")
         except (FileNotFoundError, ValueError) as exc:
             pred.problems.append(f"survival: {exc}")
-    pred.slices.to_csv(out_dir / "features.csv", index=False)
-    pred.patients.to_csv(out_dir / "patients.csv", index=False)
+    write_atomic(out_dir / "features.csv", pred.slices.to_csv(index=False).encode())
+    write_atomic(out_dir / "patients.csv", pred.patients.to_csv(index=False).encode())
     return pred

@@ -100,6 +100,7 @@ def epoch_progress(epochs: int, mode: str = "auto", write=None, console=None, la
             if "lr" not in logs and getattr(self.model, "optimizer", None) is not None:
                 logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
             best = self.best.update(epoch + 1, logs)
+            self.total = int(logs.get("plan_epochs", self.total))  # a budget re-plans the epochs
             return epoch_line(epoch + 1, self.total, logs, best, time.monotonic() - self.start)
 
         def on_epoch_end(self, epoch, logs=None):
@@ -139,7 +140,7 @@ def epoch_progress(epochs: int, mode: str = "auto", write=None, console=None, la
 
         def on_epoch_end(self, epoch, logs=None):
             line = self.line(epoch, logs)
-            self.bar.update(self.task, completed=epoch + 1, last=line.split("  ", 1)[-1])
+            self.bar.update(self.task, completed=epoch + 1, total=self.total, last=line.split("  ", 1)[-1])
 
         def on_train_end(self, logs=None):
             if self.own:

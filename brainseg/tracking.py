@@ -44,8 +44,27 @@ def _with_project_parent(tags: dict) -> dict:
     return tags
 
 
-def set_experiment(name: str) -> None:
-    mlflow.set_experiment(name)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # how MLflow records a training experiment
+UI_ROOT = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
+
+
+def set_experiment(name: str):
+    """Make ``name`` the active experiment (created when new), tagged as model development once, so
+    MLflow's UI treats it as training runs and models (not its GenAI traces); returns it."""
+    exp = mlflow.set_experiment(name)
+    if exp.tags.get(KIND_TAG) != KIND:
+        client().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp
+
+
+def ui_link(experiment_id: str, root: str = UI_ROOT) -> str:
+    """The experiment's page in the MLflow UI, opened on runs and models: MLflow 3.17 starts a fresh
+    browser in its GenAI workflow unless the link asks for ``workflowType=machine_learning``.
+
+    >>> ui_link("3")
+    'http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning'
+    """
+    return f"{root.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def lineage_tags(version: str, settings: dict | None = None) -> dict[str, str]:
@@ -216,9 +235,14 @@ def with_note(name: str, tags: dict) -> dict:
     return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
 
 
+class Terminated(BaseException):
+    """The process got SIGTERM (``brainseg.cli.main`` raises it where the process is): like Ctrl-C,
+    open runs end KILLED, and the command exits 143."""
+
+
 @contextlib.contextmanager
 def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
-    """Start an MLflow run; an exception marks it FAILED, Ctrl-C marks it KILLED.
+    """Start an MLflow run; an exception marks it FAILED, Ctrl-C or SIGTERM marks it KILLED.
 
     Exceptions of the types in ``finished_on`` (e.g. a pruned trial) end it FINISHED and propagate.
     """
@@ -229,7 +253,8 @@ def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
     except finished_on:
         mlflow.end_run("FINISHED")
         raise
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
+        mlflow.set_tag("brainseg.stopped_by", "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
         mlflow.end_run("KILLED")
         raise
     except BaseException:
@@ -257,7 +282,7 @@ def client() -> mlflow.MlflowClient:
 
 def create_parent_run(experiment: str, name: str, tags: dict, params: dict) -> str:
     """A run that is not active in this process (several workers attach children to it)."""
-    exp = mlflow.set_experiment(experiment)
+    exp = set_experiment(experiment)
     r = client().create_run(exp.experiment_id, run_name=name, tags=_with_project_parent(with_note(name, tags)))
     items = [mlflow.entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
     client().log_batch(r.info.run_id, params=items)

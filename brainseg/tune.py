@@ -30,7 +30,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from brainseg.config import ConfigError, TrainConfig
+from brainseg.config import EPOCH_SIZED, ConfigError, TrainConfig
 from brainseg.tune_sampler import TrialSeededSampler
 
 PRUNERS = ("hyperband", "sha", "median", "none")
@@ -173,9 +173,10 @@ class Fidelity:
         return out
 
     def trial_settings(self, train: dict) -> dict:
-        """``train`` settings at search fidelity."""
+        """``train`` settings at search fidelity: a trial's resource is its epochs (the pruner's rungs),
+        so the recipe's time budget and resolution schedule do not apply to it."""
         return {**train, "size": self.size, "epochs": self.max_resource,
-                "steps_per_epoch": self.steps_per_epoch}
+                "steps_per_epoch": self.steps_per_epoch, **EPOCH_SIZED}
 
 
 def fidelity_from(tune: dict, train: dict) -> Fidelity:

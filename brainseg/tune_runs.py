@@ -132,7 +132,7 @@ def claim_project_run(project: str, experiment: str, name: str, tags: dict, para
 
     c = tracking.client()
     run = c.get_run(project)
-    exp = mlflow.set_experiment(experiment)
+    exp = tracking.set_experiment(experiment)
     entities = mlflow.entities
     if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
         new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()

@@ -214,12 +214,12 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
 # ------------------------------------------------------------------------------------ refit
 def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial):
     """The best trial's parameters at full fidelity (``train`` settings), for as many batches."""
-    from brainseg.config import TrainConfig
+    from brainseg.config import EPOCH_SIZED, TrainConfig
 
     train = plan.settings["train"]
     trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
     epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
-    return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs})
+    return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
 
 
 def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print) -> dict:

@@ -41,7 +41,8 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
         tracking.log_dataset_input(val_rows, ctx.root, ctx.version, "validation")
         tr, va = ctx.arrays("train", cfg), ctx.arrays("val", cfg)
         result = train(cfg, tr, va, callbacks=[tracking.epoch_logger(), *(callbacks or [])], verbose=verbose)
-        mlflow.log_metrics(tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run))
+        mlflow.log_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run),
+                            **result.budget})
         tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
 
         segmenter, metrics, example = choose_and_score(settings, result.model, cfg, ctx)
@@ -50,7 +51,7 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
         model_uri = log_model(result.model, cfg, segmenter, example, ctx)
         return {"run_id": active.info.run_id, "model_uri": model_uri, "best_epoch": result.best_epoch + 1,
                 "val_patient_dice": result.best_value, "metrics": metrics,
-                "inference": segmenter.settings.to_dict()}
+                "inference": segmenter.settings.to_dict(), "budget": result.budget}
 
 
 def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):

@@ -22,6 +22,8 @@ RULES = [
     (["inference.py", "train.py", "evaluate.py"], GLUE,
      "fit, score and infer without a tracking server (MLflow enters through callbacks and workflows)"),
     (["config.py"], GLUE + TRAINING + ("tensorflow", "tf_keras"), "settings load without TensorFlow"),
+    (["budget.py"], GLUE + TRAINING + ("tensorflow", "tf_keras", "brainseg.data"),
+     "the budget plan is arithmetic: the Keras side feeds it measurements"),
 ]
 
 

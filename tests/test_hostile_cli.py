@@ -189,6 +189,12 @@ CASES = {
                                             ["none.csv", "brainseg features --truth"]),
     "predict with nothing to read": lambda t: (["predict", t / "empty-dir", "--out", t / "o"], 2,
                                                ["empty-dir: no such file or folder"]),
+    "predict --threshold 2": lambda t: (["predict", DATA, "--out", t / "o", "--threshold", "2"], 2,
+                                        ["--threshold: 2.0 is not in (0, 1)"]),
+    "predict --threshold nan": lambda t: (["predict", DATA, "--out", t / "o", "--threshold", "nan"], 2,
+                                          ["--threshold: nan is not in (0, 1)"]),
+    "predict --out an existing file": lambda t: (["predict", DATA, "--out", "params.yaml"], 2,
+                                                 ["params.yaml: exists and is not a folder"]),
 }
 
 
@@ -220,3 +226,49 @@ def test_hostile_command_is_refused_and_a_good_one_still_works(project, tmp_path
 
 def test_the_suite_has_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only folder"])
+def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, tmp_path, monkeypatch, fault):
+    import errno
+
+    from brainseg.config import TrainConfig
+    from brainseg.data import imageio
+    from brainseg.inference import InferenceSettings, save_model
+    from test_inference import threshold_net
+
+    model = tmp_path / "model"
+    save_model(threshold_net(32), TrainConfig(arch="plain_unet", size=32, channels="flair"),
+               InferenceSettings(precision="float32"), model)
+    real_write, real_mkdir, writes = Path.write_bytes, Path.mkdir, []
+
+    def write_bytes(self, data):
+        writes.append(self)
+        if fault == "full disk" and len(writes) > 5:
+            real_write(self, data[: len(data) // 2])  # the disk fills halfway through a file
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, data)
+
+    def mkdir(self, *a, **kw):
+        if fault == "read-only folder" and self.name == "out":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    got, output = invoke("predict", DATA, "--out", tmp_path / "out", "--model", model)
+    assert "Traceback" not in output, output
+    if fault == "full disk":  # found mid-way: what was written before is whole
+        assert got == 1 and "cannot write into" in output and "No space left on device" in output
+    else:  # found before the model loads
+        assert got == 2 and "out: cannot write there (Permission denied)" in output
+    left = sorted((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else []
+    assert not [p for p in left if p.name.endswith(".part")]  # no truncated file left behind
+    for png in (p for p in left if p.suffix == ".png"):  # every file there is whole
+        imageio.read_image(png)
+    pngs = [p for p in left if p.suffix == ".png"]
+    if fault == "full disk":
+        failed = writes[-1].name[1:-len(".part")]  # the file the disk filled on
+        assert pngs and not (tmp_path / "out" / failed).exists()
+    else:
+        assert not pngs

@@ -50,6 +50,14 @@ def test_segmenter_card_states_data_recipe_figures_misses_and_limits():
     ({"misses": []}, ["No per-patient validation results were recorded."], ["Largest misses"]),
     ({"recipe": {"arch": "plain_unet", "size": 64}}, ["64 px (a smoke-test size)"], []),
     ({"val": {"patient_dice_mean": float("nan"), "n_patients": 0}}, ["| Per-patient volume Dice, mean | n/a (n=0)"], []),
+    ({"recipe": {"arch": "plain_unet", "compute": {"budget_minutes": "45.0", "budget_planned_steps": 5000.0,
+                                                   "actual_steps": 4980.0, "slices_seen": 79680.0,
+                                                   "slices_per_s": 30.1, "train_minutes": 44.1}}},
+     ["- Compute: budget 45 min, 4980 of 5000 planned steps, 79680 slices seen at 30.1 slices/s (44.1 min"], []),
+    ({"recipe": {"arch": "unet", "compute": {"budget_minutes": "None", "actual_steps": 600.0, "slices_seen": 9600.0,
+                                             "slices_per_s": 20.0, "train_minutes": 8.0}}},
+     ["- Compute: no budget (epochs), 600 steps, 9600 slices seen"], ["planned steps"]),
+    ({"recipe": {"arch": "unet"}}, [], ["- Compute:"]),
 ])
 def test_segmenter_card_variants(changes, present, absent):
     card = modelcard.segmenter_card(segmenter_info(**changes))

@@ -64,3 +64,19 @@ def test_dataset_input_is_linked_to_the_run(tmp_path):
         assert len(inputs) >= 1
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_experiments_are_tagged_for_training_and_the_link_opens_runs_not_traces(tmp_path):
+    from conftest import Tracking
+
+    with Tracking(tmp_path / "mlflow.db"):
+        exp = tracking.set_experiment("kind-check")
+        again = tracking.set_experiment("kind-check")  # once set, left alone
+        stored = mlflow.MlflowClient().get_experiment(exp.experiment_id)
+        assert again.experiment_id == exp.experiment_id
+        assert stored.tags[tracking.KIND_TAG] == "custom_model_development"
+        parent = tracking.create_parent_run("kind-parent", "study", {}, {})  # the study's experiment too
+        parent_exp = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        assert mlflow.MlflowClient().get_experiment(parent_exp).tags[tracking.KIND_TAG] == tracking.KIND
+    assert tracking.ui_link(exp.experiment_id, "http://h:9/") == (
+        f"http://h:9/#/experiments/{exp.experiment_id}?workflowType=machine_learning")

@@ -6,6 +6,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from brainseg.budget import COMPUTE_METRICS
 from conftest import invoke
 
 
@@ -67,7 +68,9 @@ def assert_names_do_not_mislead(client, run, epochs: int) -> None:
         at_best = next(m.value for m in history if m.step == best_step)
         assert metrics[f"best_{key}"] == pytest.approx(at_best), key
     summaries = set(metrics) - set(per_epoch)  # one value per run: best-epoch or evaluation, named so
-    assert all(k.startswith(("best_", "val_", "test_")) or k == "epochs_run" for k in summaries), summaries
+    compute = set(COMPUTE_METRICS)  # what the run cost: steps, slices seen, slices/s, the plan
+    assert all(k.startswith(("best_", "val_", "test_", "budget_")) or k in compute | {"epochs_run"}
+               for k in summaries), summaries
 
 
 def test_train_refuses_unknown_architecture_before_training(in_project):

@@ -60,14 +60,23 @@ def root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the
 
 def main():  # console-script entry with a clean exit for Ctrl-C
     quiet_libraries(bool({"--verbose", "-v"} & set(sys.argv[1:2])))  # before MLflow and TF load
-    from brainseg.tracking import adopt_project_run
+    import signal
 
+    from brainseg.tracking import Terminated, adopt_project_run
+
+    def terminated(signum, frame):  # SIGTERM (a scheduler, `kill`): end runs KILLED, not RUNNING forever
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
     adopt_project_run()
     try:
         app()
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except Terminated:
+        console.print("terminated (SIGTERM)")
+        sys.exit(143)
 
 
 __all__ = ["app", "main"]

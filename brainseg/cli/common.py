@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -27,6 +29,22 @@ EXPERIMENT = "brainseg"
 def fail(message: str, code: int = 1):
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def writable_folder_or_fail(path: Path, option: str = "--out") -> Path:
+    """``path`` as a folder this process can write (created if missing), checked before any work
+    starts: a read-only place or a file in the way is a one-line error (exit 2), not a traceback
+    at the end of a long run."""
+    try:
+        if path.exists() and not path.is_dir():
+            fail(f"{option} {path}: exists and is not a folder", 2)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".brainseg-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        fail(f"{option} {path}: cannot write there ({exc.strerror or exc})", 2)
+    return path
 
 
 def settings_or_fail(profile: str | None, overrides: list[str] | None) -> dict:

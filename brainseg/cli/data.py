@@ -70,6 +70,8 @@ def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download: k
         message = import_dataset(src, dest, use_dvc=dvc)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc), 2)
+    except OSError as exc:  # a read-only --dest, a full disk
+        fail(f"import: cannot write {exc.filename or dest}: {exc.strerror or exc}", 1)
     out.print(message)
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 
 from brainseg.cli.common import (EXPERIMENT, ProfileOpt, SetOpt, console, fail, out, print_metrics,
-                                 settings_or_fail)
+                                 settings_or_fail, writable_folder_or_fail)
 from brainseg.config import ConfigError, TrainConfig
 
 # Deferred into the commands: brainseg.{tracking,workflows,promotion,predict,models,data.context}
@@ -20,6 +20,10 @@ from brainseg.config import ConfigError, TrainConfig
 
 
 def train(profile: ProfileOpt = None, set_: SetOpt = None,
+          budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget of the training, e.g. 45m, 1.5h, "
+                                                        "90s (sets train.budget_minutes; overrides epochs).")] = None,
+          test_report: Annotated[bool, typer.Option(help="Score the test patients at the end (report only; "
+                                                    "--no-test-report for ablations that must not see them).")] = True,
           progress: Annotated[str, typer.Option(help="Epoch progress: auto (a bar on a terminal, one line per "
                                                 "epoch otherwise), bar, lines or none.")] = "auto",
           keras_verbose: Annotated[Optional[int], typer.Option("--verbose", hidden=True,
@@ -31,22 +35,31 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.progress import epoch_progress
     from brainseg.workflows import tracked_training
 
+    from brainseg.budget import parse_budget
+
     settings = settings_or_fail(profile, set_)
     try:
+        if budget not in (None, ""):  # "" = the settings' own (as `mlflow run -e train` passes it)
+            settings["train"]["budget_minutes"] = parse_budget(budget)
         cfg = TrainConfig.from_dict(settings["train"])
         check_names(cfg.arch, cfg.encoder)
         ctx = DataContext.from_settings(settings)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
-    tracking.set_experiment(EXPERIMENT)
+    experiment = tracking.set_experiment(EXPERIMENT)
     try:
         if keras_verbose is not None:  # `train --verbose N` (before --progress existed)
             progress = {0: "none", 1: "bar"}.get(keras_verbose, "lines")
         bar = epoch_progress(cfg.epochs, progress, console=out)
     except ValueError as exc:
         fail(str(exc), 2)
-    res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,
-                           callbacks=[bar] if bar else [], report_test=True)
+    from brainseg.budget import BudgetError
+
+    try:
+        res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,
+                               callbacks=[bar] if bar else [], report_test=test_report)
+    except BudgetError as exc:
+        fail(str(exc), 2)
     m = res["metrics"]
     out.print(f"run {res['run_id']}: best epoch {res['best_epoch']}; inference settings chosen on val: "
               + ", ".join(f"{k}={v}" for k, v in res["inference"].items() if k != "batch_size"))
@@ -58,7 +71,14 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
                   f"median {m['test_patient_dice_median']:.3f} (n={m['test_n_patients']}), tumor-slice Dice "
                   f"{m['test_tumor_slice_dice_mean']:.3f}, empty-slice FP rate {m['test_empty_slice_fp_rate']:.3f} "
                   f"(n={m['test_n_empty_slices']})")
+    b = res.get("budget") or {}
+    if cfg.budget_minutes:
+        out.print(f"budget {cfg.budget_minutes:g} min: {b['actual_steps']} of {b['budget_planned_steps']} planned "
+                  f"steps, {b['slices_seen']} slices seen at {b['slices_per_s']:.1f} slices/s, training took "
+                  f"{b['train_minutes']:.1f} min")
     out.print(f"model: {res['model_uri']}")
+    out.print(f"in the MLflow UI (`mlflow ui` on this store): {tracking.ui_link(experiment.experiment_id)}",
+              markup=False, highlight=False)
 
 
 def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
@@ -99,6 +119,9 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
         return
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), 2)
+    except OSError as exc:  # a read-only or full --out
+        fail(f"evaluate: cannot write into {output}: {exc.strerror or exc}"
+             + (f" ({exc.filename})" if exc.filename else ""), 1)
     print_metrics(res["metrics"], f"{model} on {folder or subset}")
     out.print(f"run {res['run_id']}; metrics -> {output / 'metrics.json'}")
 
@@ -202,16 +225,23 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
     from brainseg.predict import ModelNotFound, collect_inputs, predict_to_folder
 
     settings_or_fail(profile, set_)
+    if threshold is not None and not 0.0 < threshold < 1.0:  # NaN fails this too
+        fail(f"--threshold: {threshold} is not in (0, 1)", 2)
     files, problems = collect_inputs(inputs, exclude=[output])  # never read our own outputs
     if not files:
         for p in problems:
             console.print(p, markup=False)
         fail("no slice files (.tif, .tiff, .png) found in the inputs", 2)
+    writable_folder_or_fail(output)  # before the model loads
     try:
         pred = predict_to_folder(files, output, model, threshold=threshold, with_survival=with_survival,
                                  survival_model=survival_model, clinical_csv=clinical_csv, progress=_progress_bar)
     except ModelNotFound as exc:
         fail(str(exc), 2)
+    except OSError as exc:  # a read-only folder, a full disk: the files written before are whole
+        where = f" ({exc.filename})" if exc.filename else ""
+        fail(f"predict: cannot write into {output}: {exc.strerror or exc}{where}; "
+             "the files written before it are complete", 1)
     problems += pred.problems
     out.print(f"{len(pred.slices)} slices, {len(pred.patients)} patients -> {output} "
               f"(masks *_pred.png, overlays *_overlay.png, features.csv, patients.csv); model {model}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from brainseg.cli.common import ProfileOpt, fail, out
+from brainseg.cli.common import EXPERIMENT, ProfileOpt, fail, out
 from brainseg.config import ConfigError
 
 # brainseg.run_pipeline (MLflow), brainseg.app.launch (pandas, Streamlit) and brainseg.bench
@@ -36,6 +36,10 @@ def run_pipeline(profile: ProfileOpt = None,
     except subprocess.CalledProcessError as exc:
         fail(f"pipeline stage failed: {' '.join(map(str, exc.cmd))} (exit {exc.returncode})", exc.returncode or 1)
     out.print(FINAL_WORDS, markup=False, highlight=False)
+    from brainseg import tracking
+
+    link = tracking.ui_link(tracking.set_experiment(EXPERIMENT).experiment_id)
+    out.print(f"The pipeline's runs in the MLflow UI (after `mlflow ui` above): {link}", markup=False, highlight=False)
 
 
 def app_page(host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",

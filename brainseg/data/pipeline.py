@@ -56,13 +56,15 @@ def area_weights(tumor_px: np.ndarray, uniform_share: float) -> np.ndarray:
 
 
 def train_dataset(X: np.ndarray, Y: np.ndarray, *, batch_size: int, tumor_fraction: float,
-                  augment: float, seed: int, weights: np.ndarray | None = None) -> tf.data.Dataset:
+                  augment: float, seed: int, weights: np.ndarray | None = None,
+                  out_size: int | None = None) -> tf.data.Dataset:
     """Endless batches ((B,S,S,C) float32, (B,S,S,1) float32) with ``tumor_fraction`` tumor slices.
 
     Arrays are held once as tensors and gathered by index, so the graph stays small whatever
     the dataset size. ``tumor_fraction`` < 0 keeps the natural proportion. ``weights`` (N,)
     (e.g. :func:`area_weights`) replaces the tumor/empty mix: each slice is drawn with that
-    probability, with replacement.
+    probability, with replacement. ``out_size`` shrinks each batch to that square size before
+    augmentation (progressive resizing): images by area averaging, masks by area then >= 0.5.
     """
     tumor = np.asarray(Y).reshape(len(Y), -1).max(axis=1) > 0
     Xt, Yt = tf.constant(np.asarray(X)), tf.constant(np.asarray(Y))
@@ -86,6 +88,10 @@ def train_dataset(X: np.ndarray, Y: np.ndarray, *, batch_size: int, tumor_fracti
     ds = idx.batch(batch_size, drop_remainder=True)
     ds = ds.map(lambda i: (tf.cast(tf.gather(Xt, i), tf.float32), tf.cast(tf.gather(Yt, i), tf.float32)),
                 num_parallel_calls=tf.data.AUTOTUNE)
+    if out_size is not None:
+        ds = ds.map(lambda x, y: (tf.image.resize(x, [out_size, out_size], method="area"),
+                                  tf.cast(tf.image.resize(y, [out_size, out_size], method="area") >= 0.5, tf.float32)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     if augment > 0:
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(

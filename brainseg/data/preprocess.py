@@ -97,17 +97,23 @@ def prepare_mask(mask: np.ndarray, size: int, box: Box | None = None) -> np.ndar
     return m[:, :, None]
 
 
-def probability_to_mask(prob: np.ndarray, shape: tuple[int, int], threshold: float,
-                        box: Box | None = None) -> np.ndarray:
-    """(S, S) or (S, S, 1) probabilities -> (H, W) bool mask at the original slice size.
+def probability_to_original(prob: np.ndarray, shape: tuple[int, int], box: Box | None = None) -> np.ndarray:
+    """(S, S) or (S, S, 1) probabilities -> (H, W) float32 at the original slice size.
 
     Probabilities are resized bilinearly to the ``box`` they were cropped from (default: the
-    whole slice), thresholded once, and pasted into an empty (H, W) mask.
+    whole slice) and pasted into a zero (H, W) map.
     """
     y0, y1, x0, x1 = box if box is not None else (0, shape[0], 0, shape[1])
     p = np.asarray(prob, np.float32).reshape(prob.shape[0], prob.shape[1])
     if p.shape != (y1 - y0, x1 - x0):
         p = cv2.resize(p, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
-    out = np.zeros(tuple(shape), bool)
-    out[y0:y1, x0:x1] = p > threshold
+    out = np.zeros(tuple(shape), np.float32)
+    out[y0:y1, x0:x1] = p
     return out
+
+
+def probability_to_mask(prob: np.ndarray, shape: tuple[int, int], threshold: float,
+                        box: Box | None = None) -> np.ndarray:
+    """(S, S) or (S, S, 1) probabilities -> (H, W) bool mask at the original slice size
+    (:func:`probability_to_original`, thresholded once)."""
+    return probability_to_original(prob, shape, box) > threshold

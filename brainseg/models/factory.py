@@ -28,22 +28,24 @@ def check_names(arch: str, encoder: str | None) -> None:
 BN_MOMENTUM = 0.9  # Keras' 0.99 leaves the moving statistics near their init after a short schedule
 
 
-def build_model(cfg: TrainConfig) -> keras.Model:
-    model = _build(cfg)
+def build_model(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
+    """The network of ``cfg``; ``variable_size`` leaves its height and width open (progressive
+    resizing trains one set of weights at several sizes; the saved model has ``cfg.size``)."""
+    model = _build(cfg, variable_size)
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = BN_MOMENTUM
     return model
 
 
-def _build(cfg: TrainConfig) -> keras.Model:
+def _build(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
     """(None, S, S, C) float32 -> (None, S, S, 1) sigmoid probabilities.
 
     ``encoder_weights`` is None or the path of a local .h5 file of encoder weights (for 3 input
     channels, as ImageNet weights are); nothing is downloaded.
     """
     check_names(cfg.arch, cfg.encoder)
-    shape = (cfg.size, cfg.size, cfg.prep.n_channels)
+    shape = (None, None, cfg.prep.n_channels) if variable_size else (cfg.size, cfg.size, cfg.prep.n_channels)
     if cfg.arch == "plain_unet":
         return plain_unet(shape, base_filters=cfg.base_filters)
     if cfg.arch == "unetpp":
@@ -59,6 +61,8 @@ def _build(cfg: TrainConfig) -> keras.Model:
               "encoder_weights": str(weights) if weights else None,
               "encoder_freeze": cfg.freeze_encoder_epochs > 0}
     if cfg.arch == "pspnet":
+        if variable_size:
+            raise ValueError("pspnet has a fixed input size: it cannot train with progressive_size")
         if cfg.size % 48:
             raise ValueError(f"pspnet needs an input size divisible by 48 (got {cfg.size})")
     return SM_ARCHS[cfg.arch](cfg.encoder, **kwargs)

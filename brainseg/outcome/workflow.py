@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from brainseg import tracking
-from brainseg.config import TrainConfig
+from brainseg.config import EPOCH_SIZED, TrainConfig
 from brainseg.data.clinical import read_clinical
 from brainseg.data.version import data_version
 from brainseg.modelcard import survival_failures
@@ -66,7 +66,8 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
             raise ValueError("--oof uses the project's manifest and split: set data.root (--set data.root=...) "
                              "instead of a ROOT argument")
         ctx = DataContext.from_settings(settings)
-        cfg = TrainConfig.from_dict({**settings["train"], **settings["survival"]["oof"]["train"]})
+        # fold segmenters are sized in epochs (survival.oof.train): no recipe budget or resize schedule
+        cfg = TrainConfig.from_dict({**settings["train"], **EPOCH_SIZED, **settings["survival"]["oof"]["train"]})
         found, m = ctx.root, ctx.manifest
         masks, reports = oof_masks(m, ctx.split, cfg, settings.get("evaluate"), cache_dir=ctx.cache_dir,
                                    version=ctx.version, on_fold=lambda r: echo(
