@@ -242,8 +242,8 @@ RULES: dict[str, tuple[str, Any]] = {
     "train.lr": _number_in(0, 1, low_open=True), "train.threshold": _number_in(0, 1, True, True),
     "train.augment": _number_in(0, 1), "train.tumor_fraction": _number_in(0, 1),
     "train.uniform_share": _number_in(0, 1), "train.tversky_alpha": _number_in(0, 1),
-    "train.budget_minutes": ("null or a number of minutes > 0",
-                             lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
+    "train.budget_minutes": ("null or a number of minutes > 0", lambda v: v is None or (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
     "train.progressive_share": _number_in(0, 1, True, True),
     "train.tversky_beta": _number_in(0, 1),
     "evaluate.threshold": _number_in(0, 1, True, True), "evaluate.batch_size": _int_at_least(1),

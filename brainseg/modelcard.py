@@ -105,10 +105,10 @@ def segmenter_card(info: dict) -> str:
              f"- Epochs: best {recipe.get('best_epoch', '?')} of {recipe.get('epochs_run', '?')} run "
              f"(max {recipe.get('epochs', '?')}); the epoch and post-processing were chosen on validation patients",
              compute_line(recipe.get("compute") or {}),
-             "- Inference: " + ", ".join(f"{k}={v}" for k, v in recipe["inference"].items()) if recipe.get("inference") else None]
-    lines = [line for line in lines if line is not None]
-    lines += ["", "## Validation and test figures",
-              "| metric | validation | test | definition |", "|---|---|---|---|"]
+             ("- Inference: " + ", ".join(f"{k}={v}" for k, v in recipe["inference"].items()))
+             if recipe.get("inference") else None]
+    lines = [line for line in lines if line is not None] + [
+        "", "## Validation and test figures", "| metric | validation | test | definition |", "|---|---|---|---|"]
     for key, label, definition, n in SEGMENTER_METRICS:
         lines.append(f"| {label} | {_num(val.get(key))} (n={_count(val.get(n))}) | "
                      f"{_num(test.get(key)) + f' (n={_count(test.get(n))})' if test else 'not reported'} | "

@@ -3,7 +3,7 @@
 
 Request: a table with a column ``image`` of base64-encoded TIFF or PNG bytes, one slice per row
 (``dataframe_split`` or ``dataframe_records``), and optionally a column ``patient``: rows with the
-same patient id, in slice order, form one volume for the stored ``largest_3d`` post-processing,
+same patient id, in slice order, form one volume for the stored 3-D post-processing (component_confidence),
 as in ``evaluate`` and ``brainseg predict`` (without it each row stands alone).
 Params: ``threshold`` (float in (0, 1); default: the model's stored InferenceSettings) and
 ``return_mask`` (bool, default true). Everything else

@@ -1,7 +1,7 @@
 """What one request to the served segmenter may hold (no MLflow import: the page reads it too).
 
 The defaults let one whole patient volume through in one request (the largest real LGG patient has
-88 slices; ``max_rows`` 128), so the stored per-patient ``largest_3d`` step sees the volume over
+88 slices; ``max_rows`` 128), so the stored per-patient 3-D step sees the volume over
 REST as it does in ``evaluate`` and ``brainseg predict``, while ``max_pixels`` bounds the memory of
 a request (128 slices of 256x256). ``max_body_bytes`` bounds the HTTP body before MLflow's scoring
 server reads it; only the server of :mod:`brainseg.serving_app` applies it (``mlflow models

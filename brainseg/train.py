@@ -209,7 +209,8 @@ def phases(cfg: TrainConfig, steps: int) -> list[Phase]:
         return [Phase(int(cfg.size), 1.0, steps)]
     low = int(cfg.progressive_size)
     low_steps = max(1, round(steps * cfg.size / low))
-    return [Phase(low, float(cfg.progressive_share), low_steps), Phase(int(cfg.size), 1.0 - cfg.progressive_share, steps)]
+    share = float(cfg.progressive_share)
+    return [Phase(low, share, low_steps), Phase(int(cfg.size), 1.0 - share, steps)]
 
 
 def _epoch_phases(cfg: TrainConfig, plan: list[Phase]) -> list[int]:
@@ -273,8 +274,9 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
     epoch = 0
     if plan is not None:
         for i, p in enumerate(plan_phases):
-            if i > 0 and (early.stopped_epoch > 0 or clock() - t0 >= plan.budget_s or
-                          (p.step_s is None and plan.epoch_s(i) and p.planned_epochs < 1)):
+            # a later phase starts while time is left, even when the guess of its cost (the pixel
+            # ratio) says no epoch fits: its own first steps decide (BudgetStop's probe)
+            if i > 0 and clock() - t0 >= plan.budget_s:
                 break
             budget.phase, budget.last_end, plan.current = i, None, i
             epoch = fit(datasets[p.size], epoch, epoch + 1_000_000, p.steps)

@@ -130,6 +130,18 @@ def test_a_budgeted_run_spends_its_budget_and_its_schedule_ends_with_it(make_syn
     assert result.best_epoch >= 0 and math.isfinite(result.best_value)
 
 
+def test_a_later_phase_runs_when_its_guessed_cost_is_too_high_but_its_real_cost_fits(make_synth):
+    from brainseg.train import train
+
+    cfg, tr, va = _arrays(make_synth)
+    # 16 px for half of 30 s, then 32 px: guessed at 4 x the 16-px step (8 steps x 2 s + validation =
+    # 17 s > the 15 s left), but on this fake machine a step costs the same at both sizes (4 s + 1 s)
+    cfg = dataclasses.replace(cfg, budget_minutes=0.5, progressive_size=16, steps_per_epoch=8)
+    result = train(cfg, tr, va, verbose=0, clock=FakeClock(0.5))
+    assert result.budget["budget_epochs_at_32px"] >= 2
+    assert result.history["elapsed_min"][-1] <= 0.5
+
+
 class SlowingClock(FakeClock):
     """A machine that turns six times slower after ``after`` readings (another job started)."""
 
@@ -183,7 +195,8 @@ def test_confident_components_keep_a_small_sure_tumor_over_a_large_doubtful_one(
     s = InferenceSettings(component_confidence=0.9, precision="float32")
     out = final_masks(probs, [(16, 16)] * 3, [(0, 16, 0, 16)] * 3, s, groups=["p"] * 3)
     assert [int(m.sum()) for m in out] == [0, 4, 0]
-    out = final_masks(probs, [(16, 16)] * 3, [(0, 16, 0, 16)] * 3, s.replace(component_confidence=0.0), groups=["p"] * 3)
+    off = s.replace(component_confidence=0.0)
+    out = final_masks(probs, [(16, 16)] * 3, [(0, 16, 0, 16)] * 3, off, groups=["p"] * 3)
     assert sum(int(m.sum()) for m in out) == 196  # 0 = off: everything above the threshold stays
 
 

@@ -15,8 +15,9 @@ from conftest import Tracking, make_project
 def test_sigterm_during_training_ends_the_run_killed_and_exits_143(tmp_path):
     project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "brainseg", "train", "--profile", "smoke", "--set", "train.epochs=500",
-                             "--set", "train.patience=500", "--progress", "lines"],
+    command = [sys.executable, "-m", "brainseg", "train", "--profile", "smoke", "--set", "train.epochs=500",
+               "--set", "train.patience=500", "--progress", "lines"]
+    proc = subprocess.Popen(command,
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:  # training has started: an MLflow run is open

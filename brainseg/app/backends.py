@@ -8,7 +8,7 @@ Segmenter backends::
 ``InProcessBackend`` runs :class:`brainseg.inference.Segmenter` with the model's stored inference
 settings (the code path of ``brainseg predict`` and the served model, so the masks are the same);
 ``RestBackend`` posts the slices to a ``mlflow models serve`` endpoint of the same model.
-``groups`` (a patient id per slice, slices in order) lets the stored ``largest_3d`` step see a
+``groups`` (a patient id per slice, slices in order) lets the stored 3-D post-processing see a
 patient's whole volume, as predict does. Both raise :class:`SegmentError`. ``limits``: what one
 call may hold (None: no limit; the REST backend: the server's
 :class:`brainseg.serving_limits.RequestLimits`, which cover a whole real patient by default).

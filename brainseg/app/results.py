@@ -25,7 +25,7 @@ from brainseg.metrics import confusion, dice_from_counts
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS
 from brainseg.slices import patient_rows, volume_chunks
 
-MAX_VOLUME = 256  # slices of one patient sent together (predict's chunk), so largest_3d sees the volume
+MAX_VOLUME = 256  # slices of one patient sent together (predict's chunk), so the 3-D post-processing sees the volume
 
 # column -> (unit, one-line meaning). No pixel spacing in the data: lengths and areas are pixels.
 SLICE_GLOSSARY = {

@@ -38,7 +38,8 @@ def fold_patients(split: pd.DataFrame) -> list[tuple[int, list[str], list[str]]]
     out = []
     for k in sorted(int(f) for f in pool["fold"].unique()):
         inside = pool["fold"] == k
-        out.append((k, sorted(pool.loc[~inside, "patient"].astype(str)), sorted(pool.loc[inside, "patient"].astype(str))))
+        patients = pool["patient"].astype(str)
+        out.append((k, sorted(patients[~inside]), sorted(patients[inside])))
     return out
 
 
@@ -47,8 +48,9 @@ def paired_summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     difference, its sd and the folds won.
 
     >>> t = pd.DataFrame({"fold": [0, 0, 1, 1], "variant": ["a", "b", "a", "b"], "dice": [0.8, 0.7, 0.9, 0.85]})
-    >>> paired_summary(t, "a")[["variant", "mean", "diff_vs_ref", "folds_won"]].round(3).to_dict("records")
-    [{'variant': 'a', 'mean': 0.85, 'diff_vs_ref': 0.0, 'folds_won': 0}, {'variant': 'b', 'mean': 0.775, 'diff_vs_ref': -0.075, 'folds_won': 0}]
+    >>> s = paired_summary(t, "a").set_index("variant")
+    >>> s.loc["b", ["mean", "diff_vs_ref", "folds_won"]].round(3).tolist()
+    [0.775, -0.075, 0.0]
     """
     wide = table.pivot(index="fold", columns="variant", values="dice")
     rows = []
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
     ap.add_argument("--variant", action="append", required=True,
-                    help="NAME=KEY=VALUE[,KEY=VALUE...] (NAME= alone: the settings as they are); the first is the reference")
+                    help="NAME=KEY=VALUE[,KEY=VALUE...] (NAME= alone: the settings as they are); "
+                         "the first is the reference")
     args = ap.parse_args(argv)
     variants = {}
     for v in args.variant:
