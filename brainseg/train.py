@@ -227,7 +227,7 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
 
     ``callbacks`` (tracking, pruning) see the per-epoch logs, ``val_patient_dice`` included. With
     ``budget_minutes`` the run plans its epochs from measured throughput (:class:`BudgetStop`) and
-    ends within the budget; ``epochs`` then only caps nothing. With ``progressive_size`` the first
+    ends within the budget (``epochs`` is then not used). With ``progressive_size`` the first
     phase trains at that size (the network is fully convolutional; the returned model has the
     fixed input size of ``size``, with the same weights).
     """
