@@ -169,15 +169,20 @@ def postprocess_slice(mask: np.ndarray, min_component_px: int = 0, keep_largest:
     return mask
 
 
+def _labels_3d(masks: list[np.ndarray]) -> np.ndarray | None:
+    """26-connected component labels of one volume's (H, W) slices; None when nothing is set."""
+    if not masks:
+        return None
+    volume = np.stack([np.asarray(m, bool) for m in masks])
+    return measure.label(volume, connectivity=3) if volume.any() else None
+
+
 def largest_component_3d(masks: list[np.ndarray]) -> list[np.ndarray]:
     """Slices of one volume in order, (H, W) bool each -> the same with only the largest
     26-connected 3-D component kept (ties: the first found). Empty volumes pass through."""
-    if not masks:
-        return []
-    volume = np.stack([np.asarray(m, bool) for m in masks])
-    if not volume.any():
-        return [m.copy() for m in volume]
-    labels = measure.label(volume, connectivity=3)
+    labels = _labels_3d(masks)
+    if labels is None:
+        return [np.asarray(m, bool).copy() for m in masks]
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     keep = labels == int(sizes.argmax())
@@ -197,12 +202,9 @@ def confident_components_3d(masks: list[np.ndarray], probs: list[np.ndarray], co
     >>> int(kept[:, :2].sum()), int(kept[:, 5:].sum())
     (0, 6)
     """
-    if not masks:
-        return []
-    volume = np.stack([np.asarray(m, bool) for m in masks])
-    if not volume.any():
-        return [m.copy() for m in volume]
-    labels = measure.label(volume, connectivity=3)
+    labels = _labels_3d(masks)
+    if labels is None:
+        return [np.asarray(m, bool).copy() for m in masks]
     peak = np.zeros(labels.max() + 1, np.float32)
     np.maximum.at(peak, labels.ravel(), np.stack(probs).astype(np.float32).ravel())
     keep = peak >= confidence
