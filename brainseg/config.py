@@ -250,6 +250,11 @@ RULES: dict[str, tuple[str, Any]] = {
     "evaluate.min_component_px": _int_at_least(0),
     "tune.n_trials": _int_at_least(1), "tune.epochs": _int_at_least(1), "tune.timeout": _positive(),
     "tune.heartbeat": _positive(),
+    "tune.budget_minutes": ("null or a number of minutes > 0", lambda v: v is None or (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
+    "tune.target_trials": _int_at_least(1), "tune.rungs": _int_at_least(1),
+    "tune.reserve_minutes": ("a number of minutes >= 0", lambda v: isinstance(v, (int, float))
+                             and not isinstance(v, bool) and v >= 0),
     "split.val_fraction": _number_in(0, 1, high_open=True), "split.test_fraction": _number_in(0, 1, high_open=True),
     "split.folds": _int_at_least(1), "split.burden_bins": _int_at_least(1),
     "survival.folds": _int_at_least(2), "survival.repeats": _int_at_least(1),
