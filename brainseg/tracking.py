@@ -297,6 +297,15 @@ def set_tags(run_id: str, tags: dict) -> None:
     client().log_batch(run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def use_experiment_of(run_id: str) -> None:
+    """Later runs of this process go to ``run_id``'s experiment."""
+    mlflow.set_experiment(experiment_id=client().get_run(run_id).info.experiment_id)
+
+
+def log_params_to(run_id: str, params: dict) -> None:
+    client().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+
+
 def log_metrics_to(run_id: str, metrics: dict, step: int = 0) -> None:
     import time
 

@@ -31,6 +31,7 @@ import optuna
 import yaml
 
 from brainseg.config import EPOCH_SIZED, ConfigError, TrainConfig
+from brainseg.tune_budget import StudyBudget
 from brainseg.tune_sampler import TrialSeededSampler
 
 PRUNERS = ("hyperband", "sha", "median", "none")
@@ -156,9 +157,10 @@ class Fidelity:
 
     size: int             # px of a trial's network input (low fidelity), e.g. 64
     steps_per_epoch: int | None
-    min_resource: int     # epochs before the first rung
-    max_resource: int     # epochs of a trial that is never pruned (tune.epochs)
+    min_resource: int     # epochs (seconds of training on a budget) before the first rung
+    max_resource: int     # epochs of a trial that is never pruned (tune.epochs), or its budget in seconds
     reduction_factor: int
+    unit: str = "epochs"  # "seconds": a trial trains on a time budget; the resource is seconds of training
 
     def rungs(self) -> list[int]:
         """Epochs at which successive halving compares trials.
@@ -173,10 +175,24 @@ class Fidelity:
         return out
 
     def trial_settings(self, train: dict) -> dict:
-        """``train`` settings at search fidelity: a trial's resource is its epochs (the pruner's rungs),
-        so the recipe's time budget and resolution schedule do not apply to it."""
+        """``train`` settings at search fidelity. In epochs, the recipe's time budget and resolution
+        schedule do not apply; in seconds, a trial is a budgeted run of ``max_resource`` seconds at
+        one resolution (its learning-rate schedule spans that budget)."""
+        if self.unit == "seconds":
+            return {**train, "size": self.size, "steps_per_epoch": self.steps_per_epoch,
+                    "budget_minutes": self.max_resource / 60, "progressive_size": None}
         return {**train, "size": self.size, "epochs": self.max_resource,
                 "steps_per_epoch": self.steps_per_epoch, **EPOCH_SIZED}
+
+    def on_budget(self, trial_s: float, first_rung_s: float) -> Fidelity:
+        """This fidelity with the resource in seconds of training: trials of ``trial_s`` seconds,
+        the first rung at ``first_rung_s`` (the planned rungs, :mod:`brainseg.tune_budget`).
+
+        >>> Fidelity(64, 60, 2, 18, 3).on_budget(521.4, 57.9).rungs()
+        [57, 171, 513]
+        """
+        return dataclasses.replace(self, min_resource=max(1, int(first_rung_s)), max_resource=int(trial_s),
+                                   unit="seconds")
 
 
 def fidelity_from(tune: dict, train: dict) -> Fidelity:
@@ -239,6 +255,23 @@ def redact(url: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- plan
+def study_budget(plan: StudyPlan, refit: bool) -> StudyBudget | None:
+    """``tune.budget_minutes`` as a :class:`~brainseg.tune_budget.StudyBudget` (None: no budget).
+
+    The refit trains with the recipe's ``train.budget_minutes``, so a budgeted study that refits
+    needs one."""
+    t = plan.tune
+    if t.get("budget_minutes") is None:
+        return None
+    recipe = plan.settings["train"].get("budget_minutes")
+    if refit and recipe is None:
+        raise ConfigError("tune.budget_minutes: the refit trains with the recipe's train.budget_minutes, which is "
+                          "null; set train.budget_minutes or use --no-refit")
+    return StudyBudget(float(t["budget_minutes"]) * 60, float(recipe) * 60 if refit else 0.0,
+                       float(t.get("reserve_minutes") or 0) * 60 if refit else 0.0, int(t.get("target_trials") or 12),
+                       int(t.get("rungs") or 3), int(t.get("reduction_factor") or 3), plan.workers)
+
+
 @dataclasses.dataclass
 class StudyPlan:
     settings: dict
@@ -277,6 +310,7 @@ def plan_from_settings(settings: dict, study_name: str | None, storage: str | No
     workers, threads = int(t.get("workers", 1) or 1), int(t.get("threads", 0) or 0)
     if workers < 1 or threads < 0:
         raise ConfigError(f"tune.workers ({workers}) must be >= 1 and tune.threads ({threads}) >= 0")
+    # on a budget the clock decides how many trials run; tune.n_trials (--n-trials) only caps them
     return StudyPlan(settings, study_name or t["study_name"], storage or t["storage"],
                      int(n_trials or t["n_trials"]), float(timeout or t["timeout"]), space, space_path,
                      fid, recipe, workers, threads)
@@ -307,10 +341,3 @@ def refit_epochs(trial_epochs: int, trial_steps: int | None, refit_steps: int | 
     if trial_steps and refit_steps:
         return max(1, math.ceil(trial_epochs * trial_steps / refit_steps))
     return max(1, int(trial_epochs))
-
-
-def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, **kwargs) -> dict:
-    """Create or continue the study in this worker (see :func:`brainseg.tune_session.run_study`)."""
-    from brainseg.tune_session import run_study as _run
-
-    return _run(plan, ctx, experiment, create_only=create_only, **kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import optuna
@@ -189,49 +190,67 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
 
 
 # ----------------------------------------------------------------------------------- trials
-def trial_callbacks(trial: optuna.Trial) -> list:
+def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float | None = None) -> list:
     """Keras callbacks: link the trial to its MLflow run; report ``val_patient_dice`` after each
-    epoch with the number of epochs trained as the step (the pruner's resource); prune."""
+    epoch, the step being the pruner's resource (epochs trained, or seconds of training of a trial
+    on a budget); prune. ``deadline`` (Unix seconds): the end of the search; a trial still training
+    then is stopped and pruned (its value so far is kept, it is never taken as the best)."""
     import mlflow
     import tf_keras as keras
+
+    def prune(why: str, step: int):
+        mlflow.set_tag("state", "PRUNED")
+        mlflow.set_tag("pruned_by", why)
+        mlflow.log_metric("pruned_after_epochs" if unit == "epochs" else "pruned_after_s", step)
+        raise optuna.TrialPruned(f"{why} after {step} {unit}")
 
     class TrialReport(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             trial.set_user_attr(RUN_ATTR, mlflow.active_run().info.run_id)
+            self.step = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            if deadline is not None and time.time() >= deadline:
+                prune("search deadline", self.step)
 
         def on_epoch_end(self, epoch, logs=None):
-            value = (logs or {}).get(OBJECTIVE)
+            logs = logs or {}
+            value = logs.get(OBJECTIVE)
+            self.step = epoch + 1 if unit == "epochs" else int(round(60 * float(logs.get("elapsed_min", 0.0))))
             if value is None or math.isnan(float(value)):
                 return
-            trial.report(float(value), epoch + 1)
+            trial.report(float(value), self.step)
             if trial.should_prune():
-                mlflow.set_tag("state", "PRUNED")
-                mlflow.log_metric("pruned_after_epochs", epoch + 1)
-                raise optuna.TrialPruned(f"pruned after {epoch + 1} epochs at {value:.4f}")
+                prune("successive halving", self.step)
 
     return [TrialReport()]
 
 
-def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None = None):
-    """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs."""
+def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None = None, clock=None):
+    """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs;
+    ``clock`` (a study on a budget): its ``search_end`` stops a trial still running then."""
     from brainseg import tracking
     from brainseg.workflows import tracked_training
 
-    base = plan.fidelity.trial_settings(plan.settings["train"])
+    fid = plan.fidelity
+    base = fid.trial_settings(plan.settings["train"])
     # a trial is scored by its best epoch's val_patient_dice; choosing post-processing is the refit's
     settings = {**plan.settings, "evaluate": {**plan.settings.get("evaluate", {}), "select_postprocessing": False}}
+    fidelity = (f"{fid.size}px, {fid.max_resource / 60:.1f} min budget" if fid.unit == "seconds"
+                else f"{fid.size}px, <= {fid.max_resource} epochs")
 
     def objective(trial: optuna.Trial) -> float:
         mark_worker(trial)
         cfg = trial_config(trial, base, plan.space)
         tags = {"mlflow.parentRunId": parent, "optuna.study": plan.study_name, "optuna.trial": str(trial.number),
-                "brainseg.role": "trial", "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
+                "brainseg.role": "trial", "fidelity": fidelity}
         if trial.user_attrs.get("recipe"):
             tags["recipe"] = trial.user_attrs["recipe"]
         shown = [progress.epochs(trial.number, cfg.epochs)] if progress is not None else []
+        report = trial_callbacks(trial, fid.unit, clock.search_end if clock is not None else None)
         try:
             res = tracked_training(settings, cfg, ctx, run_name=f"trial-{trial.number:03d}",
-                                   callbacks=[*shown, *trial_callbacks(trial)], tags=tags, verbose=0,
+                                   callbacks=[*shown, *report], tags=tags, verbose=0,
                                    finished_on=(optuna.TrialPruned,))
         except optuna.TrialPruned:
             raise
@@ -256,8 +275,10 @@ class Progress:
     """
 
     def __init__(self, parent: str | None, n_trials: int, start_count: int, echo=print, mode: str = "lines",
-                 console=None):
-        self.parent, self.n, self.start, self.echo = parent, n_trials, start_count, echo
+                 console=None, clock=None):
+        self.parent, self.n, self.start, self.echo, self.clock = parent, n_trials, start_count, echo, clock
+        if clock is not None:
+            self.n = None  # on a budget the clock, not a count, ends the search
         self.bar = self.task = None
         if mode == "bar":
             from rich.console import Console
@@ -266,7 +287,7 @@ class Progress:
 
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console or Console())
-            self.task = self.bar.add_task("trials", total=n_trials, last="best - | pruned 0")
+            self.task = self.bar.add_task("trials", total=self.n, last="best - | pruned 0")
             self.bar.start()
 
     def epochs(self, trial: int, epochs: int):
@@ -289,11 +310,15 @@ class Progress:
         best = max(values) if values else None
         k = len(done) - self.start
         value = (f"{trial.value:.4f}" if trial.value is not None else
-                 f"{trial.intermediate_values[max(trial.intermediate_values)]:.4f} after epoch "
-                 f"{max(trial.intermediate_values)}"
+                 f"{trial.intermediate_values[max(trial.intermediate_values)]:.4f} after "
+                 + (f"{max(trial.intermediate_values)} s" if self.clock is not None else
+                    f"epoch {max(trial.intermediate_values)}")
                  if trial.intermediate_values else "-")
         status = "best " + (f"{best[0]:.4f} (#{best[1]})" if best else "-") + f" | pruned {pruned}"
-        line = f"trial {k} of {self.n} (#{trial.number}) {trial.state.name.lower()}: {value} | {status}"
+        if self.clock is not None:
+            status += f" | {max(self.clock.left(self.clock.search_end), 0) / 60:.1f} min of search left"
+        of = f" of {self.n}" if self.n else ""
+        line = f"trial {k}{of} (#{trial.number}) {trial.state.name.lower()}: {value} | {status}"
         if self.bar is None:
             self.echo(line)
         else:
@@ -308,11 +333,14 @@ class Progress:
         from brainseg import tracking
 
         metrics = {"trials_finished": finished, "trials_pruned": pruned}
+        if self.clock is not None:
+            metrics["study_minutes_left"] = max(self.clock.left(), 0) / 60
         if best:
             metrics["best_val_patient_dice_so_far"] = best[0]
         try:
             tracking.log_metrics_to(self.parent, metrics, step=finished)
+            left = f", {max(self.clock.left(), 0) / 60:.0f} min of the study left" if self.clock is not None else ""
             tracking.set_tags(self.parent, {"progress": f"{finished} trials finished, {pruned} pruned, best "
-                                                        + (f"{best[0]:.4f} (trial {best[1]})" if best else "-")})
+                                                        + (f"{best[0]:.4f} (trial {best[1]})" if best else "-") + left})
         except Exception:  # noqa: BLE001 - progress must never stop the study
             pass

@@ -12,11 +12,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
 
 from brainseg.tune import OBJECTIVE, StudyPlan, apply_params, open_plan_study, quiet_optuna, refit_epochs
+from brainseg.tune_budget import refit_minutes
+from brainseg.tune_clock import PLAN_ATTR, Clock, start_clock, worker_clock
 from brainseg.tune_runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
                                 study_storage)
 
@@ -40,12 +43,19 @@ def worker_command(plan: StudyPlan, k: int, study_trials: int, settings_args: li
             "--out", str(out_dir / f"worker-{k}.json")]
 
 
-def launch_workers(plan: StudyPlan, study_trials: int, settings_args: list[str]) -> list[int]:
-    """Start ``plan.workers`` worker processes on the (already created) study; their exit codes."""
+def launch_workers(plan: StudyPlan, study_trials: int, settings_args: list[str], study: optuna.Study | None = None,
+                   wait_s: float = 600.0) -> list[int]:
+    """Start ``plan.workers`` worker processes on the (already created) study; their exit codes.
+
+    A new study's hand-set trial waits in the queue: worker 0 starts alone and claims it before the
+    others start (on SQLite two workers reading the queue at once could both run it)."""
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [subprocess.Popen(worker_command(plan, k, study_trials, settings_args, Path(tmp)))
-                 for k in range(plan.workers)]
+        procs = []
         try:
+            for k in range(plan.workers):
+                procs.append(subprocess.Popen(worker_command(plan, k, study_trials, settings_args, Path(tmp))))
+                if k == 0 and study is not None:
+                    wait_for_queue(study, procs[0], wait_s)
             return [p.wait() for p in procs]
         except BaseException:
             for p in procs:
@@ -53,6 +63,15 @@ def launch_workers(plan: StudyPlan, study_trials: int, settings_args: list[str])
             for p in procs:
                 p.wait()
             raise
+
+
+def wait_for_queue(study: optuna.Study, proc: subprocess.Popen, wait_s: float) -> None:
+    """Until no trial of ``study`` is WAITING (or ``proc`` ended, or ``wait_s`` passed)."""
+    end = time.monotonic() + wait_s
+    waiting = (optuna.trial.TrialState.WAITING,)
+    while (study.get_trials(deepcopy=False, states=waiting) and proc.poll() is None
+           and time.monotonic() < end):
+        time.sleep(0.5)
 
 
 def display(echo, is_worker: bool = False) -> tuple[str, object]:
@@ -74,58 +93,40 @@ def display(echo, is_worker: bool = False) -> tuple[str, object]:
 
 def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, worker: int | None = None,
               study_trials: int | None = None, refit: bool = False, register: bool = False,
-              settings_args: list[str] | None = None, echo=print) -> dict:
+              settings_args: list[str] | None = None, echo=print, started: float | None = None) -> dict:
     """Create or continue the study and run ``plan.n_trials`` more trials (all workers together).
 
     ``worker``: this process is worker K started by a launcher (or by hand): it runs trials only
-    (no summary, refit or parent-run ending); K also picks its sampler seed.
+    (no summary, refit or parent-run ending); K also picks its sampler seed. ``started``: when the
+    command started (Unix seconds), from which ``tune.budget_minutes`` counts.
     """
     from brainseg import tracking
 
-    is_worker = worker is not None
+    started = time.time() if started is None else started
     quiet_optuna()
     storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
     study = open_plan_study(plan, worker or 0, storage)  # seeds per trial number: no pid needed
-    parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=not is_worker)
-    import mlflow
-
-    mlflow.set_experiment(experiment_id=tracking.client().get_run(parent).info.experiment_id)  # trials, refit
+    parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=worker is None)
+    tracking.use_experiment_of(parent)  # trials and the refit go where the study's run is
     if create_only:
-        return {"study": plan.study_name, "parent_run_id": parent, "created": True,
-                "trials": len(study.trials)}
-    reaped = reap_dead_predecessors(study)
-    if reaped:
-        echo(f"trial(s) {reaped} of a dead worker on this host marked FAIL")
-    trials = study.get_trials(deepcopy=False)
-    start = sum(t.state.is_finished() for t in trials)
-    # launched workers stop together when the study holds ``study_trials``; others run n_trials each
-    target = study_trials or (sum(t.state != optuna.trial.TrialState.WAITING for t in trials) + plan.n_trials)
+        return {"study": plan.study_name, "parent_run_id": parent, "created": True, "trials": len(study.trials)}
+    if worker is not None:
+        search(plan, ctx, study, parent, worker_clock(plan, study), study_trials, echo, is_worker=True)
+        return {"study": plan.study_name, "parent_run_id": parent, "worker": worker}
     summary, status = None, "FINISHED"
     try:
-        if plan.workers > 1 and not is_worker:
-            echo(f"study {plan.study_name}: {plan.workers} workers x {plan.threads or 'default'} threads, "
-                 f"{plan.n_trials} trials")
-            codes = launch_workers(plan, target, settings_args or [])
-            if any(codes):
-                echo(f"worker exit codes {codes}")
-        else:
-            set_threads(plan.threads)
-            mode, console = display(echo, is_worker)
-            progress = Progress(parent, plan.n_trials, start, echo, mode, console)
-            callbacks = [progress]
-            if study_trials:
-                callbacks.insert(0, optuna.study.MaxTrialsCallback(study_trials, states=None))
-            try:
-                study.optimize(objective_for(plan, ctx, parent, progress), n_trials=plan.n_trials,
-                               timeout=plan.timeout, catch=(ValueError, RuntimeError, MemoryError),
-                               gc_after_trial=True, callbacks=callbacks)
-            finally:
-                progress.close()
-        if is_worker:
-            return {"study": plan.study_name, "parent_run_id": parent, "worker": worker}
+        set_threads(plan.threads)  # before the probe starts TensorFlow
+        clock = start_clock(plan, ctx, study, refit, started, echo)
+        if clock is not None:
+            tracking.log_params_to(parent, {"study.budget_minutes": plan.tune["budget_minutes"],
+                                            **{f"study.plan.{k}": v for k, v in study.user_attrs[PLAN_ATTR].items()}})
+        search(plan, ctx, study, parent, clock, None, echo, settings_args=settings_args)
         summary = summarize_study(study, parent)
         if refit and summary.get("best_trial") is not None:
-            summary["refit"] = refit_best(plan, ctx, study, parent, register, echo)
+            summary["refit"] = refit_best(plan, ctx, study, parent, register, echo, clock)
+        if clock is not None:
+            summary["minutes"] = (time.time() - started) / 60
+            tracking.log_metrics_to(parent, {"study_minutes": summary["minutes"]})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -133,17 +134,57 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
         status = "FAILED"
         raise
     finally:
-        if not is_worker:
-            if summary is None:
-                try:
-                    summary = summarize_study(study, parent)
-                except Exception:  # noqa: BLE001 - never hide the error that ended the study
-                    summary = {}
-            for run_id in (parent, session):
-                if run_id:
-                    tracking.set_tags(run_id, {"state": status})
-                    tracking.terminate(run_id, status)
+        end_parent(study, parent, session, status, summary)
     return summary
+
+
+def search(plan: StudyPlan, ctx, study: optuna.Study, parent: str, clock: Clock | None, study_trials: int | None,
+           echo=print, is_worker: bool = False, settings_args: list[str] | None = None) -> None:
+    """The trials of this process, or of ``plan.workers`` worker processes it starts and waits for."""
+    reaped = reap_dead_predecessors(study)
+    if reaped:
+        echo(f"trial(s) {reaped} of a dead worker on this host marked FAIL")
+    trials = study.get_trials(deepcopy=False)
+    start = sum(t.state.is_finished() for t in trials)
+    # launched workers stop together when the study holds ``study_trials``; others run n_trials each
+    target = study_trials or (sum(t.state != optuna.trial.TrialState.WAITING for t in trials) + plan.n_trials)
+    if plan.workers > 1 and not is_worker:
+        echo(f"study {plan.study_name}: {plan.workers} workers x {plan.threads or 'default'} threads, "
+             + (f"until minute {(clock.last_start - clock.started) / 60:.1f}" if clock else f"{plan.n_trials} trials"))
+        codes = launch_workers(plan, target, settings_args or [], study)
+        if any(codes):
+            echo(f"worker exit codes {codes}")
+        return
+    set_threads(plan.threads)
+    mode, console = display(echo, is_worker)
+    progress = Progress(parent, plan.n_trials, start, echo, mode, console, clock)
+    callbacks = [progress]
+    if study_trials:
+        callbacks.insert(0, optuna.study.MaxTrialsCallback(study_trials, states=None))
+    # on a budget Optuna's timeout is the last start (checked before each trial); a running trial
+    # is stopped at the end of the search by its TrialReport
+    timeout = max(clock.last_start - time.time(), 0.001) if clock else plan.timeout
+    try:
+        study.optimize(objective_for(plan, ctx, parent, progress, clock), n_trials=plan.n_trials, timeout=timeout,
+                       catch=(ValueError, RuntimeError, MemoryError), gc_after_trial=True, callbacks=callbacks)
+    finally:
+        progress.close()
+
+
+def end_parent(study: optuna.Study, parent: str, session: str | None, status: str, summary: dict | None) -> None:
+    """The study's run (and a resumed session's run) ends with ``status``; the summary is logged
+    even when the study failed (never hiding the error that ended it)."""
+    from brainseg import tracking
+
+    if summary is None:
+        try:
+            summarize_study(study, parent)
+        except Exception:  # noqa: BLE001
+            pass
+    for run_id in (parent, session):
+        if run_id:
+            tracking.set_tags(run_id, {"state": status})
+            tracking.terminate(run_id, status)
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -212,36 +253,49 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ refit
-def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial):
-    """The best trial's parameters at full fidelity (``train`` settings), for as many batches."""
+def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float | None = None):
+    """The best trial's parameters at full fidelity (``train`` settings). On a budget (``minutes``)
+    it is the recipe's own run (its resolution schedule) for that many minutes; else it trains for
+    as many batches as the trial did."""
     from brainseg.config import EPOCH_SIZED, TrainConfig
 
     train = plan.settings["train"]
+    if minutes is not None:
+        return TrainConfig.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
     trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
     epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
     return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
 
 
-def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print) -> dict:
+def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print,
+               clock: Clock | None = None) -> dict:
     """Train the best configuration at full fidelity on the train patients (validation selects the
-    epoch), score it once on the test patients for the report, register it if asked."""
+    epoch), score it once on the test patients for the report, register it if asked. On a budget it
+    trains for the recipe's ``train.budget_minutes`` (less if the study has less left)."""
     from brainseg import tracking
     from brainseg.progress import epoch_progress
     from brainseg.promotion import register_segmenter
     from brainseg.workflows import tracked_training
 
     settings, best = plan.settings, study.best_trial
-    cfg = refit_config(plan, best)
-    echo(f"refit: trial {best.number}'s configuration at {cfg.size} px for {cfg.epochs} epochs")
+    minutes = None
+    if clock is not None:
+        reserve = float(plan.tune.get("reserve_minutes") or 0) * 60
+        minutes = refit_minutes(settings["train"].get("budget_minutes"), clock.left(), reserve)
+    cfg = refit_config(plan, best, minutes)
+    length = f"{minutes:.1f} min" if minutes is not None else f"{cfg.epochs} epochs"
+    echo(f"refit: trial {best.number}'s configuration at {cfg.size} px for {length}"
+         + (f" ({clock.left() / 60:.1f} min of the study left)" if clock else ""))
     tags = {"mlflow.parentRunId": parent, "brainseg.study_parent_run_id": parent, "brainseg.role": "refit",
             "optuna.study": plan.study_name, "refit_of_trial": str(best.number),
-            "fidelity": f"{cfg.size}px, <= {cfg.epochs} epochs"}
+            "fidelity": f"{cfg.size}px, " + (f"{minutes:.1f} min budget" if minutes is not None else f"<= {cfg.epochs} epochs")}
     mode, console = display(echo)
     shown = epoch_progress(cfg.epochs, mode, write=echo, console=console, label="refit")
     res = tracked_training(settings, cfg, ctx, run_name=f"refit-trial-{best.number:03d}", tags=tags, verbose=0,
                            callbacks=[shown], report_test=True)  # test_*: for the report only; no decision
     m = res["metrics"]
-    out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": best.number, "epochs": cfg.epochs,
+    out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": best.number,
+           "epochs": int(res["budget"].get("budget_planned_epochs", cfg.epochs)), "budget_minutes": minutes,
            "size": cfg.size, "best_epoch": res["best_epoch"], "val_patient_dice_mean": m.get("patient_dice_mean"),
            "test_patient_dice_mean": m.get("test_patient_dice_mean"), "inference": res.get("inference")}
     if register:

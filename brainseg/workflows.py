@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -210,7 +211,7 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
                    refit: bool | None = None, register: bool | None = None, worker: int | None = None,
                    study_trials: int | None = None, settings_args: list[str] | None = None, echo=print) -> dict:
     """The tuning study of ``settings`` (``brainseg tune``): name it, check every input, then create or
-    continue it (:func:`brainseg.tune.run_study`); returns its summary (``study`` names it).
+    continue it (:func:`brainseg.tune_session.run_study`); returns its summary (``study`` names it).
 
     The default name is tune.study_name + profile + data version (+ the project run under
     ``mlflow run`` outside the pipeline, so each `mlflow run` gets its own study); ``refit`` and
@@ -218,22 +219,25 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
     the best trial's TTA and post-processing are then chosen on val (:func:`choose_for_best_trial`).
     Raises :class:`TuneRefused` for bad input or an unreachable storage; anything later propagates.
     """
-    from brainseg.tune import plan_from_settings, run_study  # Optuna: only tuning pays for it
+    from brainseg.tune import plan_from_settings, study_budget  # Optuna: only tuning pays for it
+    from brainseg.tune_session import run_study
 
+    started = time.time()  # tune.budget_minutes counts from here
     try:
         ctx = DataContext.from_settings(settings)
         name = study_name or f"{settings['tune']['study_name']}-{settings['profile']}-{ctx.version[:8]}"
         if not study_name and os.environ.get(tracking.PROJECT_ENV) and not os.environ.get(tracking.PIPELINE_ENV):
             name += f"-{os.environ[tracking.PROJECT_ENV][:8]}"  # each `mlflow run` its own study
         plan = plan_from_settings(settings, name, storage or None, int(n_trials or 0), float(timeout or 0))
+        refit = settings["tune"].get("refit", False) if refit is None else refit
+        register = settings["tune"].get("register", False) if register is None else register
+        study_budget(plan, bool(refit) and worker is None)  # a budget that cannot hold the refit fails here
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise TuneRefused(str(exc)) from exc
-    refit = settings["tune"].get("refit", False) if refit is None else refit
-    register = settings["tune"].get("register", False) if register is None else register
     try:
         summary = run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
                             refit=bool(refit) and worker is None, register=bool(register),
-                            settings_args=settings_args or [], echo=echo)
+                            settings_args=settings_args or [], echo=echo, started=started)
     except Exception as exc:  # storage unreachable, bad URL: before any trial started
         if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
             raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "

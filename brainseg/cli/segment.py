@@ -174,6 +174,8 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
                   f"{r['val_patient_dice_mean'] or float('nan'):.3f} (best epoch {r['best_epoch']} of {r['epochs']}), "
                   f"test {'n/a' if test is None else f'{test:.3f}'} (report only); run {r['run_id']}"
                   + (f"; registered version {r['registered']['version']}" if r.get("registered") else ""))
+    if "minutes" in summary:
+        out.print(f"study time {summary['minutes']:.1f} min of its {settings['tune']['budget_minutes']:g}-min budget")
 
 
 def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help="Summary of `brainseg tune`.")]

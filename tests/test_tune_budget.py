@@ -1,0 +1,145 @@
+"""A study on a wall-clock budget: the plan from a measured throughput, the hand-set trial first at
+the same fidelity as every other, the search stopping in time for the refit, the refit registered
+and linked to its study."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from brainseg.budget import BudgetError
+from brainseg.tune import Fidelity
+from brainseg.tune_budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
+from brainseg.tune_clock import Clock, session_clock
+from conftest import Tracking, invoke, make_project
+
+
+# ------------------------------------------------------------------------------ the plan (pure)
+@pytest.mark.parametrize("epoch_s", [2.0, 15.0, 40.0])
+def test_the_plan_fits_the_refit_and_the_rungs_into_the_budget(epoch_s):
+    budget = StudyBudget(budget_s=100 * 60, refit_s=45 * 60, reserve_s=6 * 60, target_trials=12, rungs=3,
+                         reduction_factor=3)
+    plan = plan_trials(budget, elapsed_s=90, epoch_s=epoch_s, overhead_s=40)
+    assert plan.search_s + budget.refit_s + budget.reserve_s == pytest.approx(budget.budget_s)
+    assert plan.rungs_s[-1] == pytest.approx(plan.trial_s)
+    assert [b / a for a, b in zip(plan.rungs_s, plan.rungs_s[1:])] == pytest.approx([3, 3])
+    assert plan.rungs_s[0] >= epoch_s  # the first rung holds at least one epoch
+    # the expected cost of the target trials is what the search has after the probe
+    per_trial = plan.trial_s * plan.expected_fraction + plan.overhead_s
+    assert 12 * per_trial == pytest.approx(plan.search_s - 90)
+    assert plan.last_start_s == pytest.approx(plan.search_s - plan.rungs_s[0] - 40)
+    clock = session_clock(budget, plan, started=1000.0)
+    assert clock.study_end == 1000.0 + budget.budget_s and clock.search_end == 1000.0 + plan.search_s
+    assert clock.last_start < clock.search_end < clock.study_end
+
+
+def test_a_slower_machine_gets_the_same_trial_budget_but_fewer_epochs():
+    """Fidelity is seconds of training: the plan does not depend on the CPU, only what fits in it."""
+    budget = StudyBudget(6000, 2700, 360, 12, 3, 3)
+    fast, slow = (plan_trials(budget, elapsed_s=60, epoch_s=e, overhead_s=40) for e in (10.0, 30.0))
+    assert fast.trial_s == slow.trial_s and fast.rungs_s == slow.rungs_s
+    assert fast.epochs_at(fast.trial_s) == pytest.approx(3 * slow.epochs_at(slow.trial_s))
+
+
+def test_a_budget_too_small_for_one_epoch_at_the_first_rung_is_refused_naming_the_setting():
+    budget = StudyBudget(budget_s=60 * 60, refit_s=45 * 60, reserve_s=6 * 60, target_trials=40, rungs=4,
+                         reduction_factor=3)
+    with pytest.raises(BudgetError, match="tune.budget_minutes.*one trial epoch"):
+        plan_trials(budget, elapsed_s=60, epoch_s=30, overhead_s=40)
+    with pytest.raises(BudgetError, match="no time for the search"):
+        plan_trials(StudyBudget(40 * 60, 45 * 60, 0, 12, 3, 3), elapsed_s=0, epoch_s=1, overhead_s=0)
+
+
+def test_the_successive_halving_cost_follows_optunas_rule():
+    assert promoted(0.9, [0.1, 0.5, 0.9], 3) and not promoted(0.5, [0.1, 0.5, 0.9], 3)
+    assert expected_fraction(1, 3, 3) == 1.0 and expected_fraction(50, 1, 3) == 1.0
+    many = expected_fraction(50, 3, 3)
+    assert 1 / 9 < many < expected_fraction(6, 3, 3) < 1.0  # more trials: more of them stop at rung 0
+
+
+def test_the_refit_keeps_the_recipes_budget_unless_the_study_has_less_left():
+    assert refit_minutes(45, left_s=60 * 60, reserve_s=360) == 45
+    assert refit_minutes(45, left_s=40 * 60, reserve_s=360) == pytest.approx(34)
+    with pytest.raises(BudgetError, match="no time left for the refit"):
+        refit_minutes(45, left_s=300, reserve_s=360)
+
+
+def test_a_budgeted_trial_is_a_time_budgeted_run_at_one_resolution():
+    fid = Fidelity(64, 60, 2, 18, 3).on_budget(540.0, 60.0)
+    assert fid.unit == "seconds" and fid.rungs() == [60, 180, 540]
+    s = fid.trial_settings({"size": 128, "epochs": 70, "budget_minutes": 45, "progressive_size": 64})
+    assert s["size"] == 64 and s["budget_minutes"] == 9 and s["progressive_size"] is None
+
+
+# ---------------------------------------------------------------------- end to end on the smoke profile
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    path = make_project(tmp_path_factory.mktemp("tune-budget"), patients=10, slices=6, size=64)
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        with Tracking(path / "mlflow.db"):
+            for args in (("data", "manifest"), ("data", "split")):
+                assert invoke(*args).exit_code == 0
+    finally:
+        os.chdir(old)
+    return path
+
+
+BUDGET = ["--set", "tune.budget_minutes=2.5", "--set", "train.budget_minutes=0.3", "--set", "tune.reserve_minutes=0.2",
+          "--set", "tune.target_trials=2", "--set", "tune.rungs=2", "--set", "tune.reduction_factor=2"]
+
+
+def test_a_study_on_a_budget_ends_in_time_with_the_recipe_first_and_a_registered_refit(project, monkeypatch):
+    monkeypatch.chdir(project)
+    with Tracking(project / "mlflow.db"):
+        t0 = time.time()
+        result = invoke("tune", "--profile", "smoke", "--study-name", "budget", *BUDGET, "--refit", "--register",
+                        "--out", "reports/budget.json")
+        wall = time.time() - t0
+        assert result.exit_code == 0, result.output
+        summary = json.loads(open("reports/budget.json").read())
+        study = optuna.load_study(study_name="budget", storage="sqlite:///optuna.db")
+        plan, clock = study.user_attrs["trial_plan"], Clock(**study.user_attrs["session_clock"])
+        assert "measured" in result.output and "slices/s" in result.output  # the probe's line
+        assert wall <= 2.5 * 60 + 20  # the budget, and the process start-up the clock does not see
+        trials = study.trials
+        assert trials[0].user_attrs.get("recipe") == "hand-set" and trials[0].number == 0
+        # every trial started before the last start, none trained past the end of the search
+        for t in trials:
+            assert t.datetime_start.timestamp() <= clock.last_start + 1
+            assert t.datetime_complete is not None and t.datetime_complete.timestamp() <= clock.search_end + 15
+            assert max(t.intermediate_values, default=0) <= plan["trial_s"] + 5  # seconds of training
+        client = mlflow.MlflowClient()
+        fidelities = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["fidelity"] for t in trials
+                      if "mlflow_run_id" in t.user_attrs}
+        assert len(fidelities) == 1 and "min budget" in fidelities.pop()  # the recipe at the same fidelity
+        refit = summary["refit"]
+        run = client.get_run(refit["run_id"])
+        last_trial_end = max(t.datetime_complete.timestamp() for t in trials)
+        assert run.info.start_time / 1000 >= last_trial_end - 1  # the refit runs after the search
+        assert run.info.end_time / 1000 <= clock.study_end + 10  # and the study ends within its budget
+        assert float(run.data.params["budget_minutes"]) == pytest.approx(refit["budget_minutes"])
+        assert refit["budget_minutes"] <= 0.3
+        assert run.data.tags["mlflow.parentRunId"] == summary["parent_run_id"]
+        version = client.get_model_version("brainseg-segmenter", refit["registered"]["version"])
+        assert version.run_id == refit["run_id"] and version.tags["study_parent_run_id"] == summary["parent_run_id"]
+        parent = client.get_run(summary["parent_run_id"])
+        assert "study_minutes_left" in parent.data.metrics and "min of the study left" in parent.data.tags["progress"]
+        assert float(parent.data.params["study.budget_minutes"]) == 2.5
+        assert "refit of trial 0" in result.output or "refit of trial 1" in result.output
+        assert "min of search left" in result.output  # one line per finished or pruned trial
+
+
+def test_a_budgeted_refit_needs_the_recipes_budget(project, monkeypatch):
+    monkeypatch.chdir(project)
+    with Tracking(project / "mlflow.db"):
+        result = invoke("tune", "--profile", "smoke", "--study-name", "no-recipe-budget",
+                        "--set", "tune.budget_minutes=3", "--refit")
+    assert result.exit_code == 2 and "train.budget_minutes" in result.output
+    assert "Traceback" not in result.output
