@@ -1,7 +1,7 @@
 #!/bin/sh
 # Issue 25's worker/thread comparison: the `cpu` study's trials on a short budget, once with
 # 1 worker x 2 TensorFlow threads and once with 2 workers x 1 thread (one SQLite study each),
-# no refit. Run from a project folder with the real data imported (README "Tuning on a budget"):
+# no refit, only the learning rate searched (every trial costs the same). Run from a project folder with the real data imported (README "Tuning on a budget"):
 #   sh experiments/compare_workers.sh 4     # minutes per study; ~2 x (4 + 1) min on a 2-core CPU
 # Prints per layout: trials, training slices seen by all trials, slices per second of search (the
 # study's training throughput: both cores together) and the trials' mean own slices/s.
@@ -12,6 +12,7 @@ for layout in 1x2 2x1; do
   echo "=== $layout $(date +%T)"
   brainseg tune --profile cpu --no-refit --study-name "workers-$layout-$(date +%s)" --storage "sqlite:///workers.db" \
     --set tune.budget_minutes="$M" --set tune.target_trials=2 --set tune.rungs=1 \
+    --set tune.search_space=experiments/search_space_speed.yaml --set tune.enqueue_recipe=false \
     --set tune.workers="$w" --set tune.threads="$t" --out "reports/workers-$layout.json" | tee -a workers.log
 done
 python - <<'PY'
