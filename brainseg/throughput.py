@@ -1,6 +1,6 @@
 """What one training configuration costs on this machine: model build, a step, a validation pass.
 
-A study on a wall-clock budget plans its trials from these (:mod:`brainseg.tune_budget`); they are
+A study on a wall-clock budget plans its trials from these (:mod:`brainseg.tune.budget`); they are
 measured with the code that trains (the same model, compile step, input pipeline and validation
 callback), on the real training and validation arrays, for a few steps.
 """

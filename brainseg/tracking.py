@@ -303,7 +303,10 @@ def use_experiment_of(run_id: str) -> None:
 
 
 def log_params_to(run_id: str, params: dict) -> None:
-    client().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    """Params of ``run_id`` that it does not have yet (a resumed study keeps its first values)."""
+    have = client().get_run(run_id).data.params
+    client().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()
+                                       if k not in have])
 
 
 def log_metrics_to(run_id: str, metrics: dict, step: int = 0) -> None:

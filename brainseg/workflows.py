@@ -211,7 +211,7 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
                    refit: bool | None = None, register: bool | None = None, worker: int | None = None,
                    study_trials: int | None = None, settings_args: list[str] | None = None, echo=print) -> dict:
     """The tuning study of ``settings`` (``brainseg tune``): name it, check every input, then create or
-    continue it (:func:`brainseg.tune_session.run_study`); returns its summary (``study`` names it).
+    continue it (:func:`brainseg.tune.session.run_study`); returns its summary (``study`` names it).
 
     The default name is tune.study_name + profile + data version (+ the project run under
     ``mlflow run`` outside the pipeline, so each `mlflow run` gets its own study); ``refit`` and
@@ -219,8 +219,8 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
     the best trial's TTA and post-processing are then chosen on val (:func:`choose_for_best_trial`).
     Raises :class:`TuneRefused` for bad input or an unreachable storage; anything later propagates.
     """
-    from brainseg.tune import plan_from_settings, study_budget  # Optuna: only tuning pays for it
-    from brainseg.tune_session import run_study
+    from brainseg.tune.plan import plan_from_settings, study_budget  # Optuna: only tuning pays for it
+    from brainseg.tune.session import run_study
 
     started = time.time()  # tune.budget_minutes counts from here
     try:

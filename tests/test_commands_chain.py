@@ -173,7 +173,7 @@ def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeyp
     stub receiving the data context (the study itself is tested in test_tune*)."""
     from conftest import invoke
 
-    import brainseg.tune
+    import brainseg.tune.session
 
     seen = {}
 
@@ -181,7 +181,7 @@ def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeyp
         seen["ctx"] = ctx
         return {"study": plan.study_name, "trials": 0, "states": {}, "parent_run_id": "stub"}
 
-    monkeypatch.setattr(brainseg.tune, "run_study", study)
+    monkeypatch.setattr(brainseg.tune.session, "run_study", study)
     result = invoke("tune", "--profile", "smoke", "--out", "reports/tune.json")
     assert result.exit_code == 0, result.output
     assert all(line in _said(result.output) for line in BUILT), result.output

@@ -13,9 +13,9 @@ import optuna
 import pytest
 
 from brainseg.budget import BudgetError
-from brainseg.tune import Fidelity
-from brainseg.tune_budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
-from brainseg.tune_clock import Clock, session_clock
+from brainseg.tune.plan import Fidelity
+from brainseg.tune.budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
+from brainseg.tune.clock import Clock, session_clock
 from conftest import Tracking, invoke, make_project
 
 

@@ -15,7 +15,7 @@ import mlflow
 import optuna
 import pytest
 
-from brainseg.tune_runs import process_started, reap_dead_predecessors
+from brainseg.tune.runs import process_started, reap_dead_predecessors
 from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise
 
 

@@ -136,7 +136,7 @@ def run_bench(*, profile: str = "cpu", arch: str | None = None, encoder: str | N
                 for k, v in locals().items() if k != "console"}
     from rich.console import Console
 
-    from brainseg.tune import PRUNERS
+    from brainseg.tune.plan import PRUNERS
 
     cfg = bench_config(profile, arch, encoder, size, channels, train_batch)
     if not batch_sizes or min(batch_sizes) < 1:

@@ -25,8 +25,8 @@ def tuning_comparison(workdir: Path, trials: int, epochs: int, pruner: str, seed
     from brainseg.data.manifest import patients_table, scan
     from brainseg.data.split import split_patients
     from brainseg.data.synth import generate
-    from brainseg.tune import plan_from_settings
-    from brainseg.tune_session import run_study
+    from brainseg.tune.plan import plan_from_settings
+    from brainseg.tune.session import run_study
 
     root = generate(workdir / "tune-data" / "kaggle_3m", patients=12, slices=12, size=64, seed=seed)
     manifest = scan(root).manifest

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import optuna
 
-from brainseg.tune import OBJECTIVE, StudyPlan, apply_params, open_plan_study, quiet_optuna, refit_epochs
-from brainseg.tune_budget import refit_minutes
-from brainseg.tune_clock import PLAN_ATTR, Clock, start_clock, worker_clock
-from brainseg.tune_runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
+from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optuna, refit_epochs
+from brainseg.tune.space import apply_params
+from brainseg.tune.budget import refit_minutes
+from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
+from brainseg.tune.runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
                                 study_storage)
 
 

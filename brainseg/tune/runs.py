@@ -19,7 +19,8 @@ from pathlib import Path
 import optuna
 
 from brainseg.run_notes import NOTE_TAG
-from brainseg.tune import OBJECTIVE, StudyPlan, make_storage, redact, trial_config
+from brainseg.tune.plan import OBJECTIVE, StudyPlan, make_storage, redact
+from brainseg.tune.space import trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
