@@ -107,9 +107,8 @@ def segmenter_tags(run, ctx: DataContext, run_id: str) -> dict:
 def stored_inference(model_uri: str) -> dict:
     """The inference settings stored with a model (what every consumer of it applies)."""
     from brainseg.inference import SETTINGS_FILE, read_settings
-    from brainseg.serving import resolve_model_dir
 
-    return read_settings(next(resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
+    return read_settings(next(registry.resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
 
 
 def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri: str, promote: bool = False,

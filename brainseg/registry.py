@@ -1,4 +1,8 @@
-"""Model registry glue: versions with lineage tags, the promotion decision, ``champion`` alias.
+"""Model registry glue: loading a model by URI, versions with lineage tags, the promotion
+decision, ``champion`` alias.
+
+:func:`load_segmenter` is the one door for a segmenter named by a folder, ``runs:/...`` or
+``models:/...`` URI (predict, evaluate, the page, features, the bench all use it).
 
 Registering never moves an alias. ``@champion`` moves only through :func:`apply` of a
 :class:`Decision`, which the promotion gate (brainseg.promotion) makes when promotion is asked for.
@@ -12,11 +16,38 @@ import contextlib
 import dataclasses
 import io
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
+if TYPE_CHECKING:
+    from brainseg.inference import Segmenter
+
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def resolve_model_dir(uri: str) -> Path:
+    """A local folder holding model.h5 + brainseg.json for a folder/.h5 path, ``runs:/...`` or
+    ``models:/...`` URI (resolved against the current tracking store: MLFLOW_TRACKING_URI, else
+    ``sqlite:///mlflow.db`` in the working folder). FileNotFoundError naming the URI otherwise."""
+    if Path(uri).exists():
+        return Path(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a bad URI
+        raise FileNotFoundError(f"model {uri!r}: cannot be resolved in the tracking store "
+                                f"{mlflow.get_tracking_uri()} ({exc})") from exc
+
+
+def load_segmenter(uri: str, **overrides) -> "Segmenter":
+    """The :class:`brainseg.inference.Segmenter` stored at a folder/.h5 path, ``runs:/...`` or
+    ``models:/...`` URI, with its stored inference settings (``overrides`` on top).
+    FileNotFoundError naming the URI when it cannot be resolved or holds no model."""
+    from brainseg.inference import Segmenter  # TensorFlow loads only when a model does
+
+    return Segmenter.from_dir(resolve_model_dir(uri), **overrides)
 
 
 @dataclasses.dataclass

@@ -211,25 +211,3 @@ def log_pyfunc_segmenter(model_dir: Path, example_image: np.ndarray | None = Non
                                        input_example=example_input(example_image),
                                        code_paths=[str(PACKAGE_DIR)], pip_requirements=requirements())
     return info.model_uri
-
-
-def resolve_model_dir(uri: str) -> Path:
-    """A local folder holding model.h5 + brainseg.json for a folder/.h5 path, ``runs:/...`` or
-    ``models:/...`` URI (resolved against the current tracking store: MLFLOW_TRACKING_URI, else
-    ``sqlite:///mlflow.db`` in the working folder). FileNotFoundError naming the URI otherwise."""
-    if Path(uri).exists():
-        return Path(uri)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a bad URI
-        raise FileNotFoundError(f"model {uri!r}: cannot be resolved in the tracking store "
-                                f"{mlflow.get_tracking_uri()} ({exc})") from exc
-
-
-def load_segmenter(uri: str):
-    """Keras model and TrainConfig from a folder/.h5 path, ``runs:/...`` or ``models:/...`` URI
-    (the stored InferenceSettings: ``inference.Segmenter.from_dir(resolve_model_dir(uri))``)."""
-    from brainseg import inference
-
-    model, cfg, _ = inference.load_model_dir(resolve_model_dir(uri))
-    return model, cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow
 
-from brainseg import plots, tracking
+from brainseg import plots, registry, tracking
 from brainseg.config import ConfigError, TrainConfig, flatten
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
@@ -85,11 +85,10 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     ``best_model_uri`` becomes it (the trial's own model stays ``best_trial_model_uri``), so what is
     registered and reported on test is what was chosen on val.
     """
-    from brainseg.inference import load_model_dir
-    from brainseg.serving import resolve_model_dir
-
     trial_uri, number = summary["best_model_uri"], int(summary["best_trial"])
-    model, cfg, _ = load_model_dir(resolve_model_dir(trial_uri))
+    # float32: only the stored network and its TrainConfig are wanted (no bfloat16 copy is built)
+    trial = registry.load_segmenter(trial_uri, precision="float32")
+    model, cfg = trial.model, trial.cfg
     tags = {**tracking.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
             "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
             "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri}
@@ -165,9 +164,7 @@ def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset:
     (``test_patient_dice_mean``, ``val_patient_dice_mean``); the returned ``metrics`` are unprefixed.
     Raises :class:`MasksUnavailable` when the subset's masks are missing or unreadable.
     """
-    from brainseg.serving import resolve_model_dir
-
-    segmenter = Segmenter.from_dir(resolve_model_dir(model_uri), **(overrides or {}))
+    segmenter = registry.load_segmenter(model_uri, **(overrides or {}))
     rows = ctx.rows(subset)
     if rows.empty:
         raise ValueError(f"evaluate: subset {subset!r} has no slices")

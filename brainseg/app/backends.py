@@ -64,11 +64,10 @@ class InProcessBackend:
     @classmethod
     def load(cls, model_uri: str) -> InProcessBackend:
         """Load ``model_uri`` (a ``models:/NAME@ALIAS`` loads the version the alias names now)."""
-        from brainseg.inference import Segmenter
-        from brainseg.serving import resolve_model_dir
+        from brainseg.registry import load_segmenter
 
         provenance = model_provenance(model_uri)
-        segmenter = Segmenter.from_dir(resolve_model_dir(provenance["resolved_uri"]))
+        segmenter = load_segmenter(provenance["resolved_uri"])
         if provenance.get("size") is None:
             provenance["size"] = int(segmenter.cfg.size)
         return cls(segmenter, provenance)

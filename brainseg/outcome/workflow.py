@@ -87,10 +87,9 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
     if truth:
         masks, source = load_full_masks(m), "truth"
     elif not oof:
-        from brainseg.inference import Segmenter
-        from brainseg.serving import resolve_model_dir
+        from brainseg.registry import load_segmenter
 
-        segmenter = Segmenter.from_dir(resolve_model_dir(model))
+        segmenter = load_segmenter(model)
         masks, source = segmenter.segment(images, groups=m["patient"].tolist()).masks, model
     slices, patients = features_for_manifest(m, masks, images)
     out_dir = Path(out_dir)
