@@ -223,7 +223,7 @@ def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
 
 def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None, meta: dict | None = None) -> str:
     """Log the serving (pyfunc) model built from ``model.h5`` + ``brainseg.json``; returns its URI."""
-    from brainseg.serving import log_pyfunc_segmenter  # keeps serving imports out of training
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter  # keeps serving imports out of training
 
     return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
 
