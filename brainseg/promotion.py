@@ -19,7 +19,7 @@ import math
 
 import mlflow
 
-from brainseg import modelcard, registry, tracking
+from brainseg import registry, tracking
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
 
@@ -134,7 +134,7 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
                    f"{params.get('channels')} channels at {params.get('size')} px, trained on data "
                    f"{tags['data_version'][:12]}. Input: base64 TIFF/PNG slices; output: tumor features and mask.")
     mv, created = registry.register(name, model_uri, run_id, tags, description)
-    modelcard.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
+    registry.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
     score = segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
     out = {"name": name, "version": str(mv.version), "created": created, f"{subset}_patient_dice_mean": score,
            f"{subset}_data_version": ctx.version, "inference": inference, CHOSEN_ON_TAG: chosen_on,
@@ -184,7 +184,7 @@ def register_survival(settings: dict, summary: dict, promote: bool = False, forc
                    f"from {summary['features_from']}). Research model, not a diagnosis. Input: per-patient tumor "
                    "features and data.csv fields; output: death01_probability and death01_class.")
     mv, created = registry.register(name, model_uri, run_id, tags, description)
-    modelcard.document_survival(name, str(mv.version), run_id, summary)
+    registry.document_survival(name, str(mv.version), run_id, summary)
     out = {"name": name, "version": str(mv.version), "created": created,
            "cv_roc_auc_mean": float(final["roc_auc_mean"]), "promoted": None,
            "decision": f"{name} v{mv.version}: cv_roc_auc_mean {final['roc_auc_mean']:.4f}; registered, not put "

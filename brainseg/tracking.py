@@ -319,18 +319,3 @@ def terminate(run_id: str, status: str) -> None:
             client().set_terminated(run_id, status)
     except mlflow.exceptions.MlflowException:
         pass
-
-
-def log_model_card(name: str, version: str, run_id: str, markdown: str, facts: dict, tags: dict) -> None:
-    """A registered version's model card: ``model_card.md`` / ``.json`` artifacts of its source run,
-    the version's description (its short registration text, a blank line and the card, cut to
-    MLflow's limit) and ``card.*`` version tags."""
-    from brainseg import modelcard
-
-    c = client()
-    c.log_text(run_id, markdown, modelcard.CARD_FILE)
-    c.log_dict(run_id, facts, modelcard.FACTS_FILE)
-    lead = c.get_model_version(name, str(version)).description or ""
-    c.update_model_version(name, str(version), description=modelcard.description(markdown, lead))
-    for key, value in tags.items():
-        c.set_model_version_tag(name, str(version), key, str(value))
