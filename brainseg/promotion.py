@@ -22,6 +22,7 @@ import mlflow
 from brainseg import registry, tracking
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
+from brainseg.tracking import CHOSEN_ON_TAG
 
 GATE_SUBSETS = ("val",)
 
@@ -41,7 +42,7 @@ def segmenter_score(settings: dict, ctx: DataContext, name: str, version: str, s
     Evaluated once per (version, data version) as an MLflow run; the result is kept as version tags
     (``val_patient_dice_mean``, ``val_data_version``, ``val_n_patients``) and reused.
     """
-    from brainseg.workflows import tracked_evaluation
+    from brainseg.evaluate_run import tracked_evaluation  # TensorFlow loads only when a segmenter is scored
 
     key = f"{subset}_patient_dice_mean"
     mv = registry.get_version(name, version)
@@ -118,8 +119,6 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
 
     ``trained_in``: the training run of the network when ``run_id`` only chose its inference
     settings (the lineage and best-epoch tags come from it)."""
-    from brainseg.workflows import CHOSEN_ON_TAG
-
     name = settings["register"]["segmenter_name"]
     subset = gate_subset(settings)
     model_run = tracking.client().get_run(run_id)

@@ -26,6 +26,7 @@ from brainseg.data.version import git_commit
 PIPELINE_TAG = "brainseg.pipeline_run"  # shared by every run of one pipeline execution
 PIPELINE_ENV = "BRAINSEG_PIPELINE_RUN"
 PROJECT_ENV = "BRAINSEG_PROJECT_RUN"  # the `mlflow run` run this command executes under, if any
+CHOSEN_ON_TAG = "inference_chosen_on"  # "val" when TTA and post-processing were chosen on val patients
 
 
 def adopt_project_run() -> None:

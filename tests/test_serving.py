@@ -233,7 +233,7 @@ def real_slice(real_sample) -> Path:
 @pytest.mark.real
 def test_champion_by_alias_gives_the_masks_and_features_of_evaluate(champion, real_sample, monkeypatch):
     from brainseg.data.context import DataContext
-    from brainseg.workflows import tracked_evaluation
+    from brainseg.evaluate_run import tracked_evaluation
 
     ctx = DataContext.from_folder(real_sample)
     rows = ctx.rows("test")
