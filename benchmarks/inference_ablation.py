@@ -20,8 +20,7 @@ from brainseg.config import load_settings
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
 from brainseg.evaluate import score, select_postprocessing
-from brainseg.inference import Segmenter
-from brainseg.serving import resolve_model_dir
+from brainseg.registry import load_segmenter
 
 
 def main() -> None:
@@ -31,7 +30,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     ctx = DataContext.from_settings(load_settings(args.profile, args.overrides))
-    stored = Segmenter.from_dir(resolve_model_dir(args.model))
+    stored = load_segmenter(args.model)
     print(f"model {args.model}: stored settings {stored.settings.to_dict()}")
 
     rows = ctx.rows("val")

@@ -1,14 +1,15 @@
 """Model cards: what a registered model is for, what it was trained on, how well it did, where it fails.
 
 :func:`segmenter_card` and :func:`survival_card` are pure: dicts in, markdown out (tested as
-such). :func:`document_segmenter` / :func:`document_survival` gather the facts from the training
-run in MLflow and hand the card to :func:`brainseg.tracking.log_model_card` (markdown + JSON
-artifacts of the source run, the version's description and ``card.*`` version tags, which the
-page reads for its provenance line).
+such); :func:`segmenter_facts` reads them from a run object. No MLflow import here:
+:func:`brainseg.registry.document_segmenter` / :func:`~brainseg.registry.document_survival` gather
+the facts from the training run and log the card (markdown + JSON artifacts of the source run, the
+version's description and ``card.*`` version tags, which the page reads for its provenance line).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 from brainseg.budget import compute_facts, compute_line
@@ -268,13 +269,11 @@ def description(markdown: str, lead: str = "") -> str:
     return text[:DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + f"\n\n(cut: the full card is {CARD_FILE})\n"
 
 
-# ----------------------------------------------------------------------------- MLflow glue
+# ----------------------------------------------------------------------------- facts of a run
 def segmenter_facts(name: str, version: str, run, per_patient=None, patients: dict | None = None,
                     synthetic: bool | None = None, recipe_run=None) -> dict:
     """The card's facts from the model's run (``mlflow.entities.Run``) and its per-patient table;
     ``recipe_run``: the training run of the network when ``run`` only chose the inference settings."""
-    import json
-
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     trained = recipe_run.data if recipe_run is not None else run.data
 
@@ -295,56 +294,3 @@ def segmenter_facts(name: str, version: str, run, per_patient=None, patients: di
                        "epochs_run": _count(trained.metrics.get("epochs_run")), "inference": inference,
                        "compute": compute_facts(trained.params, trained.metrics)},
             "val": split("val_"), "test": split("test_"), "misses": lowest_dice_patients(per_patient)}
-
-
-def document_segmenter(name: str, version: str, run_id: str, ctx=None, trained_in: str | None = None) -> str:
-    """Build and log the card of segmenter ``name`` v``version`` logged in ``run_id``; returns it.
-
-    ``ctx`` (a :class:`brainseg.data.context.DataContext` of the same data version) adds the
-    patient counts per split and whether the data is synthetic; ``trained_in``: the training run
-    when ``run_id`` only chose the inference settings (the recipe is read from it).
-    """
-    import pandas as pd
-
-    from brainseg import tracking
-
-    run = tracking.client().get_run(run_id)
-    per_patient = None
-    try:
-        import mlflow
-
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="val_per_patient_metrics.csv")
-        per_patient = pd.read_csv(local)
-    except Exception:  # noqa: BLE001 - an older run without the table: the card says so
-        per_patient = None
-    patients, synthetic = {}, None
-    if ctx is not None and ctx.version == run.data.tags.get("data_version"):
-        from brainseg.outcome.workflow import is_synthetic
-
-        for subset in ("train", "val", "test"):
-            patients[subset] = int(ctx.rows(subset)["patient"].nunique())
-        synthetic = is_synthetic(ctx.root, list(ctx.rows("train")["patient"].unique()))
-    recipe_run = tracking.client().get_run(trained_in) if trained_in else None
-    facts = segmenter_facts(name, version, run, per_patient, patients, synthetic, recipe_run)
-    markdown = segmenter_card(facts)
-    tracking.log_model_card(name, version, run_id, markdown, facts, card_tags(facts))
-    return markdown
-
-
-def document_survival(name: str, version: str, run_id: str, summary: dict) -> str:
-    """Build and log the card of survival ``name`` v``version`` from ``brainseg survival``'s summary."""
-    from brainseg import tracking
-
-    final = summary.get("final", {})
-    cv = {k: final.get(k) for k in ("roc_auc_mean", "roc_auc_low", "roc_auc_high", "balanced_accuracy_mean",
-                                    "brier_mean", "baseline_brier", "folds", "repeats")}
-    cv["balanced_accuracy_mean"] = cv["balanced_accuracy_mean"] or final.get("balanced_accuracy")
-    cv["brier_mean"] = cv["brier_mean"] or final.get("brier")
-    facts = {"name": name, "version": str(version), "run_id": run_id,
-             "classifier": final.get("classifier"), "feature_set": final.get("feature_set"),
-             "features_from": summary.get("features_from"), "data_version": summary.get("data_version", ""),
-             "fitted_on": summary.get("fitted_on"), "patients": summary.get("patients"),
-             "positives": summary.get("positives"), "cv": cv, "failures": summary.get("failures") or {}}
-    markdown = survival_card(facts)
-    tracking.log_model_card(name, version, run_id, markdown, facts, card_tags(facts))
-    return markdown

@@ -124,11 +124,10 @@ def predict_to_folder(files: list[Path], out_dir: Path, model_uri: str, *, thres
     Raises :class:`ModelNotFound` when the model cannot be loaded.
     """
     # TensorFlow and MLflow load only when a prediction is made
-    from brainseg.inference import Segmenter
-    from brainseg.serving import resolve_model_dir
+    from brainseg.registry import load_segmenter
 
     try:
-        segmenter = Segmenter.from_dir(resolve_model_dir(model_uri))
+        segmenter = load_segmenter(model_uri)
     except FileNotFoundError as exc:
         raise ModelNotFound(str(exc)) from exc
     if threshold is not None:

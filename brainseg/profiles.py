@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from brainseg.config import PARAMS_FILE, PROFILES_FILE, ConfigError, _read_yaml
+from brainseg.settings_io import PARAMS_FILE, PROFILES_FILE, ConfigError, read_yaml
 
 _MISSING = object()
 
@@ -40,7 +40,7 @@ def read_profiles(profiles_file: Path = PROFILES_FILE) -> dict[str, dict[str, An
     >>> read_profiles(p)
     {'a': {'train.epochs': 2}, 'b': {'train.epochs': 9}}
     """
-    raw = _read_yaml(Path(profiles_file))
+    raw = read_yaml(Path(profiles_file))
     profiles = {}
     for name, body in raw.items():
         if body is not None and not isinstance(body, dict):
@@ -114,7 +114,7 @@ def use_profile(name: str, params_file: Path = PARAMS_FILE, profiles_file: Path 
     Comments and key order are kept; nothing is written when nothing differs (or ``dry_run``).
     """
     values = profile_values(name, profiles_file)
-    params = _read_yaml(Path(params_file))
+    params = read_yaml(Path(params_file))
     diff = changes(params, name, values)
     if diff and not dry_run:
         y = _yaml()

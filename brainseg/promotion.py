@@ -19,9 +19,10 @@ import math
 
 import mlflow
 
-from brainseg import modelcard, registry, tracking
+from brainseg import registry, tracking
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
+from brainseg.tracking import CHOSEN_ON_TAG
 
 GATE_SUBSETS = ("val",)
 
@@ -41,7 +42,7 @@ def segmenter_score(settings: dict, ctx: DataContext, name: str, version: str, s
     Evaluated once per (version, data version) as an MLflow run; the result is kept as version tags
     (``val_patient_dice_mean``, ``val_data_version``, ``val_n_patients``) and reused.
     """
-    from brainseg.workflows import tracked_evaluation
+    from brainseg.evaluate_run import tracked_evaluation  # TensorFlow loads only when a segmenter is scored
 
     key = f"{subset}_patient_dice_mean"
     mv = registry.get_version(name, version)
@@ -107,9 +108,8 @@ def segmenter_tags(run, ctx: DataContext, run_id: str) -> dict:
 def stored_inference(model_uri: str) -> dict:
     """The inference settings stored with a model (what every consumer of it applies)."""
     from brainseg.inference import SETTINGS_FILE, read_settings
-    from brainseg.serving import resolve_model_dir
 
-    return read_settings(next(resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
+    return read_settings(next(registry.resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
 
 
 def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri: str, promote: bool = False,
@@ -119,8 +119,6 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
 
     ``trained_in``: the training run of the network when ``run_id`` only chose its inference
     settings (the lineage and best-epoch tags come from it)."""
-    from brainseg.workflows import CHOSEN_ON_TAG
-
     name = settings["register"]["segmenter_name"]
     subset = gate_subset(settings)
     model_run = tracking.client().get_run(run_id)
@@ -135,7 +133,7 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
                    f"{params.get('channels')} channels at {params.get('size')} px, trained on data "
                    f"{tags['data_version'][:12]}. Input: base64 TIFF/PNG slices; output: tumor features and mask.")
     mv, created = registry.register(name, model_uri, run_id, tags, description)
-    modelcard.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
+    registry.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
     score = segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
     out = {"name": name, "version": str(mv.version), "created": created, f"{subset}_patient_dice_mean": score,
            f"{subset}_data_version": ctx.version, "inference": inference, CHOSEN_ON_TAG: chosen_on,
@@ -185,7 +183,7 @@ def register_survival(settings: dict, summary: dict, promote: bool = False, forc
                    f"from {summary['features_from']}). Research model, not a diagnosis. Input: per-patient tumor "
                    "features and data.csv fields; output: death01_probability and death01_class.")
     mv, created = registry.register(name, model_uri, run_id, tags, description)
-    modelcard.document_survival(name, str(mv.version), run_id, summary)
+    registry.document_survival(name, str(mv.version), run_id, summary)
     out = {"name": name, "version": str(mv.version), "created": created,
            "cv_roc_auc_mean": float(final["roc_auc_mean"]), "promoted": None,
            "decision": f"{name} v{mv.version}: cv_roc_auc_mean {final['roc_auc_mean']:.4f}; registered, not put "

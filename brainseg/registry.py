@@ -1,4 +1,10 @@
-"""Model registry glue: versions with lineage tags, the promotion decision, ``champion`` alias.
+"""Model registry glue: loading a model by URI, versions with lineage tags, the promotion
+decision, ``champion`` alias.
+
+:func:`load_segmenter` is the one door for a segmenter named by a folder, ``runs:/...`` or
+``models:/...`` URI (predict, evaluate, the page, features, the bench all use it).
+:func:`document_segmenter` / :func:`document_survival` log a version's model card (built by the
+pure :mod:`brainseg.modelcard`).
 
 Registering never moves an alias. ``@champion`` moves only through :func:`apply` of a
 :class:`Decision`, which the promotion gate (brainseg.promotion) makes when promotion is asked for.
@@ -12,11 +18,42 @@ import contextlib
 import dataclasses
 import io
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from brainseg import modelcard
+from brainseg.data.synth import is_synthetic
+
+if TYPE_CHECKING:
+    from brainseg.inference import Segmenter
+
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def resolve_model_dir(uri: str) -> Path:
+    """A local folder holding model.h5 + brainseg.json for a folder/.h5 path, ``runs:/...`` or
+    ``models:/...`` URI (resolved against the current tracking store: MLFLOW_TRACKING_URI, else
+    ``sqlite:///mlflow.db`` in the working folder). FileNotFoundError naming the URI otherwise."""
+    if Path(uri).exists():
+        return Path(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a bad URI
+        raise FileNotFoundError(f"model {uri!r}: cannot be resolved in the tracking store "
+                                f"{mlflow.get_tracking_uri()} ({exc})") from exc
+
+
+def load_segmenter(uri: str, **overrides) -> "Segmenter":
+    """The :class:`brainseg.inference.Segmenter` stored at a folder/.h5 path, ``runs:/...`` or
+    ``models:/...`` URI, with its stored inference settings (``overrides`` on top).
+    FileNotFoundError naming the URI when it cannot be resolved or holds no model."""
+    from brainseg.inference import Segmenter  # TensorFlow loads only when a model does
+
+    return Segmenter.from_dir(resolve_model_dir(uri), **overrides)
 
 
 @dataclasses.dataclass
@@ -162,3 +199,60 @@ def apply(decision: Decision) -> None:
             pass
     else:
         c.set_registered_model_alias(decision.name, CHALLENGER, decision.version)
+
+
+# ------------------------------------------------------------------------------- model cards
+def document_segmenter(name: str, version: str, run_id: str, ctx=None, trained_in: str | None = None) -> str:
+    """Build and log the card of segmenter ``name`` v``version`` logged in ``run_id``; returns it.
+
+    ``ctx`` (a :class:`brainseg.data.context.DataContext` of the same data version) adds the
+    patient counts per split and whether the data is synthetic; ``trained_in``: the training run
+    when ``run_id`` only chose the inference settings (the recipe is read from it).
+    """
+    run = client().get_run(run_id)
+    per_patient = None
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="val_per_patient_metrics.csv")
+        per_patient = pd.read_csv(local)
+    except Exception:  # noqa: BLE001 - an older run without the table: the card says so
+        per_patient = None
+    patients, synthetic = {}, None
+    if ctx is not None and ctx.version == run.data.tags.get("data_version"):
+        for subset in ("train", "val", "test"):
+            patients[subset] = int(ctx.rows(subset)["patient"].nunique())
+        synthetic = is_synthetic(ctx.root, list(ctx.rows("train")["patient"].unique()))
+    recipe_run = client().get_run(trained_in) if trained_in else None
+    facts = modelcard.segmenter_facts(name, version, run, per_patient, patients, synthetic, recipe_run)
+    markdown = modelcard.segmenter_card(facts)
+    log_model_card(name, version, run_id, markdown, facts, modelcard.card_tags(facts))
+    return markdown
+
+
+def document_survival(name: str, version: str, run_id: str, summary: dict) -> str:
+    """Build and log the card of survival ``name`` v``version`` from ``brainseg survival``'s summary."""
+    final = summary.get("final", {})
+    cv = {k: final.get(k) for k in ("roc_auc_mean", "roc_auc_low", "roc_auc_high", "balanced_accuracy_mean",
+                                    "brier_mean", "baseline_brier", "folds", "repeats")}
+    cv["balanced_accuracy_mean"] = cv["balanced_accuracy_mean"] or final.get("balanced_accuracy")
+    cv["brier_mean"] = cv["brier_mean"] or final.get("brier")
+    facts = {"name": name, "version": str(version), "run_id": run_id,
+             "classifier": final.get("classifier"), "feature_set": final.get("feature_set"),
+             "features_from": summary.get("features_from"), "data_version": summary.get("data_version", ""),
+             "fitted_on": summary.get("fitted_on"), "patients": summary.get("patients"),
+             "positives": summary.get("positives"), "cv": cv, "failures": summary.get("failures") or {}}
+    markdown = modelcard.survival_card(facts)
+    log_model_card(name, version, run_id, markdown, facts, modelcard.card_tags(facts))
+    return markdown
+
+
+def log_model_card(name: str, version: str, run_id: str, markdown: str, facts: dict, tags: dict) -> None:
+    """A registered version's model card: ``model_card.md`` / ``.json`` artifacts of its source run,
+    the version's description (its short registration text, a blank line and the card, cut to
+    MLflow's limit) and ``card.*`` version tags."""
+    c = client()
+    c.log_text(run_id, markdown, modelcard.CARD_FILE)
+    c.log_dict(run_id, facts, modelcard.FACTS_FILE)
+    lead = c.get_model_version(name, str(version)).description or ""
+    c.update_model_version(name, str(version), description=modelcard.description(markdown, lead))
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, str(value))

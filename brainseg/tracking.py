@@ -26,6 +26,7 @@ from brainseg.data.version import git_commit
 PIPELINE_TAG = "brainseg.pipeline_run"  # shared by every run of one pipeline execution
 PIPELINE_ENV = "BRAINSEG_PIPELINE_RUN"
 PROJECT_ENV = "BRAINSEG_PROJECT_RUN"  # the `mlflow run` run this command executes under, if any
+CHOSEN_ON_TAG = "inference_chosen_on"  # "val" when TTA and post-processing were chosen on val patients
 
 
 def adopt_project_run() -> None:
@@ -223,7 +224,7 @@ def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
 
 def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None, meta: dict | None = None) -> str:
     """Log the serving (pyfunc) model built from ``model.h5`` + ``brainseg.json``; returns its URI."""
-    from brainseg.serving import log_pyfunc_segmenter  # keeps serving imports out of training
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter  # keeps serving imports out of training
 
     return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
 
@@ -331,18 +332,3 @@ def terminate(run_id: str, status: str) -> None:
             client().set_terminated(run_id, status)
     except mlflow.exceptions.MlflowException:
         pass
-
-
-def log_model_card(name: str, version: str, run_id: str, markdown: str, facts: dict, tags: dict) -> None:
-    """A registered version's model card: ``model_card.md`` / ``.json`` artifacts of its source run,
-    the version's description (its short registration text, a blank line and the card, cut to
-    MLflow's limit) and ``card.*`` version tags."""
-    from brainseg import modelcard
-
-    c = client()
-    c.log_text(run_id, markdown, modelcard.CARD_FILE)
-    c.log_dict(run_id, facts, modelcard.FACTS_FILE)
-    lead = c.get_model_version(name, str(version)).description or ""
-    c.update_model_version(name, str(version), description=modelcard.description(markdown, lead))
-    for key, value in tags.items():
-        c.set_model_version_tag(name, str(version), key, str(value))

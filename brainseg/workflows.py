@@ -1,5 +1,8 @@
-"""Tracked workflows shared by the CLI, the tuner and the pipeline: train + log, evaluate + log,
-the tuning study, registration."""
+"""Tracked workflows shared by the CLI, the tuner and the pipeline: train + log, the inference
+choice on validation patients, the tuning study, registration.
+
+Evaluating a stored model as a run is :mod:`brainseg.evaluate_run`; the registry gate is
+:mod:`brainseg.promotion`, which this module calls and which never calls back."""
 
 from __future__ import annotations
 
@@ -11,16 +14,15 @@ from pathlib import Path
 
 import mlflow
 
-from brainseg import plots, tracking
+from brainseg import plots, registry, tracking
 from brainseg.config import ConfigError, TrainConfig, flatten
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
 from brainseg.evaluate import evaluate, select_postprocessing
 from brainseg.inference import InferenceSettings, Segmenter, save_model
+from brainseg.promotion import register_segmenter, register_survival
+from brainseg.tracking import CHOSEN_ON_TAG
 from brainseg.train import train
-
-CHOSEN_ON_TAG = "inference_chosen_on"  # "val" when TTA and post-processing were chosen on val patients
-
 
 def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
@@ -86,11 +88,10 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     ``best_model_uri`` becomes it (the trial's own model stays ``best_trial_model_uri``), so what is
     registered and reported on test is what was chosen on val.
     """
-    from brainseg.inference import load_model_dir
-    from brainseg.serving import resolve_model_dir
-
     trial_uri, number = summary["best_model_uri"], int(summary["best_trial"])
-    model, cfg, _ = load_model_dir(resolve_model_dir(trial_uri))
+    # float32: only the stored network and its TrainConfig are wanted (no bfloat16 copy is built)
+    trial = registry.load_segmenter(trial_uri, precision="float32")
+    model, cfg = trial.model, trial.cfg
     tags = {**tracking.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
             "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
             "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri}
@@ -138,68 +139,6 @@ def report_on_test(segmenter: Segmenter, ctx: DataContext) -> dict:
     metrics = tracking.log_evaluation(ev, "test_", images, truths)
     mlflow.set_tag("test_report", "test_* metrics: report only, used in no choice")
     return {f"test_{k}": v for k, v in metrics.items()}
-
-
-class MasksUnavailable(ValueError):
-    """The masks of a subset are missing or unreadable (e.g. sequestered test labels)."""
-
-
-def subset_truths(ctx: DataContext, subset: str, rows) -> list:
-    """The subset's masks at full size, or :class:`MasksUnavailable` naming how many are missing."""
-    missing = [p for p in rows["mask_path"] if not Path(p).is_file()]
-    if missing:
-        raise MasksUnavailable(f"{subset} masks unavailable: {len(missing)} of {len(rows)} mask files missing "
-                               f"(e.g. {missing[0]})")
-    try:
-        return ctx.truths(subset)
-    except (OSError, ValueError) as exc:
-        raise MasksUnavailable(f"{subset} masks unavailable: {exc}") from exc
-
-
-def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset: str,
-                       overrides: dict | None = None, out_dir: Path | None = None,
-                       tags: dict | None = None) -> dict:
-    """Evaluate a model, with its stored inference settings (``overrides`` on top), on ``subset``
-    as an MLflow run; writes metrics.json and per-patient CSV.
-
-    Metrics are logged (and written to metrics.json) under the split's name, ``{subset}_*``
-    (``test_patient_dice_mean``, ``val_patient_dice_mean``); the returned ``metrics`` are unprefixed.
-    Raises :class:`MasksUnavailable` when the subset's masks are missing or unreadable.
-    """
-    from brainseg.serving import resolve_model_dir
-
-    segmenter = Segmenter.from_dir(resolve_model_dir(model_uri), **(overrides or {}))
-    rows = ctx.rows(subset)
-    if rows.empty:
-        raise ValueError(f"evaluate: subset {subset!r} has no slices")
-    truths = subset_truths(ctx, subset, rows)
-    images = load_full_images(rows)
-    result = evaluate(segmenter, rows, images, truths)
-    all_tags = {**tracking.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": subset,
-                **(tags or {})}
-    with tracking.run(f"evaluate-{subset}", all_tags) as active:
-        tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()}
-                            | {"subset": subset, "model_uri": model_uri})
-        tracking.log_dataset_input(rows, ctx.root, ctx.version, subset)
-        metrics = tracking.log_evaluation(result, f"{subset}_", images, truths)
-    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps({f"{subset}_{k}": v for k, v in metrics.items()},
-                                                         indent=2))
-        result.patients.to_csv(out_dir / "per_patient.csv", index=False)
-        result.slices.drop(columns=["image_path"]).to_csv(out_dir / "per_slice.csv", index=False)
-    return {"run_id": active.info.run_id, "metrics": metrics, "result": result}
-
-
-def write_unavailable_report(output: Path, subset: str, reason: str) -> None:
-    """The report's files when the masks are unavailable: a flag as metric, empty tables, the reason."""
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps({f"{subset}_masks_available": False}, indent=2))
-    (output / "per_patient.csv").write_text("patient,volume_dice\n")
-    (output / "per_slice.csv").write_text("patient,slice\n")
-    (output / "unavailable.txt").write_text(reason + "\n")
 
 
 class TuneRefused(ValueError):
@@ -259,7 +198,6 @@ def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | 
     missing), each tagged with its validation / CV figures and gated if ``promote`` (default:
     register.promote). Returns each model's result; echoes each decision.
     FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
-    from brainseg.promotion import register_segmenter, register_survival  # promotion imports this module
 
     promote = bool(settings["register"].get("promote", False)) if promote is None else promote
     results, trained_in = {}, None

@@ -332,7 +332,7 @@ def test_rest_backend_errors(endpoint):
 
 
 def test_rest_backend_sends_no_more_than_the_servers_limits(endpoint):
-    from brainseg.serving_limits import RequestLimits
+    from brainseg.serving.limits import RequestLimits
 
     assert logic.RestBackend(endpoint).limits == RequestLimits()  # the server's defaults
     slices = three_slices()  # 32x32: 1,024 pixels each

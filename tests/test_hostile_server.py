@@ -5,7 +5,7 @@ limit), that no stack trace or server path leaks, that the answer is strict JSON
 Infinity tokens), and that a good request still succeeds right after it. The memory test sends
 decompression bombs and asserts the serving process's peak RSS grows by less than 100 MB.
 
-The server runs with the default request limits (:class:`brainseg.serving.RequestLimits`; the
+The server runs with the default request limits (:class:`brainseg.serving.limits.RequestLimits`; the
 limit cases read them, so they follow a change of the defaults) and the decoder's default
 per-image limit; the model is a tiny seeded untrained U-Net (masks arbitrary but deterministic).
 """
@@ -30,7 +30,8 @@ from conftest import Tracking
 
 from brainseg.bench import dataframe_split, experiment_in, register_champion, serve_model
 from brainseg.data import imageio
-from brainseg.serving import OUTPUT_COLUMNS, RequestLimits
+from brainseg.serving.limits import RequestLimits
+from brainseg.serving.pyfunc import OUTPUT_COLUMNS
 
 pytestmark = pytest.mark.timeout(900)
 

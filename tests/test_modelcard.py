@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from brainseg import modelcard, run_notes, tracking
+from brainseg import modelcard, registry, run_notes, tracking
 from conftest import Tracking
 
 VAL = {"patient_dice_mean": 0.8123, "patient_dice_median": 0.85, "n_patients": 12,
@@ -186,12 +186,12 @@ def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
         assert "Training of one segmenter" in client.get_run(run_id).data.tags[run_notes.NOTE_TAG]
         client.create_registered_model("seg")
         mv = client.create_model_version("seg", f"runs:/{run_id}/model", run_id=run_id, description="Short text.")
-        card = modelcard.document_segmenter("seg", mv.version, run_id)
+        card = registry.document_segmenter("seg", mv.version, run_id)
         assert "0.5 x bce + 1 x dice" in card and "- p2: volume Dice 0.300, 2 tumor slices" in card
         assert "| Per-patient volume Dice, mean | 0.750 (n=3) | 0.600" in card
         stored = client.get_model_version("seg", mv.version)
         assert stored.description == f"Short text.\n\n{card}"
-        assert modelcard.document_segmenter("seg", mv.version, run_id) == card  # documented again: one card
+        assert registry.document_segmenter("seg", mv.version, run_id) == card  # documented again: one card
         assert client.get_model_version("seg", mv.version).description == f"Short text.\n\n{card}"
         assert stored.tags["card.val_patient_dice_mean"] == "0.7500" and stored.tags["card.size"] == "64"
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=modelcard.CARD_FILE)

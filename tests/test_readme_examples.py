@@ -79,7 +79,7 @@ def test_the_curl_example_runs_against_the_served_model(quickstart, tiny_model, 
     import mlflow.pyfunc
 
     from brainseg.bench.server import serve_model
-    from brainseg.serving import MODEL_DIR_ARTIFACT, SegmenterModel
+    from brainseg.serving.pyfunc import MODEL_DIR_ARTIFACT, SegmenterModel
 
     block = next(b for b in code_blocks(README) if "request.json" in b and "curl" in b)
     assert "http://127.0.0.1:5001/invocations" in block

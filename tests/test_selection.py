@@ -79,15 +79,15 @@ def test_the_handed_on_model_stores_the_settings_chosen_on_val(project):
     from brainseg.data.arrays import load_full_images
     from brainseg.data.context import DataContext
     from brainseg.evaluate import select_postprocessing
-    from brainseg.inference import InferenceSettings, Segmenter
-    from brainseg.serving import resolve_model_dir
+    from brainseg.inference import InferenceSettings
+    from brainseg.registry import load_segmenter
 
     summary = json.loads(Path("reports/tune.json").read_text())
     chosen = summary["postprocessing"]
     assert "refit" not in summary and summary["best_model_uri"] == chosen["model_uri"]
     assert chosen["trial_model_uri"] == summary["best_trial_model_uri"] != chosen["model_uri"]
-    trial = Segmenter.from_dir(resolve_model_dir(summary["best_trial_model_uri"]))
-    stored = Segmenter.from_dir(resolve_model_dir(summary["best_model_uri"]))
+    trial = load_segmenter(summary["best_trial_model_uri"])
+    stored = load_segmenter(summary["best_model_uri"])
     ctx = DataContext.from_settings(load_settings())
     rows = ctx.rows("val")
     best, table = select_postprocessing(trial, rows, load_full_images(rows), ctx.truths("val"))

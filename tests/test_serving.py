@@ -3,7 +3,7 @@
 
 The model is a tiny untrained U-Net (seeded): its masks are arbitrary but deterministic, which is
 all an equality test between paths needs. The REST tests start the MLflow scoring server once
-for the module, on 127.0.0.1 only, behind the body limit of :mod:`brainseg.serving_app`
+for the module, on 127.0.0.1 only, behind the body limit of :mod:`brainseg.serving.app`
 (test_hostile_server.py and test_one_truth.py serve with plain ``mlflow models serve``). Hostile
 input is in test_hostile_server.py.
 """
@@ -28,8 +28,8 @@ from brainseg import registry
 from brainseg.bench import dataframe_split, experiment_in, serve_model
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
-from brainseg.serving import OUTPUT_COLUMNS
-from brainseg.serving_limits import RequestLimits
+from brainseg.serving.pyfunc import OUTPUT_COLUMNS
+from brainseg.serving.limits import RequestLimits
 from conftest import PROJECT_ROOT, Tracking, invoke, noise
 
 pytestmark = pytest.mark.timeout(600)
@@ -95,7 +95,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def champion(tracking, tiny_model_dir) -> str:
     """The tiny model logged as pyfunc in a run, registered and made champion; returns the run id."""
-    from brainseg.serving import log_pyfunc_segmenter
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter
 
     experiment_in("serving-test", tracking.artifacts)  # the evaluation run below logs here too
     with mlflow.start_run(run_name="tiny-segmenter") as run:
@@ -111,7 +111,7 @@ def champion(tracking, tiny_model_dir) -> str:
 @pytest.fixture(scope="module")
 def server(champion, tracking, tmp_path_factory):
     """MLflow's scoring server for ``models:/brainseg-segmenter@champion`` behind the body limit
-    (:mod:`brainseg.serving_app`), default limits; always stopped afterwards."""
+    (:mod:`brainseg.serving.app`), default limits; always stopped afterwards."""
     try:
         with serve_model(CHAMPION_URI, tracking.uri, tmp_path_factory.mktemp("serve"),
                          timeout_s=SERVER_READY_S, body_limit=True) as s:
@@ -167,7 +167,7 @@ def test_a_bad_limit_setting_is_refused_by_name(env, words):
 def test_params_are_checked_by_name(params, expected):
     from mlflow.exceptions import MlflowException
 
-    from brainseg.serving import check_params
+    from brainseg.serving.pyfunc import check_params
 
     if expected is not None:
         assert check_params(params, 0.4) == expected
@@ -178,7 +178,7 @@ def test_params_are_checked_by_name(params, expected):
 
 
 def test_an_empty_mask_answers_null_geometry_and_python_types():
-    from brainseg.serving import answer_rows
+    from brainseg.serving.pyfunc import answer_rows
 
     image = np.zeros((40, 50, 3), np.uint8)
     empty, box = np.zeros((40, 50), bool), np.zeros((40, 50), bool)
@@ -200,7 +200,7 @@ def test_an_empty_mask_answers_null_geometry_and_python_types():
 def test_the_pyfunc_applies_the_stored_inference_settings(tracking, tiny_model_dir, synth_images, tmp_path, stored):
     """Served masks = ``Segmenter.from_dir(model).segment(images, groups)``, stored settings and all."""
     from brainseg.inference import SETTINGS_FILE, Segmenter
-    from brainseg.serving import log_pyfunc_segmenter
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -233,7 +233,7 @@ def real_slice(real_sample) -> Path:
 @pytest.mark.real
 def test_champion_by_alias_gives_the_masks_and_features_of_evaluate(champion, real_sample, monkeypatch):
     from brainseg.data.context import DataContext
-    from brainseg.workflows import tracked_evaluation
+    from brainseg.evaluate_run import tracked_evaluation
 
     ctx = DataContext.from_folder(real_sample)
     rows = ctx.rows("test")
@@ -318,7 +318,7 @@ def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10) -> tuple[
     """One POST through ``BodyLimit`` around an app that echoes the body's length.
 
     Returns (status, answer body, the bodies the app saw, messages left unread)."""
-    from brainseg.serving_app import BodyLimit
+    from brainseg.serving.app import BodyLimit
 
     inbox = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent, seen = [], []

@@ -11,7 +11,7 @@ settings (the code path of ``brainseg predict`` and the served model, so the mas
 ``groups`` (a patient id per slice, slices in order) lets the stored 3-D post-processing see a
 patient's whole volume, as predict does. Both raise :class:`SegmentError`. ``limits``: what one
 call may hold (None: no limit; the REST backend: the server's
-:class:`brainseg.serving_limits.RequestLimits`, which cover a whole real patient by default).
+:class:`brainseg.serving.limits.RequestLimits`, which cover a whole real patient by default).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pandas as pd
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.app.provenance import card_fields, empty_provenance, model_provenance
-from brainseg.serving_limits import RequestLimits
+from brainseg.serving.limits import RequestLimits
 
 
 
@@ -64,11 +64,10 @@ class InProcessBackend:
     @classmethod
     def load(cls, model_uri: str) -> InProcessBackend:
         """Load ``model_uri`` (a ``models:/NAME@ALIAS`` loads the version the alias names now)."""
-        from brainseg.inference import Segmenter
-        from brainseg.serving import resolve_model_dir
+        from brainseg.registry import load_segmenter
 
         provenance = model_provenance(model_uri)
-        segmenter = Segmenter.from_dir(resolve_model_dir(provenance["resolved_uri"]))
+        segmenter = load_segmenter(provenance["resolved_uri"])
         if provenance.get("size") is None:
             provenance["size"] = int(segmenter.cfg.size)
         return cls(segmenter, provenance)

@@ -115,7 +115,7 @@ def volumes(slices: list[SliceInput], limit: int = MAX_VOLUME) -> list[list[Slic
 
 def request_chunks(slices: list[SliceInput], limits=None) -> list[list[SliceInput]]:
     """:func:`volumes`, each cut further to what one call of the backend may hold (``limits``: a
-    :class:`brainseg.serving_limits.RequestLimits`, rows and total pixels; None: no limit)."""
+    :class:`brainseg.serving.limits.RequestLimits`, rows and total pixels; None: no limit)."""
     if limits is None:
         return volumes(slices)
     out = []

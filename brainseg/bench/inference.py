@@ -146,7 +146,7 @@ def stage_calls(served, images: list[np.ndarray], encoded: list[str]) -> dict[st
     """The parts of one batch-1 ``SegmenterModel.predict``, each callable on round ``r``'s slice."""
     import pandas as pd
 
-    from brainseg import serving
+    from brainseg.serving import pyfunc as serving
 
     n = len(images)
     frames = [pd.DataFrame({"image": [e]}) for e in encoded]

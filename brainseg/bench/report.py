@@ -107,7 +107,7 @@ def copy_given_model(uri: str, dest: Path) -> Path:
     """Resolve ``uri`` (folder, ``runs:/``, ``models:/``) in the user's tracking store (before the
     bench switches to its scratch store) and copy its model.h5 + brainseg.json folder to ``dest``."""
     from brainseg.inference import MODEL_FILE
-    from brainseg.serving import resolve_model_dir
+    from brainseg.registry import resolve_model_dir
 
     found = resolve_model_dir(uri)
     h5 = found if found.suffix == ".h5" else next(iter(sorted(found.rglob(MODEL_FILE))), None)

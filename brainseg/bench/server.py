@@ -97,7 +97,7 @@ def _stop(process: subprocess.Popen) -> None:
 def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: float = 90.0,
                 workers: int = 1, env: dict | None = None, body_limit: bool = False):
     """Start ``mlflow models serve -m MODEL_URI --env-manager local`` on a free 127.0.0.1 port
-    (``body_limit``: the same MLflow app behind the request-body limit, :mod:`brainseg.serving_app`).
+    (``body_limit``: the same MLflow app behind the request-body limit, :mod:`brainseg.serving.app`).
 
     Yields a :class:`ModelServer` once ``/ping`` answers 200; raises RuntimeError (with the
     server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
@@ -113,10 +113,10 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
     if body_limit:
-        from brainseg.serving_app import MODEL_ENV
+        from brainseg.serving.app import MODEL_ENV
 
         env[MODEL_ENV] = model_uri
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving_app:create_app",
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving.app:create_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     start = time.monotonic()
     with log_path.open("w") as log:
@@ -191,7 +191,7 @@ def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
     import mlflow
 
     from brainseg import registry
-    from brainseg.serving import log_pyfunc_segmenter
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter
 
     if artifact_root is not None:
         experiment_in("brainseg-bench", artifact_root)

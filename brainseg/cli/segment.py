@@ -14,7 +14,7 @@ from brainseg.cli.common import (EXPERIMENT, ProfileOpt, SetOpt, console, fail, 
                                  settings_or_fail, writable_folder_or_fail)
 from brainseg.config import ConfigError, TrainConfig
 
-# Deferred into the commands: brainseg.{tracking,workflows,promotion,predict,models,data.context}
+# Deferred into the commands: brainseg.{tracking,workflows,evaluate_run,promotion,predict,models,data.context}
 # pull in TensorFlow, MLflow, Optuna or pandas (`brainseg --help` stays fast), and brainseg.progress
 # is train's alone (at module level it would become code of every DVC stage).
 
@@ -97,7 +97,7 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
     """Per-patient volume Dice (mean, median), IoU, tumor-slice Dice, empty-slice FP rate, baseline."""
     from brainseg import tracking
     from brainseg.data.context import DataContext
-    from brainseg.workflows import MasksUnavailable, tracked_evaluation, write_unavailable_report
+    from brainseg.evaluate_run import MasksUnavailable, tracked_evaluation, write_unavailable_report
 
     settings = settings_or_fail(profile, set_)
     subset = subset or settings["evaluate"]["subset"]

@@ -8,6 +8,8 @@ so the survival stage has signal to find.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -48,6 +50,20 @@ def synth_patient(rng: np.random.Generator, slices: int, size: int) -> tuple[np.
     images = np.clip(images, 0, 255).astype(np.uint8)
     masks = (lesion * 255).astype(np.uint8)
     return images, masks
+
+
+SYNTH_MARKER = "SYNTHETIC"  # brainseg.data.importer writes it beside the synthetic default
+SYNTH_ID = re.compile(r"^TCGA_[A-Z]{2}_S\d{3}$")  # generate() names patients TCGA_<inst>_S<nnn>
+
+
+def is_synthetic(root: Path, patients: Sequence[str] = ()) -> bool:
+    """True when ``root`` is the synthetic generator's output: the importer's marker beside it, or
+    every patient named as :func:`generate` names them."""
+    root = Path(root)
+    if (root.parent / SYNTH_MARKER).exists() or (root / SYNTH_MARKER).exists():
+        return True
+    patients = [str(p) for p in patients]
+    return bool(patients) and all(SYNTH_ID.match(p) for p in patients)
 
 
 def generate(out: Path, *, patients: int = 12, slices: int = 16, size: int = 64, seed: int = 0) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pandas as pd
 from brainseg import tracking
 from brainseg.config import EPOCH_SIZED, TrainConfig
 from brainseg.data.clinical import read_clinical
+from brainseg.data.synth import is_synthetic
 from brainseg.data.version import data_version
 from brainseg.modelcard import survival_failures
 from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
@@ -29,20 +29,6 @@ from brainseg.outcome.runs import log_comparison, summary_row
 from brainseg.outcome.validate import build_spec
 
 SOURCE_FILE = "source.json"
-SYNTH_MARKER = "SYNTHETIC"  # brainseg.data.importer writes it beside the synthetic default
-SYNTH_ID = re.compile(r"^TCGA_[A-Z]{2}_S\d{3}$")  # brainseg.data.synth names patients TCGA_<inst>_S<nnn>
-
-
-def is_synthetic(root: Path, patients: Sequence[str] = ()) -> bool:
-    """True when ``root`` is the synthetic generator's output: the importer's marker beside it, or
-    every patient named as :func:`brainseg.data.synth.generate` names them."""
-    root = Path(root)
-    if (root.parent / SYNTH_MARKER).exists() or (root / SYNTH_MARKER).exists():
-        return True
-    patients = [str(p) for p in patients]
-    return bool(patients) and all(SYNTH_ID.match(p) for p in patients)
-
-
 # ------------------------------------------------------------------------------------ features
 def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None, truth: bool = False,
                      model: str | None = None, oof: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -87,10 +73,9 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
     if truth:
         masks, source = load_full_masks(m), "truth"
     elif not oof:
-        from brainseg.inference import Segmenter
-        from brainseg.serving import resolve_model_dir
+        from brainseg.registry import load_segmenter
 
-        segmenter = Segmenter.from_dir(resolve_model_dir(model))
+        segmenter = load_segmenter(model)
         masks, source = segmenter.segment(images, groups=m["patient"].tolist()).masks, model
     slices, patients = features_for_manifest(m, masks, images)
     out_dir = Path(out_dir)

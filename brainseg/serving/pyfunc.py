@@ -16,9 +16,9 @@ Answer: one row per slice, columns :data:`OUTPUT_COLUMNS`: the per-slice feature
 ``null``, never NaN.
 
 Refusals are HTTP 400 (MLflow INVALID_PARAMETER_VALUE) naming the row, column, parameter or
-limit, never a stack trace (:mod:`brainseg.serving_request`). Limits per request are read from
+limit, never a stack trace (:mod:`brainseg.serving.request`). Limits per request are read from
 the environment of the serving process when the model loads
-(:class:`brainseg.serving_limits.RequestLimits`):
+(:class:`brainseg.serving.limits.RequestLimits`):
 
 - ``BRAINSEG_SERVE_MAX_ROWS`` (default 128, more than the 88 slices of the largest real patient):
   slices per request;
@@ -26,7 +26,7 @@ the environment of the serving process when the model loads
   all slices of a request (each image also obeys the decoder's own per-image limit);
 - ``BRAINSEG_SERVE_MAX_IMAGE_BYTES`` (default 16 MiB): encoded size of one image;
 - ``BRAINSEG_SERVE_MAX_BODY_BYTES`` (default 64 MiB): the HTTP body, refused with a 413 before
-  MLflow reads it, by the server of :mod:`brainseg.serving_app` only.
+  MLflow reads it, by the server of :mod:`brainseg.serving.app` only.
 
 The signature declares the params and the answer's columns but no input schema: the model checks
 the table itself, so a missing or extra column is refused by name, and MLflow's per-request
@@ -52,14 +52,14 @@ import pandas as pd
 
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
-from brainseg.serving_limits import RequestLimits
-from brainseg.serving_request import (  # noqa: F401  (re-exported: the served model's request side)
+from brainseg.serving.limits import RequestLimits
+from brainseg.serving.request import (  # noqa: F401  (re-exported: the served model's request side)
     IMAGE_COLUMN, MIN_SIDE_PX, PARAMS, PATIENT_COLUMN, bad_request, check_params, decode_cell, decode_image,
     decode_request, patient_groups)
 
 OUTPUT_COLUMNS = [*SLICE_FEATURE_COLUMNS, "mask_png", *PARAMS, "model_run_id", "data_version"]
 MODEL_DIR_ARTIFACT = "model_dir"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the brainseg package, shipped with the model
 
 
 # ------------------------------------------------------------------------------------ output
@@ -211,25 +211,3 @@ def log_pyfunc_segmenter(model_dir: Path, example_image: np.ndarray | None = Non
                                        input_example=example_input(example_image),
                                        code_paths=[str(PACKAGE_DIR)], pip_requirements=requirements())
     return info.model_uri
-
-
-def resolve_model_dir(uri: str) -> Path:
-    """A local folder holding model.h5 + brainseg.json for a folder/.h5 path, ``runs:/...`` or
-    ``models:/...`` URI (resolved against the current tracking store: MLFLOW_TRACKING_URI, else
-    ``sqlite:///mlflow.db`` in the working folder). FileNotFoundError naming the URI otherwise."""
-    if Path(uri).exists():
-        return Path(uri)
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a bad URI
-        raise FileNotFoundError(f"model {uri!r}: cannot be resolved in the tracking store "
-                                f"{mlflow.get_tracking_uri()} ({exc})") from exc
-
-
-def load_segmenter(uri: str):
-    """Keras model and TrainConfig from a folder/.h5 path, ``runs:/...`` or ``models:/...`` URI
-    (the stored InferenceSettings: ``inference.Segmenter.from_dir(resolve_model_dir(uri))``)."""
-    from brainseg import inference
-
-    model, cfg, _ = inference.load_model_dir(resolve_model_dir(uri))
-    return model, cfg

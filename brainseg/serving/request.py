@@ -2,7 +2,7 @@
 (MLflow INVALID_PARAMETER_VALUE) naming the row, column, parameter or limit.
 
 Nothing is decoded before the table's shape, the row count, each cell's size and each image's
-header have been checked against :class:`brainseg.serving_limits.RequestLimits`.
+header have been checked against :class:`brainseg.serving.limits.RequestLimits`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from brainseg.data import imageio
-from brainseg.serving_limits import RequestLimits
+from brainseg.serving.limits import RequestLimits
 
 IMAGE_COLUMN = "image"
 PATIENT_COLUMN = "patient"

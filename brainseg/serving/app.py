@@ -5,7 +5,7 @@
 own checks run, and has no setting to bound it (uvicorn has none either). This module serves the
 same app, built by MLflow's own ``scoring_server.init`` from the same model URI, wrapped in a plain
 ASGI middleware that answers **413** when the body exceeds ``BRAINSEG_SERVE_MAX_BODY_BYTES``
-(:class:`brainseg.serving_limits.RequestLimits`, default 64 MiB):
+(:class:`brainseg.serving.limits.RequestLimits`, default 64 MiB):
 
 - with a ``Content-Length`` over the limit, before reading any of it;
 - with a chunked body (no length), as soon as the bytes read pass the limit.
@@ -14,7 +14,7 @@ The rest of an oversized body is read and discarded (memory stays flat) so the c
 answer instead of a reset connection. Start it with uvicorn's factory mode::
 
     BRAINSEG_SERVE_MODEL=models:/brainseg-segmenter@champion \\
-      python -m uvicorn --factory brainseg.serving_app:create_app --host 127.0.0.1 --port 5001
+      python -m uvicorn --factory brainseg.serving.app:create_app --host 127.0.0.1 --port 5001
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 
-from brainseg.serving_limits import RequestLimits
+from brainseg.serving.limits import RequestLimits
 
 MODEL_ENV = "BRAINSEG_SERVE_MODEL"
 

@@ -1,0 +1,76 @@
+"""``brainseg evaluate`` as an MLflow run: a stored model (folder, ``runs:/`` or ``models:/`` URI)
+scored on one subset of the current data version, with its stored inference settings.
+
+Used by the ``evaluate`` command, the test report and the registry gate (:mod:`brainseg.promotion`),
+so it imports neither the workflows nor the gate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from brainseg import registry, tracking
+from brainseg.data.arrays import load_full_images
+from brainseg.data.context import DataContext
+from brainseg.evaluate import evaluate
+
+
+class MasksUnavailable(ValueError):
+    """The masks of a subset are missing or unreadable (e.g. sequestered test labels)."""
+
+
+def subset_truths(ctx: DataContext, subset: str, rows) -> list:
+    """The subset's masks at full size, or :class:`MasksUnavailable` naming how many are missing."""
+    missing = [p for p in rows["mask_path"] if not Path(p).is_file()]
+    if missing:
+        raise MasksUnavailable(f"{subset} masks unavailable: {len(missing)} of {len(rows)} mask files missing "
+                               f"(e.g. {missing[0]})")
+    try:
+        return ctx.truths(subset)
+    except (OSError, ValueError) as exc:
+        raise MasksUnavailable(f"{subset} masks unavailable: {exc}") from exc
+
+
+def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset: str,
+                       overrides: dict | None = None, out_dir: Path | None = None,
+                       tags: dict | None = None) -> dict:
+    """Evaluate a model, with its stored inference settings (``overrides`` on top), on ``subset``
+    as an MLflow run; writes metrics.json and per-patient CSV.
+
+    Metrics are logged (and written to metrics.json) under the split's name, ``{subset}_*``
+    (``test_patient_dice_mean``, ``val_patient_dice_mean``); the returned ``metrics`` are unprefixed.
+    Raises :class:`MasksUnavailable` when the subset's masks are missing or unreadable.
+    """
+    segmenter = registry.load_segmenter(model_uri, **(overrides or {}))
+    rows = ctx.rows(subset)
+    if rows.empty:
+        raise ValueError(f"evaluate: subset {subset!r} has no slices")
+    truths = subset_truths(ctx, subset, rows)
+    images = load_full_images(rows)
+    result = evaluate(segmenter, rows, images, truths)
+    all_tags = {**tracking.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": subset,
+                **(tags or {})}
+    with tracking.run(f"evaluate-{subset}", all_tags) as active:
+        tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()}
+                            | {"subset": subset, "model_uri": model_uri})
+        tracking.log_dataset_input(rows, ctx.root, ctx.version, subset)
+        metrics = tracking.log_evaluation(result, f"{subset}_", images, truths)
+    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps({f"{subset}_{k}": v for k, v in metrics.items()},
+                                                         indent=2))
+        result.patients.to_csv(out_dir / "per_patient.csv", index=False)
+        result.slices.drop(columns=["image_path"]).to_csv(out_dir / "per_slice.csv", index=False)
+    return {"run_id": active.info.run_id, "metrics": metrics, "result": result}
+
+
+def write_unavailable_report(output: Path, subset: str, reason: str) -> None:
+    """The report's files when the masks are unavailable: a flag as metric, empty tables, the reason."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps({f"{subset}_masks_available": False}, indent=2))
+    (output / "per_patient.csv").write_text("patient,volume_dice\n")
+    (output / "per_slice.csv").write_text("patient,slice\n")
+    (output / "unavailable.txt").write_text(reason + "\n")
