@@ -1,5 +1,6 @@
-"""Tracked workflows shared by the CLI, the tuner and the pipeline: train + log, the inference
-choice on validation patients, the tuning study, registration.
+"""Orchestration that spans several stages: the tuning study and what it hands on (the best
+trial's post-processing choice), registration. One training run as records is
+:mod:`brainseg.training_run`.
 
 Evaluating a stored model as a run is :mod:`brainseg.evaluate_run`; the registry gate is
 :mod:`brainseg.promotion`, which this module calls and which never calls back."""
@@ -8,76 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 
-from brainseg import plots, registry, tracking
-from brainseg.config import ConfigError, TrainConfig, flatten
-from brainseg.data.arrays import load_full_images
+from brainseg import registry, tracking
+from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
-from brainseg.evaluate import evaluate, select_postprocessing
-from brainseg.inference import InferenceSettings, Segmenter, save_model
 from brainseg.promotion import register_segmenter, register_survival
-from brainseg.tracking import CHOSEN_ON_TAG
-from brainseg.train import train
-
-def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
-                     nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
-                     verbose: int = 1, finished_on: tuple = (), report_test: bool = False) -> dict:
-    """Train ``cfg`` as one MLflow run: params, per-epoch metrics, the chosen inference settings,
-    validation metrics at the original size, the model; test metrics (``test_*``) only if
-    ``report_test``, computed after every choice is made and used in none.
-
-    Choices, all on validation patients: the epoch (best ``val_patient_dice`` at network size),
-    then TTA and post-processing (``select_postprocessing``), stored with the model.
-    Returns run_id, model_uri, best_epoch (1-based), val_patient_dice and the validation metrics.
-    """
-    all_tags = {**tracking.lineage_tags(ctx.version, settings), **(tags or {})}
-    with tracking.run(run_name, all_tags, nested=nested, finished_on=finished_on) as active:
-        tracking.log_params({**tracking.train_config_params(cfg), "profile": settings.get("profile"),
-                             **{f"split.{k}": v for k, v in flatten(settings.get("split", {})).items()}})
-        train_rows, val_rows = ctx.rows("train"), ctx.rows("val")
-        tracking.log_dataset_input(train_rows, ctx.root, ctx.version, "training")
-        tracking.log_dataset_input(val_rows, ctx.root, ctx.version, "validation")
-        tr, va = ctx.arrays("train", cfg), ctx.arrays("val", cfg)
-        result = train(cfg, tr, va, callbacks=[tracking.epoch_logger(), *(callbacks or [])], verbose=verbose)
-        mlflow.log_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run),
-                            **result.budget})
-        tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
-
-        segmenter, metrics, example = choose_and_score(settings, result.model, cfg, ctx)
-        if report_test:
-            metrics.update(report_on_test(segmenter, ctx))
-        model_uri = log_model(result.model, cfg, segmenter, example, ctx)
-        return {"run_id": active.info.run_id, "model_uri": model_uri, "best_epoch": result.best_epoch + 1,
-                "val_patient_dice": result.best_value, "metrics": metrics,
-                "inference": segmenter.settings.to_dict(), "budget": result.budget}
-
-
-def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):
-    """In the active run: choose the inference settings on the validation patients
-    (:func:`choose_inference`), log them (params ``inference.*``, tag ``inference_chosen_on``, the
-    candidates table) and the validation metrics they give. Returns (segmenter, val metrics, a slice)."""
-    val_rows = ctx.rows("val")
-    segmenter, choice = choose_inference(settings, model, cfg, val_rows, ctx)
-    if choice is not None:
-        tracking.log_table(choice, "val_postprocessing_candidates.csv")
-    mlflow.set_tag(CHOSEN_ON_TAG, "val" if choice is not None else "fixed (evaluate settings)")
-    tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()})
-    val_images, truths = load_full_images(val_rows), ctx.truths("val")
-    ev = evaluate(segmenter, val_rows, val_images, truths)
-    return segmenter, tracking.log_evaluation(ev, "val_", val_images, truths), val_images[0]
-
-
-def log_model(model, cfg: TrainConfig, segmenter: Segmenter, example, ctx: DataContext) -> str:
-    """Log the network with ``segmenter``'s settings as the active run's serving model; its URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, cfg, segmenter.settings, Path(tmp))
-        return tracking.log_segmenter_model(Path(tmp), example, {"data_version": ctx.version})
-
+from brainseg.training_run import choose_and_score, log_model
 
 def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=print) -> dict:
     """The best trial's network with TTA and post-processing chosen on the validation patients, as
@@ -106,39 +47,6 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     return {"run_id": active.info.run_id, "model_uri": model_uri, "trial": number, "trial_run_id": summary["best_run_id"],
             "trial_model_uri": trial_uri, "inference": segmenter.settings.to_dict(),
             "val_patient_dice_mean": metrics.get("patient_dice_mean")}
-
-
-def choose_inference(settings: dict, model, cfg: TrainConfig, val_rows, ctx: DataContext):
-    """The model's inference settings: ``evaluate``'s values, with TTA and post-processing chosen
-    on the validation patients when ``evaluate.select_postprocessing`` is on."""
-    ev = settings.get("evaluate", {})
-    base = InferenceSettings.from_dict({**ev, "threshold": cfg.threshold})
-    segmenter = Segmenter(model, cfg, base)
-    if not ev.get("select_postprocessing", False):
-        return segmenter, None
-    best, table = select_postprocessing(segmenter, val_rows, load_full_images(val_rows), ctx.truths("val"))
-    return segmenter.with_settings(**best.to_dict()), table
-
-
-def report_on_test(segmenter: Segmenter, ctx: DataContext) -> dict:
-    """Test metrics logged as ``test_*`` for the report; nothing reads them to choose.
-
-    When the test masks are missing or unreadable the run says so (tag) and carries on.
-    """
-    rows = ctx.rows("test")
-    if rows.empty:
-        mlflow.set_tag("test_report", "no test patients")
-        return {}
-    try:
-        truths = ctx.truths("test")
-        images = load_full_images(rows)
-    except (OSError, ValueError) as exc:
-        mlflow.set_tag("test_report", f"unavailable: {exc}"[:500])
-        return {}
-    ev = evaluate(segmenter, rows, images, truths)
-    metrics = tracking.log_evaluation(ev, "test_", images, truths)
-    mlflow.set_tag("test_report", "test_* metrics: report only, used in no choice")
-    return {f"test_{k}": v for k, v in metrics.items()}
 
 
 class TuneRefused(ValueError):

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "brainseg"
 
-GLUE = ("mlflow", "optuna", "optuna_integration", "streamlit", "brainseg.cli", "brainseg.workflows",
+GLUE = ("mlflow", "optuna", "optuna_integration", "streamlit", "brainseg.cli", "brainseg.workflows", "brainseg.training_run",
         "brainseg.tracking", "brainseg.registry", "brainseg.serving", "brainseg.app", "brainseg.bench")
 TRAINING = ("brainseg.train", "brainseg.evaluate", "brainseg.tune", "brainseg.inference", "brainseg.models",
             "brainseg.outcome")
@@ -65,17 +65,6 @@ def test_the_checker_catches_a_forbidden_import(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the import graph
-# Cycles that exist only among the tuning modules (and workflows.py, which runs the study): the
-# other engineer's branch on main removes them (tune.run_study forwards lazily to tune_session, whose
-# trials call workflows.tracked_training, which workflows.tracked_tuning reaches through tune).
-# Edges today: tune -> tune_session -> tune_runs -> tune; tune_runs -> workflows -> tune;
-# tune_session -> workflows. Remove the entry once main is merged
-# (test_the_tune_allow_list_is_not_stale says when).
-TUNE_CYCLES_FIXED_ON_MAIN = (
-    frozenset({"brainseg.tune", "brainseg.tune_session", "brainseg.tune_runs", "brainseg.workflows"}),
-)
-
-
 def module_names(package: Path) -> dict[str, Path]:
     """``{"brainseg.outcome.workflow": path, "brainseg.outcome": .../__init__.py, ...}``."""
     out = {}
@@ -173,16 +162,9 @@ def closed_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 def test_no_import_cycles():
     graph = import_graph()
-    cycles = [c for c in import_cycles(graph) if not any(c <= allowed for allowed in TUNE_CYCLES_FIXED_ON_MAIN)]
+    cycles = import_cycles(graph)
     assert not cycles, "import cycles in brainseg (imports inside functions count too):\n" + "\n".join(
         f"{' -> '.join(closed_path(graph, c))}  (cycle among {', '.join(sorted(c))})" for c in cycles)
-
-
-def test_the_tune_allow_list_is_not_stale():
-    cycles = import_cycles(import_graph())
-    for allowed in TUNE_CYCLES_FIXED_ON_MAIN:
-        assert any(len(c & allowed) > 1 for c in cycles), (
-            f"no cycle left among {sorted(allowed)}: remove it from TUNE_CYCLES_FIXED_ON_MAIN")
 
 
 def test_the_cycle_finder_follows_every_kind_of_import(tmp_path):
@@ -209,9 +191,6 @@ def test_the_cycle_finder_follows_every_kind_of_import(tmp_path):
 
 # ------------------------------------------------------------------------------ module size
 MAX_LINES = 350
-# The other engineer's files (tuning, the budget, training) are being changed on main at the same
-# time; their size is checked once that work is merged (issue 26).
-SIZE_OWNED_ON_MAIN = {"tune.py", "tune_session.py", "tune_runs.py", "tune_sampler.py", "budget.py", "train.py"}
 
 
 def line_count(path: Path) -> int:
@@ -220,7 +199,7 @@ def line_count(path: Path) -> int:
 
 def test_no_module_is_over_the_size_limit():
     big = {str(p.relative_to(PACKAGE)): line_count(p) for p in sorted(PACKAGE.rglob("*.py"))}
-    over = {f: n for f, n in big.items() if n > MAX_LINES and f not in SIZE_OWNED_ON_MAIN}
+    over = {f: n for f, n in big.items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split them along their concerns): {over}"
 
 
@@ -234,7 +213,7 @@ MLFLOW_DOORS = {"tracking.py", "registry.py", "serving/pyfunc.py", "serving/app.
 MLFLOW_TO_MOVE = {
     "app/backends.py", "app/provenance.py", "bench/report.py", "bench/server.py", "outcome/client.py",
     "outcome/runs.py", "promotion.py", "serving/request.py", "workflows.py",
-    "tune_runs.py", "tune_session.py",  # changed on main by the other engineer
+    "training_run.py", "tune/runs.py",
 }
 
 

@@ -33,7 +33,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.data.context import DataContext
     from brainseg.models.factory import check_names
     from brainseg.progress import epoch_progress
-    from brainseg.workflows import tracked_training
+    from brainseg.training_run import tracked_training
 
     from brainseg.budget import parse_budget
 

@@ -231,7 +231,7 @@ def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None =
     """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs;
     ``clock`` (a study on a budget): its ``search_end`` stops a trial still running then."""
     from brainseg import tracking
-    from brainseg.workflows import tracked_training
+    from brainseg.training_run import tracked_training
 
     fid = plan.fidelity
     base = fid.trial_settings(plan.settings["train"])

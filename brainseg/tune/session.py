@@ -276,7 +276,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     from brainseg import tracking
     from brainseg.progress import epoch_progress
     from brainseg.promotion import register_segmenter
-    from brainseg.workflows import tracked_training
+    from brainseg.training_run import tracked_training
 
     settings, best = plan.settings, study.best_trial
     minutes = None
