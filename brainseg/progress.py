@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 
 # Figures shown per epoch, in this order, when Keras logs them (the rest stays in MLflow).
 EPOCH_KEYS = ("loss", "dice", "val_loss", "val_dice", "val_patient_dice", "lr")
@@ -68,82 +67,3 @@ def choose_mode(mode: str, stream=None) -> str:
         return mode
     stream = sys.stdout if stream is None else stream
     return "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
-
-
-def epoch_progress(epochs: int, mode: str = "auto", write=None, console=None, label: str = "", bar=None):
-    """A Keras callback reporting epochs (``None`` for mode ``none``); use with ``verbose=0``.
-
-    ``write`` (lines mode) takes each line (default: print, flushed), prefixed with ``label`` (e.g.
-    ``trial #3``); ``console`` (bar mode) is a rich Console (default: a new one on stdout). ``bar``
-    (bar mode): a running rich Progress of the caller to add this training's rows to (a tuning
-    study's); the caller stops it and removes the rows, else the callback owns its own.
-    """
-    import tf_keras as keras  # deferred: building the callback is the first use of Keras here
-
-    mode = choose_mode(mode, getattr(console, "file", None))
-    if mode == "none":
-        return None
-    write = write or (lambda line: print(line, flush=True))
-    prefix = f"{label}  " if label else ""
-
-    class EpochLines(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.best, self.start, self.total = BestTracker(), 0.0, epochs
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.monotonic()
-
-        def line(self, epoch, logs) -> str:
-            """The finished epoch's line (0-based ``epoch``), with the learning rate if Keras omits it."""
-            logs = dict(logs or {})
-            if "lr" not in logs and getattr(self.model, "optimizer", None) is not None:
-                logs["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
-            best = self.best.update(epoch + 1, logs)
-            self.total = int(logs.get("plan_epochs", self.total))  # a budget re-plans the epochs
-            return epoch_line(epoch + 1, self.total, logs, best, time.monotonic() - self.start)
-
-        def on_epoch_end(self, epoch, logs=None):
-            write(prefix + self.line(epoch, logs))
-
-    if mode == "lines":
-        return EpochLines()
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    class EpochBar(EpochLines):
-        """Rich rows: epochs done of the total with the last epoch's figures (as in its line, lr
-        included), and the steps done of the current epoch."""
-
-        def __init__(self):
-            super().__init__()
-            self.own = bar is None
-            self.bar = bar or Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                       TextColumn("{task.fields[last]}"), TimeElapsedColumn(),
-                                       console=console or Console(), transient=False)
-            self.task = self.steps = None
-
-        def on_train_begin(self, logs=None):  # again after a frozen-encoder phase: same rows
-            if self.own:
-                self.bar.start()
-            if self.task is None:
-                self.task = self.bar.add_task(label or "training", total=self.total, last="")
-                self.steps = self.bar.add_task("  steps", total=None, last="")
-
-        def on_epoch_begin(self, epoch, logs=None):
-            super().on_epoch_begin(epoch, logs)
-            self.bar.reset(self.steps, total=(getattr(self, "params", None) or {}).get("steps"), last=f"epoch {epoch + 1}")
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.bar.update(self.steps, completed=batch + 1)
-
-        def on_epoch_end(self, epoch, logs=None):
-            line = self.line(epoch, logs)
-            self.bar.update(self.task, completed=epoch + 1, total=self.total, last=line.split("  ", 1)[-1])
-
-        def on_train_end(self, logs=None):
-            if self.own:
-                self.bar.stop()
-
-    return EpochBar()

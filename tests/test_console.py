@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from brainseg import progress, quiet
+from brainseg import progress, progress_callbacks, quiet
 from conftest import MAX_LINE, make_project, noise
 
 
@@ -62,20 +62,20 @@ def test_an_unknown_progress_mode_is_refused_by_name():
 @pytest.mark.parametrize("label, prefix", [("", ""), ("trial #3", "trial #3  ")])
 def test_line_mode_callback_writes_one_line_per_epoch(label, prefix):
     lines = []
-    cb = progress.epoch_progress(2, "lines", write=lines.append, label=label)
+    cb = progress_callbacks.epoch_progress(2, "lines", write=lines.append, label=label)
     for epoch, value in enumerate((0.3, 0.1)):
         cb.on_epoch_begin(epoch)
         cb.on_epoch_end(epoch, {"loss": 1.0 - epoch, "val_patient_dice": value})
     assert [line[:len(prefix) + 9] for line in lines] == [f"{prefix}epoch 1/2", f"{prefix}epoch 2/2"]
     assert "(best 0.300, epoch 1)" in lines[1]
-    assert progress.epoch_progress(2, "none") is None
+    assert progress_callbacks.epoch_progress(2, "none") is None
 
 
 def test_bar_mode_shows_epochs_steps_and_the_epoch_figures_with_lr_on_a_terminal():
     from rich.console import Console
 
     screen = Console(file=io.StringIO(), force_terminal=True, width=240)
-    cb = progress.epoch_progress(2, "bar", console=screen)
+    cb = progress_callbacks.epoch_progress(2, "bar", console=screen)
     cb.set_params({"epochs": 2, "steps": 3})
     cb.on_train_begin()
     for epoch, value in enumerate((0.3, 0.1)):

@@ -32,7 +32,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg import tracking
     from brainseg.data.context import DataContext
     from brainseg.models.factory import check_names
-    from brainseg.progress import epoch_progress
+    from brainseg.progress_callbacks import epoch_progress
     from brainseg.training_run import tracked_training
 
     from brainseg.budget import parse_budget

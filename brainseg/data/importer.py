@@ -13,11 +13,13 @@ Import is safe by construction:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from brainseg.data import synth
@@ -131,59 +133,17 @@ def import_dataset(src: Path, dest: Path, use_dvc: bool = True, limits: ArchiveL
     Returns the status lines; raises :class:`ImportRefused` / FileNotFoundError / ValueError with
     ``dest`` unchanged. A dataset already at ``dest`` is kept as ``<dest>.previous-<time>``.
     """
-    from brainseg.data.manifest import scan
-
     src, dest = Path(src), Path(dest)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
     kind = check_destination(src, dest)
-    made = [p for p in reversed(dest.parents) if not p.exists()]  # parents to remove again on failure
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dest.name}.importing-", dir=dest.parent))
-    backup, swapped = None, False
-    try:
-        root = open_dataset(src, staging / "unpacked", limits) if is_archive(src) else open_dataset(src)
-        if not is_archive(src):
-            check_destination(src, dest, found=root)  # the dataset found must not overlap dest either
-        new = staging / "new"
-        if is_archive(src):
-            root.rename(new)
-        else:
-            shutil.copytree(root, new, symlinks=False)
-        result = scan(new)
-        if not result.ok:
-            raise ImportRefused(_problems_line(src, result.problems))
+    with staging_beside(dest) as staging:
+        new, result = validated_copy(src, dest, staging, limits)
         previous_dvc = _dvc_md5(dest)
-        if kind == "dataset":
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            backup = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}")
-            n = 1
-            while backup.exists():
-                backup, n = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}-{n}"), n + 1
-            dest.rename(backup)
-        elif kind == "empty":
-            dest.rmdir()
-        new.rename(dest)
-        swapped = True
-        _write_marker(dest, src, result.summary(), backup, previous_dvc)
-        (dest.parent / "SYNTHETIC").unlink(missing_ok=True)
-        status = dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
-    except BaseException:
-        if swapped:  # put the previous dataset back where it was
-            dest.rename(staging / "failed")
-            if backup is not None:
-                backup.rename(dest)
-            elif kind == "empty":
-                dest.mkdir()
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not swapped:
-            for p in reversed(made):  # folders this import created, if still empty
-                try:
-                    p.rmdir()
-                except OSError:
-                    break
+        with swapped_in(new, dest, kind, staging) as backup:
+            _write_marker(dest, src, result.summary(), backup, previous_dvc)
+            (dest.parent / "SYNTHETIC").unlink(missing_ok=True)
+            status = dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
     s = result.summary()
     lines = [f"imported {s['patients']} patients, {s['slices']} slices from {src}", status]
     if backup is not None:
@@ -191,6 +151,68 @@ def import_dataset(src: Path, dest: Path, use_dvc: bool = True, limits: ArchiveL
                      f"`brainseg data import {backup} --dest {dest}`; delete it when no longer needed"
                      + (f" (it is also in the DVC cache, md5 {previous_dvc})" if previous_dvc else ""))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def staging_beside(dest: Path) -> Iterator[Path]:
+    """A staging folder beside ``dest`` (``.kaggle_3m.importing-*``), removed at the end, with the
+    parent folders this import created if they are empty again (a failed import leaves nothing)."""
+    made = [p for p in reversed(dest.parents) if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{dest.name}.importing-", dir=dest.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for p in reversed(made):
+            try:
+                p.rmdir()
+            except OSError:  # not empty: the import landed there
+                break
+
+
+def validated_copy(src: Path, dest: Path, staging: Path, limits: ArchiveLimits | None):
+    """The dataset at ``src`` copied (or unpacked) to ``staging/new`` and scanned; (folder, scan).
+    Raises :class:`ImportRefused` when a pair does not decode or ``data.csv`` does not read."""
+    from brainseg.data.manifest import scan
+
+    root = open_dataset(src, staging / "unpacked", limits) if is_archive(src) else open_dataset(src)
+    if not is_archive(src):
+        check_destination(src, dest, found=root)  # the dataset found must not overlap dest either
+    new = staging / "new"
+    if is_archive(src):
+        root.rename(new)
+    else:
+        shutil.copytree(root, new, symlinks=False)
+    result = scan(new)
+    if not result.ok:
+        raise ImportRefused(_problems_line(src, result.problems))
+    return new, result
+
+
+@contextlib.contextmanager
+def swapped_in(new: Path, dest: Path, kind: str, staging: Path) -> Iterator[Path | None]:
+    """``new`` renamed to ``dest``; a dataset already there is renamed to a backup first (yielded,
+    else None). If the block fails, the previous state is put back by renames: nothing is lost."""
+    backup = None
+    if kind == "dataset":
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        backup, n = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}"), 1
+        while backup.exists():
+            backup, n = dest.with_name(f"{dest.name}{BACKUP_INFIX}{stamp}-{n}"), n + 1
+        dest.rename(backup)
+    elif kind == "empty":
+        dest.rmdir()
+    new.rename(dest)
+    try:
+        yield backup
+    except BaseException:
+        dest.rename(staging / "failed")
+        if backup is not None:
+            backup.rename(dest)
+        elif kind == "empty":
+            dest.mkdir()
+        raise
 
 
 def ensure_dataset(dest: Path, synth_params: dict, use_dvc: bool = True) -> str:

@@ -17,6 +17,8 @@ import pandas as pd
 from brainseg import tracking
 from brainseg.data.clinical import TARGET
 from brainseg.outcome.cv import SCORES, SurvivalResult, calibration_figure, roc_figure
+from brainseg.outcome.pyfunc import log_final_model
+from brainseg.outcome.validate import build_spec
 
 METRIC_KEYS = tuple(f"{s}_{k}" for s in SCORES for k in ("mean", "std", "low", "high")) + (
     "baseline_roc_auc", "baseline_balanced_accuracy", "baseline_brier", "c_median", "patients", "positives")
@@ -75,3 +77,25 @@ def log_comparison(results: Sequence[SurvivalResult], y: pd.Series, *, tags: dic
         summary = pd.DataFrame([summary_row(r) for r in results])
         mlflow.log_text(summary.to_csv(index=False), "comparison.csv")
     return {"parent_run_id": parent.info.run_id, "runs": runs}
+
+
+def log_fit(fit, settings: dict, experiment: str) -> dict:
+    """A :class:`brainseg.outcome.workflow.SurvivalFit` as MLflow records: the comparison (a parent
+    run, one nested run per candidate) and the final pipeline as a model; their run ids and URI."""
+    sv = settings["survival"]
+    final = fit.final
+    evidence = {"cv_roc_auc": final.cv["roc_auc_mean"], "cv_n_patients": final.cv["patients"],
+                "data_version": fit.data_version, "fitted_on": fit.fitted_on, "features_from": fit.features_from}
+    tags = {**tracking.lineage_tags(fit.data_version, settings), "features_from": fit.features_from,
+            "fitted_on": fit.fitted_on}
+    tracking.set_experiment(experiment)
+    logged = log_comparison(fit.results, fit.y, tags=tags, final_key=final.key, join_report=fit.join,
+                            settings_params={"inner_folds": int(sv["inner_folds"]),
+                                             "min_frequency": int(sv["min_frequency"])})
+    spec = build_spec(fit.X, final.columns, sv["min_known_fraction"])
+    run_id, model_uri = log_final_model(
+        fit.pipeline, fit.X, spec, evidence,
+        tags={**tags, "final": "true", "mlflow.parentRunId": logged["parent_run_id"]},
+        params={"classifier": final.classifier, "feature_set": final.feature_set, "features_from": fit.features_from},
+        extra_json={"notes": fit.notes, "permutation_importance": fit.importance.to_dict("records")})
+    return {"final_run_id": run_id, "final_model_uri": model_uri, "parent_run_id": logged["parent_run_id"]}

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainseg import tracking
 from brainseg.config import EPOCH_SIZED, TrainConfig
 from brainseg.data.clinical import read_clinical
 from brainseg.data.synth import is_synthetic
@@ -24,9 +23,7 @@ from brainseg.modelcard import survival_failures
 from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
-from brainseg.outcome.pyfunc import log_final_model
-from brainseg.outcome.runs import log_comparison, summary_row
-from brainseg.outcome.validate import build_spec
+from brainseg.outcome.runs import log_fit, summary_row
 
 SOURCE_FILE = "source.json"
 # ------------------------------------------------------------------------------------ features
@@ -105,11 +102,28 @@ def read_features(csv: Path) -> tuple[pd.DataFrame, dict]:
 
 
 # ------------------------------------------------------------------------------------ survival
-def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
-                 compare_csvs: Sequence[Path] = (), experiment: str = "brainseg-survival") -> dict:
-    """Compare candidates by repeated CV, fit and log the declared final pipeline; returns the summary
-    written to ``out_dir/cv.json`` (``final``, ``results``, run ids, ``final_model_uri``, and the
-    final candidate's ``failures`` for its model card: worst folds, largest out-of-fold misses)."""
+@dataclasses.dataclass
+class SurvivalFit:
+    """What ``brainseg survival`` computed: the compared candidates and the declared final pipeline."""
+
+    results: list
+    final: object            # the final candidate's SurvivalResult
+    pipeline: object         # fitted on every patient
+    X: pd.DataFrame          # the final candidate's feature table (features_from)
+    y: pd.Series
+    features_from: str
+    join: dict
+    notes: list
+    importance: pd.DataFrame
+    coefs: pd.DataFrame
+    data_version: str
+    fitted_on: str           # real | synthetic
+    failures: dict
+
+
+def fit_survival(settings: dict, *, features_csv: Path, clinical_csv: Path | None = None,
+                 compare_csvs: Sequence[Path] = ()) -> SurvivalFit:
+    """Compare the candidates by repeated CV and fit the declared final pipeline (no tracking)."""
     sv = settings["survival"]
     sv = {**sv, **{k: int(sv[k]) for k in ("folds", "repeats", "seed", "inner_folds", "min_frequency")}}
     root = Path(settings["data"]["root"])
@@ -144,30 +158,30 @@ def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_
 
     pipeline = factory().fit(X[final.columns], y)
     importance = permutation_importances(factory, X[final.columns], y, folds=sv["folds"], seed=sv["seed"])
-    coefs = coefficients(pipeline).rename_axis("feature").reset_index()
     version = source.get("data_version") or (data_version(root) if root.exists() else "unknown")
     fitted_on = "synthetic" if source.get("synthetic", is_synthetic(root, list(y.index))) else "real"
-    evidence = {"cv_roc_auc": final.cv["roc_auc_mean"], "cv_n_patients": final.cv["patients"],
-                "data_version": version, "fitted_on": fitted_on, "features_from": main_from}
-    tags = {**tracking.lineage_tags(version, settings), "features_from": main_from, "fitted_on": fitted_on}
-    tracking.set_experiment(experiment)
-    logged = log_comparison(results, y, tags=tags, final_key=final.key, join_report=report,
-                            settings_params={"inner_folds": sv["inner_folds"], "min_frequency": sv["min_frequency"]})
-    spec = build_spec(X, final.columns, sv["min_known_fraction"])
-    run_id, model_uri = log_final_model(
-        pipeline, X, spec, evidence, tags={**tags, "final": "true", "mlflow.parentRunId": logged["parent_run_id"]},
-        params={"classifier": final.classifier, "feature_set": final.feature_set, "features_from": main_from},
-        extra_json={"notes": notes, "permutation_importance": importance.to_dict("records")})
-    row = summary_row(final)
     failures = survival_failures(final.cv["fold_scores"], final.cv["oof_probability"], y,
                                  float(pipeline[-1].threshold_))
-    summary = {"features_from": main_from, "fitted_on": fitted_on, "data_version": version, "join": report,
-               "patients": int(len(y)), "positives": int(y.sum()), "notes": notes,
-               "final_run_id": run_id, "final_model_uri": model_uri, "parent_run_id": logged["parent_run_id"],
-               "final": {**row, "key": final.key, "roc_auc_mean": final.cv["roc_auc_mean"],
+    return SurvivalFit(results, final, pipeline, X, y, main_from, report, notes, importance,
+                       coefficients(pipeline).rename_axis("feature").reset_index(), version, fitted_on, failures)
+
+
+def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
+                 compare_csvs: Sequence[Path] = (), experiment: str = "brainseg-survival") -> dict:
+    """Fit (:func:`fit_survival`), log to MLflow (:func:`brainseg.outcome.runs.log_fit`), write the
+    reports; returns the summary written to ``out_dir/cv.json`` (``final``, ``results``, run ids,
+    ``final_model_uri``, and the final candidate's ``failures`` for its model card: worst folds,
+    largest out-of-fold misses)."""
+    fit = fit_survival(settings, features_csv=features_csv, clinical_csv=clinical_csv, compare_csvs=compare_csvs)
+    logged = log_fit(fit, settings, experiment)
+    final = fit.final
+    summary = {"features_from": fit.features_from, "fitted_on": fit.fitted_on, "data_version": fit.data_version,
+               "join": fit.join, "patients": int(len(fit.y)), "positives": int(fit.y.sum()), "notes": fit.notes,
+               **logged,
+               "final": {**summary_row(final), "key": final.key, "roc_auc_mean": final.cv["roc_auc_mean"],
                          "balanced_accuracy": final.cv["balanced_accuracy_mean"], "brier": final.cv["brier_mean"]},
-               "failures": failures, "results": [{**summary_row(r), "key": r.key} for r in results]}
-    _write_reports(Path(out_dir), summary, results, importance, coefs)
+               "failures": fit.failures, "results": [{**summary_row(r), "key": r.key} for r in fit.results]}
+    _write_reports(Path(out_dir), summary, fit.results, fit.importance, fit.coefs)
     return summary
 
 

@@ -293,7 +293,7 @@ class Progress:
 
     def epochs(self, trial: int, epochs: int):
         """The Keras callback showing trial ``trial``'s epochs (lines or rows of the display)."""
-        from brainseg.progress import epoch_progress
+        from brainseg.progress_callbacks import epoch_progress
 
         if self.bar is not None:
             return epoch_progress(epochs, "bar", label=f"trial #{trial}", bar=self.bar)
@@ -310,11 +310,12 @@ class Progress:
         values = [(t.value, t.number) for t in done if t.state == optuna.trial.TrialState.COMPLETE]
         best = max(values) if values else None
         k = len(done) - self.start
-        value = (f"{trial.value:.4f}" if trial.value is not None else
-                 f"{trial.intermediate_values[max(trial.intermediate_values)]:.4f} after "
-                 + (f"{max(trial.intermediate_values)} s" if self.clock is not None else
-                    f"epoch {max(trial.intermediate_values)}")
-                 if trial.intermediate_values else "-")
+        if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            value = (f"{trial.intermediate_values[step]:.4f} after "
+                     + (f"{step} s" if self.clock is not None else f"epoch {step}"))
+        else:
+            value = f"{trial.value:.4f}" if trial.value is not None else "-"
         status = "best " + (f"{best[0]:.4f} (#{best[1]})" if best else "-") + f" | pruned {pruned}"
         if self.clock is not None:
             status += f" | {max(self.clock.left(self.clock.search_end), 0) / 60:.1f} min of search left"

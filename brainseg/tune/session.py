@@ -274,7 +274,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     epoch), score it once on the test patients for the report, register it if asked. On a budget it
     trains for the recipe's ``train.budget_minutes`` (less if the study has less left)."""
     from brainseg import tracking
-    from brainseg.progress import epoch_progress
+    from brainseg.progress_callbacks import epoch_progress
     from brainseg.promotion import register_segmenter
     from brainseg.training_run import tracked_training
 
