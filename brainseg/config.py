@@ -1,21 +1,22 @@
 """Settings: params.yaml (the values DVC records), then --set overrides; profiles in brainseg.profiles.
 
-The merged settings are a plain nested dict (what DVC and MLflow log); :class:`TrainConfig` is the
+The merged settings are a plain nested dict (what DVC and MLflow log), checked by :class:`Settings`
+(one pydantic model per section: types, ranges, fixed value sets); :class:`TrainConfig` is the
 typed view the training code takes.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from brainseg.profiles import overlay
 from brainseg.settings_io import (  # noqa: F401  (ConfigError, the files and overrides: re-exported)
-    PARAMS_FILE, PROFILES_FILE, ConfigError, apply_overrides, coerce, deep_merge, get_dotted, int_at_least, kind_of,
-    leaves, number_in, parse_override, positive, put_dotted, read_yaml, shown)
+    PARAMS_FILE, PROFILES_FILE, ConfigError, Flag, Float, Int, Number, Section, apply_overrides, check, deep_merge,
+    parse_override, read_yaml)
 
 
 def load_settings(
@@ -37,6 +38,150 @@ def load_settings(
     return apply_overrides(params, overrides or [])
 
 
+# ------------------------------------------------------------------ the settings, typed and range-checked
+# One model per section of params.yaml (see settings_io.Section: every key optional, none unknown).
+# The value sets that code elsewhere checks against are named here (tune.plan, inference, outcome).
+Pruner = Literal["hyperband", "sha", "median", "none"]
+Precision = Literal["auto", "float32", "bfloat16"]
+Classifier = Literal["logreg", "rf", "gb"]
+FeatureSet = Literal["clinical", "imaging", "both"]
+
+
+class Synth(Section):
+    patients: Int = Field(None, ge=1)
+    slices: Int = Field(None, ge=4)
+    size: Int = Field(None, ge=16)
+    seed: Int = None
+
+
+class Data(Section):
+    root: str = None
+    manifest: str = None
+    split: str = None
+    cache_dir: str = None
+    synth: Synth = None
+
+
+class Split(Section):
+    seed: Int = None
+    val_fraction: Float = Field(None, ge=0, lt=1)
+    test_fraction: Float = Field(None, ge=0, lt=1)
+    folds: Int = Field(None, ge=1)
+    burden_bins: Int = Field(None, ge=1)
+
+
+class Train(Section):
+    arch: str = None  # checked against the builders when the network is built (models.factory)
+    encoder: str = None
+    encoder_weights: str | None = None
+    freeze_encoder_epochs: Int = Field(None, ge=0)
+    deep_supervision: Flag = None
+    base_filters: Int = Field(None, ge=1)
+    channels: Literal["flair", "all"] = None
+    size: Int = Field(None, ge=32, le=1024, multiple_of=32, description="a multiple of 32 in 32..1024")
+    normalize: Literal["zscore", "unit"] = None
+    sharpen: Flag = None
+    crop: Literal["none", "head"] = None
+    loss: dict = Field(None, min_length=1, description="a mapping of loss name to weight")
+    tversky_alpha: Float = Field(None, ge=0, le=1)
+    tversky_beta: Float = Field(None, ge=0, le=1)
+    lr: Float = Field(None, gt=0, le=1)
+    batch_size: Int = Field(None, ge=1)
+    epochs: Int = Field(None, ge=1)
+    patience: Int = Field(None, ge=0)
+    lr_patience: Int = Field(None, ge=0)
+    lr_schedule: Literal["plateau", "cosine", "linear"] = None
+    warmup_epochs: Int = Field(None, ge=0)
+    budget_minutes: Float | None = Field(None, gt=0)
+    progressive_size: Int | None = None  # checked against size in TrainConfig.from_dict
+    progressive_share: Float = Field(None, gt=0, lt=1)
+    sampling: Literal["balanced", "area"] = None
+    uniform_share: Float = Field(None, ge=0, le=1)
+    tumor_fraction: Float = Field(None, ge=0, le=1)
+    augment: Float = Field(None, ge=0, le=1)
+    steps_per_epoch: Int | None = Field(None, ge=1)
+    threshold: Float = Field(None, gt=0, lt=1)
+    seed: Int = None
+
+
+class Evaluate(Section):
+    subset: str = None  # train, val, test, all or e.g. train+val (data.split.patients_in)
+    threshold: Float = Field(None, gt=0, lt=1)
+    min_component_px: Int = Field(None, ge=0)
+    keep_largest: Flag = None
+    tta: Flag = None
+    batch_size: Int = Field(None, ge=1)
+    precision: Precision = None
+    select_postprocessing: Flag = None
+
+
+class Tune(Section):
+    study_name: str = None
+    storage: str = None
+    search_space: str = None
+    sampler_seed: Int = None
+    pruner: Pruner = None
+    n_trials: Int = Field(None, ge=1)
+    timeout: Number = Field(None, gt=0)
+    epochs: Int = Field(None, ge=1)
+    min_resource: Int = None
+    reduction_factor: Int = None
+    size: Int | None = None
+    steps_per_epoch: Int | None = None
+    n_startup_trials: Int = None
+    enqueue_recipe: Flag = None
+    workers: Int = None
+    threads: Int = None
+    refit: Flag = None
+    register_: Flag = Field(None, alias="register")  # (`register` would shadow BaseModel.register)
+    heartbeat: Number = Field(None, gt=0)
+    budget_minutes: Number | None = Field(None, gt=0)
+    target_trials: Int = Field(None, ge=1)
+    rungs: Int = Field(None, ge=1)
+    reserve_minutes: Number = Field(None, ge=0)
+
+
+class Final(Section):
+    classifier: Classifier = None
+    feature_set: FeatureSet = None
+    features_from: str = None  # truth, oof_predicted or model:URI
+
+
+class Oof(Section):
+    train: Train = None  # train settings of the fold segmenters, on top of `train`
+
+
+class Survival(Section):
+    classifiers: list[Classifier] = None
+    feature_sets: list[FeatureSet] = None
+    folds: Int = Field(None, ge=2)
+    repeats: Int = Field(None, ge=1)
+    seed: Int = None
+    inner_folds: Int = Field(None, ge=2)
+    min_frequency: Int = Field(None, ge=1)
+    min_known_fraction: Float = Field(None, ge=0, le=1)
+    final: Final = None
+    oof: Oof = None
+
+
+class Register(Section):
+    segmenter_name: str = None
+    survival_name: str = None
+    subset: str = None  # the promotion gate says which subsets can choose models (promotion.GATE_SUBSETS)
+    promote: Flag = None
+
+
+class Settings(Section):
+    profile: str = None
+    data: Data = None
+    split: Split = None
+    train: Train = None
+    evaluate: Evaluate = None
+    tune: Tune = None
+    survival: Survival = None
+    register_: Register = Field(None, alias="register")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrepConfig:
     """How a slice becomes a network input; shared by training, evaluation, predict and serving."""
@@ -48,14 +193,7 @@ class PrepConfig:
     crop: str = "none"  # none | head (crop each slice to its head's square box before resizing)
 
     def __post_init__(self):
-        if self.crop not in ("none", "head"):
-            raise ConfigError(f"crop: {self.crop!r} is not one of none, head")
-        if self.channels not in ("flair", "all"):
-            raise ConfigError(f"channels: {self.channels!r} is not one of flair, all")
-        if self.normalize not in ("zscore", "unit"):
-            raise ConfigError(f"normalize: {self.normalize!r} is not one of zscore, unit")
-        if not (16 <= int(self.size) <= 1024) or int(self.size) % 32:
-            raise ConfigError(f"size: {self.size} must be a multiple of 32 in 32..1024")
+        check(Train, dataclasses.asdict(self), "train")
 
     @property
     def n_channels(self) -> int:
@@ -107,14 +245,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"train: unknown setting(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.prep  # validates the preprocessing part
-        if cfg.lr_schedule not in ("plateau", "cosine", "linear"):
-            raise ConfigError(f"train.lr_schedule: {cfg.lr_schedule!r} is not one of plateau, cosine, linear")
+        """``d`` (train settings, any subset of the keys) checked by :class:`Train`, defaults for the rest."""
+        cfg = cls(**check(Train, d, "train"))
         if cfg.budget_minutes is not None and cfg.freeze_encoder_epochs:
             raise ConfigError("train.budget_minutes: a budgeted run cannot also freeze the encoder for "
                               "freeze_encoder_epochs (set one of them)")
@@ -122,14 +254,6 @@ class TrainConfig:
                                                  not 32 <= int(cfg.progressive_size) < int(cfg.size)):
             raise ConfigError(f"train.progressive_size: {cfg.progressive_size} must be a multiple of 32 "
                               f"below train.size ({cfg.size}), or null")
-        if cfg.sampling not in ("balanced", "area"):
-            raise ConfigError(f"train.sampling: {cfg.sampling!r} is not one of balanced, area")
-        if not 0.0 <= cfg.uniform_share <= 1.0:
-            raise ConfigError(f"train.uniform_share: {cfg.uniform_share} not in [0, 1]")
-        if not 0.0 <= cfg.tumor_fraction <= 1.0:
-            raise ConfigError(f"train.tumor_fraction: {cfg.tumor_fraction} not in [0, 1]")
-        if not cfg.loss or not isinstance(cfg.loss, dict):
-            raise ConfigError("train.loss: expected a mapping of loss name to weight")
         return cfg
 
     @property
@@ -153,51 +277,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ checking settings before a run
-SECTIONS = ("data", "split", "train", "evaluate", "tune", "survival", "register")
+def validate_settings(settings: dict) -> dict:
+    """Check the merged settings' types and ranges (:class:`Settings`) before any run starts.
 
-
-# "section.key" -> (what it must be, check); applied when the key is present
-RULES: dict[str, tuple[str, Any]] = {
-    "train.epochs": int_at_least(1), "train.batch_size": int_at_least(1), "train.size": int_at_least(32),
-    "train.base_filters": int_at_least(1), "train.patience": int_at_least(0),
-    "train.lr_patience": int_at_least(0), "train.warmup_epochs": int_at_least(0),
-    "train.freeze_encoder_epochs": int_at_least(0),
-    "train.steps_per_epoch": ("null or an integer >= 1",
-                              lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)),
-    "train.lr": number_in(0, 1, low_open=True), "train.threshold": number_in(0, 1, True, True),
-    "train.augment": number_in(0, 1), "train.tumor_fraction": number_in(0, 1),
-    "train.uniform_share": number_in(0, 1), "train.tversky_alpha": number_in(0, 1),
-    "train.budget_minutes": ("null or a number of minutes > 0", lambda v: v is None or (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
-    "train.progressive_share": number_in(0, 1, True, True),
-    "train.tversky_beta": number_in(0, 1),
-    "evaluate.threshold": number_in(0, 1, True, True), "evaluate.batch_size": int_at_least(1),
-    "evaluate.min_component_px": int_at_least(0),
-    "tune.n_trials": int_at_least(1), "tune.epochs": int_at_least(1), "tune.timeout": positive(),
-    "tune.heartbeat": positive(),
-    "tune.budget_minutes": ("null or a number of minutes > 0", lambda v: v is None or (
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)),
-    "tune.target_trials": int_at_least(1), "tune.rungs": int_at_least(1),
-    "tune.reserve_minutes": ("a number of minutes >= 0", lambda v: isinstance(v, (int, float))
-                             and not isinstance(v, bool) and v >= 0),
-    "split.val_fraction": number_in(0, 1, high_open=True), "split.test_fraction": number_in(0, 1, high_open=True),
-    "split.folds": int_at_least(1), "split.burden_bins": int_at_least(1),
-    "survival.folds": int_at_least(2), "survival.repeats": int_at_least(1),
-    "survival.inner_folds": int_at_least(2), "survival.min_frequency": int_at_least(1),
-    "survival.min_known_fraction": number_in(0, 1),
-    "data.synth.patients": int_at_least(1), "data.synth.slices": int_at_least(4),
-    "data.synth.size": int_at_least(16),
-}
-
-
-def validate_settings(settings: dict, reference: dict | None = None) -> dict:
-    """Check the merged settings' types and ranges before any run starts.
-
-    Types come from :class:`TrainConfig`'s field annotations (``train.*``) and, for the other
-    sections, from ``reference`` (the same settings before ``--set`` overrides): a number stays a
-    number, a flag a flag, a section a section. Ranges are :data:`RULES` (epochs, batch sizes and
-    sizes >= 1, fractions in [0, 1], ...). Returns a copy with numbers written as text converted
-    (``"1e-3"`` -> 0.001, ``5.0`` -> 5 for integers); raises :class:`ConfigError` naming the key.
+    Returns a copy with values converted to their setting's type (``"1e-3"`` -> 0.001, ``5.0`` -> 5
+    for an integer); raises :class:`ConfigError` naming the key, in one line.
 
     >>> validate_settings({"train": {"lr": "1e-3"}})["train"]["lr"]
     0.001
@@ -207,33 +291,7 @@ def validate_settings(settings: dict, reference: dict | None = None) -> dict:
     ...     print(exc)
     train.epochs: 0 is not an integer >= 1
     """
-    out = copy.deepcopy(settings)
-    for section in SECTIONS:
-        if section in out and not isinstance(out[section], dict):
-            raise ConfigError(f"{section}: {shown(out[section])} replaces a whole section of settings; "
-                              f"set one key instead, e.g. {section}.KEY=VALUE")
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in list(out.get("train", {}).items()):
-        if key in hints:
-            out["train"][key] = coerce(f"train.{key}", value, hints[key])
-    for name, value in list(leaves(out)):
-        if name.startswith("train.") and name.split(".", 1)[1] in hints:
-            continue
-        kind = kind_of(get_dotted(reference, name, None)) if reference is not None else None
-        if kind is not None:
-            put_dotted(out, name, coerce(name, value, kind))
-    for name, (text, ok) in RULES.items():
-        value = get_dotted(out, name)
-        if value is KeyError:
-            continue
-        if isinstance(value, float) and value.is_integer() and text.startswith(("an integer", "null or an")):
-            value = int(value)
-            put_dotted(out, name, value)
-        if not ok(value):
-            raise ConfigError(f"{name}: {value!r} is not {text}")
+    out = check(Settings, settings)
     if isinstance(out.get("train"), dict):
-        try:
-            TrainConfig.from_dict(out["train"])
-        except TypeError as exc:
-            raise ConfigError(f"train: {exc}") from exc
+        TrainConfig.from_dict(out["train"])  # what one key cannot say alone (progressive_size < size, ...)
     return out

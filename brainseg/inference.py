@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import typing
 import weakref
 from pathlib import Path
 
@@ -21,12 +22,12 @@ import tensorflow as tf
 import tf_keras as keras
 from skimage import measure, morphology
 
-from brainseg.config import ConfigError, TrainConfig
+from brainseg.config import ConfigError, Precision, TrainConfig
 from brainseg.data.preprocess import Box, prepare_image, probability_to_original, slice_box
 
 MODEL_FILE = "model.h5"
 SETTINGS_FILE = "brainseg.json"
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = typing.get_args(Precision)  # ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The low-level pieces of settings, shared by :mod:`brainseg.config` and :mod:`brainseg.profiles`:
 the files, :class:`ConfigError`, reading a YAML mapping, ``--set KEY=VALUE`` overrides, and the
-checks that turn a written value into a setting's type (``"1e-3"`` -> 0.001). Imports nothing of
-brainseg, so both settings modules depend on it and not on each other.
+pydantic pieces the settings models are built of (the value types, :class:`Section`, :func:`check`,
+which turns pydantic's errors into one line naming the key). Imports nothing of brainseg, so both
+settings modules depend on it and not on each other.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import copy
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StrictBool, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 PROFILES_FILE = Path("experiments/profiles.yaml")
@@ -74,124 +78,113 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-# ------------------------------------------------------------------ checking values
-def int_at_least(low: int):
-    return (f"an integer >= {low}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+# ------------------------------------------------------------------ checking values (pydantic)
+def _refuse_flags(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic's lax mode would read true as 1
+        raise PydanticCustomError("flag_type", "a flag where a number belongs")
+    return value
 
 
-def number_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    text = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def ok(v):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if low_open else v >= low)
-                and (v < high if high_open else v <= high))
-
-    return text, ok
+Int = Annotated[int, BeforeValidator(_refuse_flags)]  # 4.0 and "4" -> 4; 2.5 and true are refused
+Float = Annotated[float, BeforeValidator(_refuse_flags)]  # "1e-3" (YAML reads it as text) -> 0.001
+Number = Annotated[int | float, BeforeValidator(_refuse_flags)]  # a number as written: 600 stays 600
+Flag = StrictBool  # true or false, not 1 or "yes"
 
 
-def positive():
-    return "a number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+class Section(BaseModel):
+    """A group of settings. Every key is optional (default None, left out of the checked result):
+    a section is checked for the keys it holds, params.yaml holds the values. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def check(model: type[BaseModel], values: dict, prefix: str = "") -> dict:
+    """``values`` checked and converted by ``model``: a plain dict of the keys given, or
+    :class:`ConfigError` naming each wrong key in one line.
+
+    >>> from pydantic import Field
+    >>> class Demo(Section):
+    ...     epochs: Int = Field(None, ge=1)
+    >>> check(Demo, {"epochs": 3.0})
+    {'epochs': 3}
+    >>> try:
+    ...     check(Demo, {"epochs": "two"}, "train")
+    ... except ConfigError as exc:
+    ...     print(exc)
+    train.epochs: 'two' (str) is not an integer >= 1
+    """
+    try:
+        checked = model.model_validate(values).model_dump(by_alias=True, exclude_unset=True)
+    except ValidationError as exc:
+        said: dict[str, str] = {}
+        for error in exc.errors():
+            name, problem = _explain(model, error, prefix)
+            said.setdefault(name, problem)
+        raise ConfigError("; ".join(f"{name}: {problem}" for name, problem in said.items())) from None
+    return _in_order(checked, values)
+
+
+def _in_order(checked: dict, given: dict) -> dict:
+    """``checked`` with its keys in the order of ``given`` (the file's), nested sections too."""
+    return {key: _in_order(checked[key], value) if isinstance(value, dict) and isinstance(checked[key], dict)
+            else checked[key] for key, value in given.items()}
+
+
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of", "too_short",
+                "finite_number")
+
+
+def _explain(model: type[BaseModel], error: dict, prefix: str) -> tuple[str, str]:
+    """(dotted key, what is wrong with its value) for one of pydantic's errors."""
+    kind, value, loc = error["type"], error["input"], error["loc"]
+    if kind == "extra_forbidden":
+        loc, unknown = loc[:-1], loc[-1]
+    names, field, node = [prefix] if prefix else [], None, model
+    for part in loc:  # skips what is not a key: union members ("int", "float"), list positions
+        fields = _fields(node)
+        if part in fields:
+            names.append(part)
+            field, node = fields[part], fields[part].annotation
+    name = ".".join(names)
+    if kind == "extra_forbidden":
+        return f"{name}.{unknown}" if name else str(unknown), f"unknown key; known: {', '.join(_fields(node))}"
+    if kind == "model_type":
+        return name, f"{shown(value)} replaces a whole section of settings; set one key instead, e.g. {name}.KEY=VALUE"
+    if kind == "literal_error":
+        return name, f"{value!r} is not one of {error['ctx']['expected']}"
+    return name, f"{repr(value) if kind in RANGE_ERRORS else shown(value)} is not {wanted(field)}"
+
+
+def _fields(node: Any) -> dict[str, FieldInfo]:
+    """A model's fields by the keys the files use (their aliases); {} for what is not a model."""
+    if not (isinstance(node, type) and issubclass(node, BaseModel)):
+        return {}
+    return {field.alias or name: field for name, field in node.model_fields.items()}
+
+
+def wanted(field: FieldInfo) -> str:
+    """What a field's values must be: ``"null or an integer >= 1"``, ``"a number in (0, 1]"``."""
+    if field.description:
+        return field.description
+    kinds = _types(field.annotation)
+    what = ("true or false" if bool in kinds else "an integer" if int in kinds and float not in kinds
+            else "a number" if float in kinds else "text" if str in kinds else "a mapping" if dict in kinds
+            else "a list" if list in kinds else "valid")
+    b = {n: getattr(m, n) for m in field.metadata for n in ("gt", "ge", "lt", "le") if hasattr(m, n)}
+    low = f"({b['gt']:g}" if "gt" in b else f"[{b['ge']:g}" if "ge" in b else ""
+    high = f"{b['lt']:g})" if "lt" in b else f"{b['le']:g}]" if "le" in b else ""
+    if low:
+        what += f" in {low}, {high}" if high else f" {'>' if low[0] == '(' else '>='} {low[1:]}"
+    return f"null or {what}" if type(None) in kinds else what
+
+
+def _types(annotation: Any) -> set:
+    """The plain types inside ``X | None`` and ``Annotated[X, ...]``."""
+    args, origin = typing.get_args(annotation), typing.get_origin(annotation)
+    if origin is Annotated or origin in (typing.Union, types.UnionType):
+        return set().union(*map(_types, args[:1] if origin is Annotated else args))
+    return {origin or annotation}
 
 
 def shown(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
-
-
-def coerce(name: str, value: Any, expected: Any) -> Any:
-    """``value`` as the type ``expected`` (a type, ``X | None``, Literal, or an example value)."""
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(expected)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(name, value, arg)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"{name}: {shown(value)} is not allowed")
-    if origin is typing.Literal:
-        if value in typing.get_args(expected):
-            return value
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, typing.get_args(expected)))}")
-    kind = origin or expected
-    if kind == "number":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            for cast in (int, float):
-                try:
-                    return cast(value.strip())
-                except ValueError:
-                    pass
-        raise ConfigError(f"{name}: {shown(value)} is not a number")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: {shown(value)} is not true or false")
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{name}: {shown(value)} is not an integer")
-    if kind is float:
-        if isinstance(value, str):  # YAML reads 1e-3 as text
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{name}: {shown(value)} is not a number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{name}: {shown(value)} is not text")
-    if kind in (dict, list, tuple):
-        if isinstance(value, kind if kind is not tuple else (list, tuple)):
-            return value
-        raise ConfigError(f"{name}: {shown(value)} is not a {'mapping' if kind is dict else 'list'}")
-    return value
-
-
-def kind_of(example: Any) -> Any:
-    """The type to check a value against, from the default it replaces (None: anything goes)."""
-    if example is None:
-        return None
-    if isinstance(example, bool):
-        return bool
-    if isinstance(example, (int, float)):
-        return "number"  # numbers stay numbers (int or float); RULES say where an integer is required
-    return type(example) if isinstance(example, (str, list, dict)) else None
-
-
-def leaves(d: dict, prefix: str = ""):
-    for key, value in d.items():
-        if isinstance(value, dict) and value and key != "loss":
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def get_dotted(d: dict, dotted: str, missing=KeyError):
-    node = d
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return missing
-        node = node[part]
-    return node
-
-
-def put_dotted(d: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = d
-    for part in parents:
-        node = node[part]
-    node[last] = value

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from brainseg.config import (
-    ConfigError, PrepConfig, TrainConfig, apply_overrides, deep_merge, flatten, load_settings,
+    ConfigError, PrepConfig, TrainConfig, apply_overrides, deep_merge, flatten, load_settings, validate_settings,
     parse_override,
 )
 
@@ -146,7 +146,7 @@ def test_project_profiles_give_valid_train_configs(profile):
 
 
 def test_train_config_errors():
-    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['lrr'\]"):
+    with pytest.raises(ConfigError, match=r"train.lrr: unknown key; known: arch, encoder, "):
         TrainConfig.from_dict({"lrr": 0.1})
     with pytest.raises(ConfigError, match="tumor_fraction"):
         TrainConfig.from_dict({"tumor_fraction": 1.5})
@@ -179,3 +179,55 @@ def test_prep_config_channels_and_key(kw, n, key):
 def test_flatten():
     nested = {"a": {"b": 1, "c": {"d": 2}}, "e": {}, "f": None}
     assert flatten(nested) == {"a.b": 1, "a.c.d": 2, "e": {}, "f": None}
+
+
+# ------------------------------------------------------------------ the pydantic models (config.Settings)
+def project_settings(*overrides):
+    return validate_settings(load_settings(None, list(overrides), params_file=PROJECT / "params.yaml",
+                                           profiles_file=PROJECT / "experiments" / "profiles.yaml"))
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("train.lr=1e-3", "train.lr", 0.001),            # YAML reads 1e-3 as text
+    ("train.epochs=4.0", "train.epochs", 4),          # an integral float is an integer
+    ("tune.workers=2.0", "tune.workers", 2),
+    ("tune.timeout=600", "tune.timeout", 600),        # a number stays as written (int or float)
+    ("tune.timeout=90.5", "tune.timeout", 90.5),
+    ("tune.size=null", "tune.size", None),            # null: the trial's size is train.size
+    ("tune.steps_per_epoch=null", "tune.steps_per_epoch", None),
+    ("survival.final.features_from=truth", "survival.final.features_from", "truth"),
+    ("evaluate.subset=train+val", "evaluate.subset", "train+val"),
+])
+def test_settings_models_convert_good_values(override, key, value):
+    got = project_settings(override)
+    for part in key.split("."):
+        got = got[part]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.precision=fp16", "evaluate.precision: 'fp16' is not one of 'auto', 'float32' or 'bfloat16'"),
+    ("survival.final.classifier=svm", "survival.final.classifier: 'svm' is not one of 'logreg', 'rf' or 'gb'"),
+    ("survival.oof.train.size=48", "survival.oof.train.size: 48 is not a multiple of 32 in 32..1024"),
+    ("tune.min_resource=2.5", "tune.min_resource: 2.5 (float) is not an integer"),
+    ("tune.enqueue_recipe=0", "tune.enqueue_recipe: 0 (int) is not true or false"),
+    ("tune.budget_minutes=0", "tune.budget_minutes: 0 is not null or a number > 0"),
+    ("data.synth=5", "data.synth: 5 (int) replaces a whole section"),
+    ("train.progressive_size=64", "train.progressive_size: 64 must be a multiple of 32 below train.size (64)"),
+])
+def test_settings_models_refuse_bad_values_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        project_settings(override)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_settings_keep_the_files_order_and_refuse_unknown_keys_anywhere():
+    settings = load_settings(params_file=PROJECT / "params.yaml")
+    checked = validate_settings(settings)
+    assert checked == settings and list(checked["train"]) == list(settings["train"])
+    settings["survival"]["oof"]["train"]["lrr"] = 0.1
+    settings["colour"] = "red"
+    with pytest.raises(ConfigError) as err:
+        validate_settings(settings)
+    assert "survival.oof.train.lrr: unknown key; known: arch," in str(err.value)
+    assert "colour: unknown key; known: profile, data, split, train, evaluate, tune, survival, register" in str(err.value)

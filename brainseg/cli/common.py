@@ -50,8 +50,7 @@ def writable_folder_or_fail(path: Path, option: str = "--out") -> Path:
 def settings_or_fail(profile: str | None, overrides: list[str] | None) -> dict:
     """Settings with every value type- and range-checked (exit 2 naming the key, before any run)."""
     try:
-        settings = load_settings(profile, overrides or [])
-        return validate_settings(settings, load_settings(profile, []) if overrides else None)
+        return validate_settings(load_settings(profile, overrides or []))
     except ConfigError as exc:
         fail(str(exc), 2)
 

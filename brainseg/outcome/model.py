@@ -17,6 +17,7 @@ Columns by kind:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
+from brainseg.config import Classifier, FeatureSet
 from brainseg.data.clinical import CLINICAL_COLUMNS, CONTINUOUS_COLUMNS, TARGET
 from brainseg.outcome.features import PATIENT_FEATURE_COLUMNS
 
@@ -38,8 +40,8 @@ NOMINAL_COLUMNS = [c for c in CLINICAL_COLUMNS if c not in CONTINUOUS_COLUMNS + 
 CODE_COLUMNS = NOMINAL_COLUMNS + ORDINAL_COLUMNS
 IMAGING_COLUMNS = list(PATIENT_FEATURE_COLUMNS)
 COUNT_COLUMNS = ["tumor_volume_px", "tumor_slices", "largest_slice_area_px", "extent_z"]  # log1p
-FEATURE_SETS = ("clinical", "imaging", "both")
-CLASSIFIERS = ("logreg", "rf", "gb")
+FEATURE_SETS = typing.get_args(FeatureSet)  # ("clinical", "imaging", "both")
+CLASSIFIERS = typing.get_args(Classifier)  # ("logreg", "rf", "gb")
 C_GRID = tuple(float(c) for c in np.logspace(-3, 1, 9))  # logreg's inverse regularisation strengths
 
 

@@ -14,16 +14,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from pathlib import Path
 
 import optuna
 
-from brainseg.config import EPOCH_SIZED, ConfigError, TrainConfig
+from brainseg.config import EPOCH_SIZED, ConfigError, Pruner, TrainConfig
 from brainseg.tune.budget import StudyBudget
 from brainseg.tune.sampler import TrialSeededSampler
 from brainseg.tune.space import Param, load_search_space, recipe_params
 
-PRUNERS = ("hyperband", "sha", "median", "none")
+PRUNERS = typing.get_args(Pruner)  # ("hyperband", "sha", "median", "none")
 OBJECTIVE = "val_patient_dice"
 
 
