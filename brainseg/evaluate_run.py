@@ -20,51 +20,74 @@ class MasksUnavailable(ValueError):
     """The masks of a subset are missing or unreadable (e.g. sequestered test labels)."""
 
 
-def subset_truths(ctx: DataContext, subset: str, rows) -> list:
-    """The subset's masks at full size, or :class:`MasksUnavailable` naming how many are missing."""
+def subset_truths(ctx: DataContext, subset: str, rows, described: str | None = None) -> list:
+    """The subset's masks at full size, or :class:`MasksUnavailable` naming how many are missing
+    (and the subset as ``described``, default its name)."""
+    described = described or subset
     missing = [p for p in rows["mask_path"] if not Path(p).is_file()]
     if missing:
-        raise MasksUnavailable(f"{subset} masks unavailable: {len(missing)} of {len(rows)} mask files missing "
+        raise MasksUnavailable(f"{described} masks unavailable: {len(missing)} of {len(rows)} mask files missing "
                                f"(e.g. {missing[0]})")
     try:
         return ctx.truths(subset)
     except (OSError, ValueError) as exc:
-        raise MasksUnavailable(f"{subset} masks unavailable: {exc}") from exc
+        raise MasksUnavailable(f"{described} masks unavailable: {exc}") from exc
+
+
+def scored_name(subset: str, folder: Path | None = None) -> tuple[str, str]:
+    """(label, description) of what an evaluation scores: the run is ``evaluate-<label>``, its
+    metrics ``<label>_*``, its ``subset`` tag the description. A folder outside the split (all its
+    patients in the context's subset ``test``) is ``("folder", "folder:<its name>")``, never ``test``.
+
+    >>> scored_name("val"), scored_name("test", Path("/data/site_b/"))
+    (('val', 'val'), ('folder', 'folder:site_b'))
+    """
+    if folder is None:
+        return subset, subset
+    return "folder", f"folder:{Path(folder).resolve().name}"
 
 
 def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset: str,
                        overrides: dict | None = None, out_dir: Path | None = None,
-                       tags: dict | None = None) -> dict:
+                       tags: dict | None = None, folder: Path | None = None) -> dict:
     """Evaluate a model, with its stored inference settings (``overrides`` on top), on ``subset``
     as an MLflow run; writes metrics.json and per-patient CSV.
 
     Metrics are logged (and written to metrics.json) under the split's name, ``{subset}_*``
-    (``test_patient_dice_mean``, ``val_patient_dice_mean``); the returned ``metrics`` are unprefixed.
+    (``test_patient_dice_mean``, ``val_patient_dice_mean``), or ``folder_*`` for a context built
+    from ``folder`` (:func:`scored_name`); the returned ``metrics`` are unprefixed.
+    The run starts only once the model, the rows and the masks are loaded and scored, and the
+    report files are written inside it: a failure before scoring leaves no run, one after it a
+    FAILED run, never a FINISHED one.
     Raises :class:`MasksUnavailable` when the subset's masks are missing or unreadable.
     """
+    label, described = scored_name(subset, folder)
     segmenter = registry.load_segmenter(model_uri, **(overrides or {}))
     rows = ctx.rows(subset)
     if rows.empty:
-        raise ValueError(f"evaluate: subset {subset!r} has no slices")
-    truths = subset_truths(ctx, subset, rows)
+        raise ValueError(f"evaluate: subset {described!r} has no slices")
+    truths = subset_truths(ctx, subset, rows, described)
     images = load_full_images(rows)
     result = evaluate(segmenter, rows, images, truths)
-    all_tags = {**tracking.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": subset,
+    all_tags = {**tracking.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": described,
                 **(tags or {})}
-    with tracking.run(f"evaluate-{subset}", all_tags) as active:
+    with tracking.run(f"evaluate-{label}", all_tags) as active:
         tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()}
-                            | {"subset": subset, "model_uri": model_uri})
-        tracking.log_dataset_input(rows, ctx.root, ctx.version, subset)
-        metrics = tracking.log_evaluation(result, f"{subset}_", images, truths)
-    metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps({f"{subset}_{k}": v for k, v in metrics.items()},
-                                                         indent=2))
-        result.patients.to_csv(out_dir / "per_patient.csv", index=False)
-        result.slices.drop(columns=["image_path"]).to_csv(out_dir / "per_slice.csv", index=False)
+                            | {"subset": described, "model_uri": model_uri})
+        tracking.log_dataset_input(rows, ctx.root, ctx.version, label)
+        metrics = tracking.log_evaluation(result, f"{label}_", images, truths)
+        metrics = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+        if out_dir is not None:
+            write_report(Path(out_dir), label, metrics, result)
     return {"run_id": active.info.run_id, "metrics": metrics, "result": result}
+
+
+def write_report(out_dir: Path, label: str, metrics: dict, result) -> None:
+    """metrics.json (``<label>_*``), per_patient.csv and per_slice.csv of one evaluation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps({f"{label}_{k}": v for k, v in metrics.items()}, indent=2))
+    result.patients.to_csv(out_dir / "per_patient.csv", index=False)
+    result.slices.drop(columns=["image_path"]).to_csv(out_dir / "per_slice.csv", index=False)
 
 
 def write_unavailable_report(output: Path, subset: str, reason: str) -> None:

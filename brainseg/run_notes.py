@@ -22,6 +22,8 @@ _RUN_KINDS = (  # run-name prefix -> what the run is
                "`best_val_patient_dice`); tagged with the best trial."),
     ("train-", "Training of one segmenter ({rest}) on the train patients; the epoch and "
                "post-processing chosen on validation patients (`best_val_patient_dice`, `val_*`)."),
+    ("evaluate-folder", "Evaluation of a segmenter on all patients of a folder outside the split (its "
+                        "`subset` tag names the folder; `folder_*` metrics, with the all-empty baseline)."),
     ("evaluate-", "Evaluation of a segmenter on the {rest} patients (`{rest}_*` metrics, with the "
                   "all-empty baseline)."),
     ("promote-", "Promotion gate of {rest}: challenger against champion on validation patients."),

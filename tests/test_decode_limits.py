@@ -164,3 +164,42 @@ def test_read_pair_names_a_missing_mask(tmp_path):
     with pytest.raises(imageio.BadImage) as err:
         imageio.read_pair(image, mask)
     assert err.value.source == str(mask) and "mask file is missing" in err.value.problem
+
+
+# ------------------------------------------------------------- compressed TIFFs (tifffile + imagecodecs)
+def smooth_slice(size: int = 64) -> np.ndarray:
+    """(size, size, 3) uint8 gradients: compresses, and survives JPEG within a few grey levels."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.stack([x * 2, y * 3, (x + y)], axis=-1).astype(np.uint8)
+
+
+# (tifffile's compression name, the Compression tag it writes, exact: lossless)
+COMPRESSIONS = [("lzw", 5, True), ("zlib", 8, True), ("jpeg", 7, False), ("packbits", 32773, True),
+                ("none", 1, True)]
+
+
+@pytest.mark.parametrize("compression, tag, exact", COMPRESSIONS, ids=[c[0] for c in COMPRESSIONS])
+def test_a_compressed_tiff_decodes_where_serving_and_predict_read_slices(tmp_path, compression, tag, exact):
+    """LZW (the most common TIFF compression in the wild), Deflate and JPEG need the imagecodecs
+    package: without it tifffile cannot decode them and every such slice was refused as unreadable."""
+    import base64
+
+    import pandas as pd
+
+    from brainseg.serving.limits import RequestLimits
+    from brainseg.serving.request import decode_request
+
+    rgb = smooth_slice()
+    kwargs = {} if compression == "none" else {"compression": compression}
+    data = tiff_bytes(rgb, photometric="rgb", **kwargs)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert int(tif.pages.first.compression) == tag
+    path = tmp_path / "TCGA_XX_0000_20000101_1.tif"
+    path.write_bytes(data)
+    request = pd.DataFrame({"image": [base64.b64encode(data).decode("ascii")]})
+    served = decode_request(request, "all", RequestLimits())[0]  # the served model's path
+    read = imageio.read_image(path)  # brainseg predict's, evaluate's and the cache's path
+    assert served.shape == read.shape == (64, 64, 3) and served.dtype == read.dtype == np.uint8
+    assert np.array_equal(served, read)
+    diff = np.abs(read.astype(int) - rgb.astype(int)).max()
+    assert diff == 0 if exact else diff <= 8, f"{compression}: off by {diff} grey levels"

@@ -281,6 +281,25 @@ def test_a_hostile_request_is_refused_by_name_then_the_server_still_serves(serve
     assert_still_serves(server.url, good_slice)
 
 
+REASON_FIRST = [  # (name, body, the reason the 400's message must begin with)
+    ("not base64", split_of("this is not base64!"), "row 0, column 'image': not valid base64"),
+    ("bad row among good ones", split_of(GOOD, GOOD, GOOD, "@@@"), "row 3, column 'image': not valid base64"),
+    ("threshold 1.5", split_of(GOOD, params={"threshold": 1.5}), "param 'threshold': 1.5 is not in (0, 1)"),
+    ("16-bit image", split_of(b64(tiff_bytes(np.full((64, 64), 1000, np.uint16)))), "row 0, column 'image': "),
+]
+
+
+@pytest.mark.parametrize("name, body, reason", REASON_FIRST, ids=[c[0] for c in REASON_FIRST])
+def test_a_400_begins_with_its_reason_and_keeps_mlflows_detail_after_it(server, good_slice, name, body, reason):
+    """MLflow's scoring server puts "Failed to predict data '<the request table>'" before the model's
+    message; the reason comes first anyway (brainseg.serving.request.BadRequest)."""
+    r = post(server.url, _fill(body, b64(good_slice)))
+    assert r.status_code == 400, r.text[:300]
+    message = strict_json(r.text)["message"]
+    assert message.startswith(reason), f"{name}: {message[:300]!r}"
+    assert "\n" in message and "Failed to predict data" in message.split("\n", 1)[1]
+
+
 def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40 and len(set(CASE_IDS)) == len(CASE_IDS)
 

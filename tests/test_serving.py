@@ -15,7 +15,10 @@ import base64
 import io
 import json
 import shutil
+import socket
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -314,8 +317,9 @@ def test_server_accepts_a_one_channel_flair_png_for_a_flair_model(server, real_s
 
 
 # ------------------------------------------------------------------------- the body-size limit
-def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10) -> tuple[int, bytes, list[bytes], int]:
-    """One POST through ``BodyLimit`` around an app that echoes the body's length.
+def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10, guard=None
+              ) -> tuple[int, bytes, list[bytes], int]:
+    """One POST through ``guard`` (default ``BodyLimit``) around an app that echoes the body's length.
 
     Returns (status, answer body, the bodies the app saw, messages left unread)."""
     from brainseg.serving.app import BodyLimit
@@ -340,23 +344,94 @@ def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10) -> tuple[
 
     scope = {"type": "http", "method": "POST", "path": "/invocations",
              "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
-    asyncio.run(BodyLimit(echo, max_bytes)(scope, receive, send))
+    app = (guard or (lambda inner: BodyLimit(inner, max_bytes)))(echo)
+    asyncio.run(app(scope, receive, send))
     return sent[0]["status"], sent[1]["body"], seen, len(inbox)
 
 
-@pytest.mark.parametrize("headers, chunks, status, seen", [
-    ({"content-length": "10"}, [b"x" * 10], 200, [b"x" * 10]),
-    ({"content-length": "11"}, [b"x" * 5, b"x" * 6], 413, []),  # refused from the header, body discarded
-    ({"content-length": "1e9"}, [b"x"], 413, []),
-    ({}, [b"x" * 5, b"x" * 5], 200, [b"x" * 10]),  # chunked: read, then handed on whole
-    ({}, [b"x" * 4] * 5, 413, []),  # chunked: refused once past the limit, the rest discarded
+@pytest.mark.parametrize("headers, chunks, status, seen, unread", [
+    ({"content-length": "10"}, [b"x" * 10], 200, [b"x" * 10], 0),
+    ({"content-length": "11"}, [b"x" * 5, b"x" * 6], 413, [], 2),  # refused from the header, no byte read
+    ({"content-length": str(70 * MiB)}, [], 413, [], 0),  # declared, never sent: answered at once
+    ({"content-length": "1e9"}, [b"x"], 413, [], 1),
+    ({}, [b"x" * 5, b"x" * 5], 200, [b"x" * 10], 0),  # chunked: read, then handed on whole
+    ({}, [b"x" * 4] * 5, 413, [], 2),  # chunked: refused once past the limit (3 chunks), the rest unread
 ])
-def test_the_body_limit_refuses_a_body_over_the_limit_before_the_app_reads_it(headers, chunks, status, seen):
-    got, answer, app_saw, unread = call_asgi(headers, chunks)
-    assert (got, app_saw, unread) == (status, seen, 0)
+def test_the_body_limit_refuses_a_body_over_the_limit_before_the_app_reads_it(headers, chunks, status, seen,
+                                                                              unread):
+    got, answer, app_saw, left = call_asgi(headers, chunks)
+    assert (got, app_saw, left) == (status, seen, unread)
     if status == 413:
         message = strict_json(answer)["message"]
         assert "exceeds the limit of 10 bytes per request (BRAINSEG_SERVE_MAX_BODY_BYTES)" in message
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"content-type": "application/json", "content-length": "2"}, 200),
+    ({"content-length": "2"}, 415),
+    ({"content-type": " ", "content-length": "2"}, 415),
+])
+def test_a_post_without_a_content_type_gets_a_415_naming_the_header(headers, status):
+    from brainseg.serving.app import BodyLimit, ContentTypeRequired
+
+    got, answer, app_saw, left = call_asgi(headers, [b"{}"],
+                                           guard=lambda echo: ContentTypeRequired(BodyLimit(echo, 10)))
+    assert (got, app_saw, left) == ((200, [b"{}"], 0) if status == 200 else (415, [], 1))
+    if status == 415:
+        message = strict_json(answer)["message"]
+        assert message.startswith("the request has no Content-Type header") and "\n" not in message
+
+
+def raw_post(url: str, head: bytes, timeout_s: float = 10.0) -> tuple[bytes, float]:
+    """Send only ``head`` (request line and headers) to the server; (what it answers, seconds to answer)."""
+    parts = urlsplit(url)
+    start = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer, time.monotonic() - start
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_the_server_answers_a_huge_declared_body_at_once_and_a_missing_content_type_with_415(
+        server, synth_images):
+    """70 MiB declared and nothing sent: the 413 comes before any byte (it used to wait for the body);
+    no Content-Type: a 415 naming the header, where MLflow's app answers 500 with a traceback in its log."""
+    host = server.url.split("//", 1)[1].encode()
+    answer, seconds = raw_post(server.url, b"POST /invocations HTTP/1.1\r\nHost: " + host + b"\r\n"
+                               b"Content-Type: application/json\r\nContent-Length: " +
+                               str(70 * MiB).encode() + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and seconds < 3, (answer[:300], seconds)
+    assert b"exceeds the limit of" in answer and b"BRAINSEG_SERVE_MAX_BODY_BYTES" in answer
+    cell = b64(imageio.encode_png(synth_images[0]))
+    log_before = len(server.log_path.read_bytes())
+    r = requests.post(f"{server.url}/invocations", data=json.dumps(dataframe_split([cell])).encode(),
+                      timeout=HTTP_TIMEOUT_S)  # bytes: requests sends no Content-Type
+    assert "content-type" not in {k.lower() for k in r.request.headers}
+    assert r.status_code == 415, r.text[:300]
+    assert strict_json(r.text)["message"].startswith("the request has no Content-Type header")
+    assert post(server.url, dataframe_split([cell])).status_code == 200  # and it keeps answering
+    assert "Traceback" not in server.log_path.read_bytes()[log_before:].decode(errors="replace")
+
+
+def test_a_400_body_begins_with_its_reason(server):
+    r = post(server.url, dataframe_split(["@@@ not base64"]))
+    assert r.status_code == 400, r.text[:300]
+    message = strict_json(r.text)["message"]
+    assert message.startswith("row 0, column 'image': not valid base64"), message[:300]
+    assert "Failed to predict data" in message  # MLflow's detail is kept, after the reason
 
 
 def test_the_server_refuses_an_oversized_body_with_413_and_flat_memory(server, synth_images):

@@ -285,3 +285,70 @@ def test_model_refuses_evidence_without_fitted_on():
         pyfunc.SurvivalModel(pipe, spec, {**EVIDENCE, "fitted_on": "TCGA-LGG"})
     with pytest.raises(ValueError, match="evidence lacks cv_roc_auc"):
         pyfunc.SurvivalModel(pipe, spec, {k: v for k, v in EVIDENCE.items() if k != "cv_roc_auc"})
+
+
+# ------------------------------------------------------------- non-finite numbers, nulls in every format
+AGE = "age_at_initial_pathologic"
+
+
+@pytest.mark.parametrize("value", [float("nan"), np.nan, None])
+def test_a_nan_age_is_unknown_like_null_and_the_answer_names_it(served, value):
+    """Over REST a JSON null of a number column reaches the model as NaN: NaN is unknown (imputed),
+    as null is, never a silent ``ok`` that says nothing; the row's message names the field."""
+    loaded, X, pipe = served
+    model_ = loaded.unwrap_python_model()
+    answer = model_.predict(None, pd.DataFrame([with_(X, **{AGE: value})]))
+    row = answer.iloc[0]
+    assert row["status"] == "ok" and row["message"] == f"unknown, imputed: {AGE}"
+    expected = pipe.predict_proba(X[CLIN + IMG].iloc[:1].assign(**{AGE: np.nan}))[:, 1][0]
+    assert row["death01_probability"] == pytest.approx(expected)  # the imputed answer, as for null
+    known = model_.predict(None, pd.DataFrame([good_record(X)])).iloc[0]
+    assert known["message"] == "" and known["death01_probability"] != row["death01_probability"]
+
+
+@pytest.mark.parametrize("value, shown", [(float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_an_infinite_age_is_refused_naming_the_field_reason_first(served, value, shown):
+    loaded, X, _ = served
+    status, answer = request(loaded, json.dumps({"dataframe_records": [with_(X, **{AGE: value})]}))
+    assert status == 400
+    assert answer["message"].startswith(f"column '{AGE}', row 0: {shown} is outside the plausible range 0-120")
+
+
+NULL_CODE_BODIES = {  # the same record, gender null, in each request format of MLflow's scoring server
+    "dataframe_records": lambda r: {"dataframe_records": [r]},
+    "dataframe_split": lambda r: {"dataframe_split": {"columns": list(r), "data": [list(r.values())]}},
+    "instances": lambda r: {"instances": [r]},
+    "inputs": lambda r: {"inputs": [r]},
+}
+
+
+@pytest.mark.parametrize("fmt", list(NULL_CODE_BODIES))
+def test_a_null_code_is_unknown_in_every_request_format(served, fmt):
+    """In ``instances`` and ``inputs`` MLflow hands a null of a string column to the model as the
+    text "None": it is unknown there as in the dataframe formats, not an unseen code."""
+    loaded, X, pipe = served
+    status, answer = request(loaded, NULL_CODE_BODIES[fmt](with_(X, gender=None)))
+    assert status == 200, answer
+    row = answer["predictions"][0]
+    assert row["status"] == "ok" and row["message"] == "unknown, imputed: gender"
+    expected = pipe.predict_proba(X[CLIN + IMG].iloc[:1].assign(gender=np.nan))[:, 1][0]
+    assert row["death01_probability"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text", ["None", "nan", " NULL ", ""])
+def test_the_texts_of_a_null_code_are_unknown_and_a_word_is_still_refused(served, text):
+    loaded, X, _ = served
+    model_ = loaded.unwrap_python_model()
+    assert model_.predict(None, pd.DataFrame([with_(X, race=text)]))["message"].tolist() == ["unknown, imputed: race"]
+    with pytest.raises(MlflowException) as err:
+        model_.predict(None, pd.DataFrame([with_(X, race="Nonesuch")]))
+    assert err.value.message.startswith("column 'race', row 0: 'Nonesuch' is not an integer code")
+
+
+def test_a_400_from_the_model_begins_with_its_reason_over_mlflows_scoring_code(served):
+    loaded, X, _ = served
+    status, answer = request(loaded, {"dataframe_records": [with_(X, gender="7")]})
+    assert status == 400
+    message = answer["message"]
+    assert message.startswith("column 'gender', row 0: code 7 was not seen in training"), message[:300]
+    assert "Failed to predict data" in message.split("\n", 1)[1]  # MLflow's detail, after the reason

@@ -98,12 +98,54 @@ def test_evaluate_reports_per_patient_dice_with_counts_and_baseline(in_project, 
     assert "per-patient volume Dice, mean" in result.output and "all-empty baseline" in result.output
 
 
+def _evaluate_runs(name: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.runName = '{name}'",
+                              output_format="list")
+
+
 def test_evaluate_on_a_folder_of_the_public_layout(in_project, make_synth, tmp_path):
+    """The run is named and tagged after the folder it scored, never `evaluate-test` / `subset=test`."""
     folder = make_synth(patients=2, slices=4, size=48, seed=5)
     best = json.loads(open("reports/tune.json").read())["best_model_uri"]
+    tests_before = len(_evaluate_runs("evaluate-test"))
     result = invoke("evaluate", "--model", best, "--folder", str(folder), "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "metrics.json").read_text())["test_n_slices"] == 8  # 48x48 slices, resized
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["folder_n_slices"] == 8 and not any(k.startswith("test_") for k in metrics)  # 48x48, resized
+    run = _run_of(result.output)
+    assert run.info.status == "FINISHED" and run.info.run_name == "evaluate-folder"
+    assert run.data.tags["subset"] == run.data.params["subset"] == f"folder:{folder.resolve().name}"
+    assert "folder_patient_dice_mean" in run.data.metrics and "folder outside the split" in \
+        run.data.tags["mlflow.note.content"]
+    assert len(_evaluate_runs("evaluate-test")) == tests_before
+
+
+def test_evaluate_that_fails_before_scoring_leaves_no_run(in_project, tmp_path):
+    empty = tmp_path / "no_slices" / "TCGA_XX_0000_20000101"
+    empty.mkdir(parents=True)
+    (empty / "notes.txt").write_text("no slices here")
+    best = json.loads(open("reports/tune.json").read())["best_model_uri"]
+    before = {r.info.run_id for r in _evaluate_runs("evaluate-folder")}
+    result = invoke("evaluate", "--model", best, "--folder", str(empty.parent), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert {r.info.run_id for r in _evaluate_runs("evaluate-folder")} == before
+
+
+def test_evaluate_that_fails_writing_its_report_ends_its_run_failed(in_project, make_synth, tmp_path, monkeypatch):
+    import errno
+
+    folder = make_synth(patients=2, slices=4, size=48, seed=6)
+    best = json.loads(open("reports/tune.json").read())["best_model_uri"]
+    before = {r.info.run_id for r in _evaluate_runs("evaluate-folder")}
+
+    def full_disk(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)  # per_patient.csv, after scoring and logging
+    result = invoke("evaluate", "--model", best, "--folder", str(folder), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1 and "cannot write into" in result.output, result.output
+    new = [r for r in _evaluate_runs("evaluate-folder") if r.info.run_id not in before]
+    assert [r.info.status for r in new] == ["FAILED"]  # not a run that looks like a finished evaluation
 
 
 def test_evaluate_unknown_model_is_a_clear_error(in_project, tmp_path):

@@ -97,29 +97,31 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
     """Per-patient volume Dice (mean, median), IoU, tumor-slice Dice, empty-slice FP rate, baseline."""
     from brainseg import tracking
     from brainseg.data.context import DataContext
-    from brainseg.evaluate_run import MasksUnavailable, tracked_evaluation, write_unavailable_report
+    from brainseg.evaluate_run import MasksUnavailable, scored_name, tracked_evaluation, write_unavailable_report
 
     settings = settings_or_fail(profile, set_)
-    subset = subset or settings["evaluate"]["subset"]
+    subset = "test" if folder else subset or settings["evaluate"]["subset"]  # a folder's patients: its "test"
+    label, described = scored_name(subset, folder)
     if tune_summary is not None:
         best = json.loads(tune_summary.read_text()) if tune_summary.is_file() else {}
         if not best.get("best_model_uri"):
             fail(f"{tune_summary}: no completed trial with a model (run `brainseg tune`)", 2)
         model = (best.get("refit") or {}).get("model_uri") or best["best_model_uri"]  # the refit, if any
+    writable_folder_or_fail(output)  # before the model loads, and before any run
     try:
         ctx = (DataContext.from_folder(folder, Path(settings["data"]["cache_dir"])) if folder
                else DataContext.from_settings(settings))
         tracking.set_experiment(EXPERIMENT)
-        res = tracked_evaluation(settings, model, ctx, "test" if folder else subset, out_dir=output)
+        res = tracked_evaluation(settings, model, ctx, subset, out_dir=output, folder=folder)
     except MasksUnavailable as exc:
         if not skip_unlabelled:
             fail(str(exc), 2)
-        write_unavailable_report(output, "test" if folder else subset, str(exc))
-        out.print(f"{exc}: no {subset} report (nothing else depends on it) -> {output / 'metrics.json'}")
+        write_unavailable_report(output, label, str(exc))
+        out.print(f"{exc}: no {described} report (nothing else depends on it) -> {output / 'metrics.json'}")
         return
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), 2)
-    except OSError as exc:  # a read-only or full --out
+    except OSError as exc:  # a full --out (a read-only one is refused above): the run ends FAILED
         fail(f"evaluate: cannot write into {output}: {exc.strerror or exc}"
              + (f" ({exc.filename})" if exc.filename else ""), 1)
     print_metrics(res["metrics"], f"{model} on {folder or subset}")

@@ -18,7 +18,8 @@ Output: one row per input row, in order:
 - ``death01_probability`` (double or null): P(death01 = 1), a calibrated-by-design probability.
 - ``death01_class`` (long or null): 1 when the probability reaches the training prevalence.
 - ``status``: ``ok``, or ``insufficient_data`` when the row has too few known fields (probability
-  and class are then null, never a confident guess); ``message`` says what is missing.
+  and class are then null, never a confident guess); ``message`` says what is missing, and on an
+  ``ok`` row names the fields that were unknown (null, NaN or absent) and imputed.
 - evidence, the same on every row: ``cv_roc_auc`` (mean cross-validated ROC-AUC of this pipeline),
   ``cv_n_patients`` (patients it was cross-validated and fitted on), ``data_version`` (of the
   training data), ``fitted_on`` (``real`` or ``synthetic``: whether the training data was the
@@ -40,22 +41,25 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, DataType, Schema
 from sklearn.pipeline import Pipeline
 
 import brainseg
 from brainseg import tracking
 from brainseg.data.clinical import TARGET
-from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame
+from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame, unknown_fields
+from brainseg.serving.request import BadRequest
 
 PROBABILITY, CLASS = f"{TARGET}_probability", f"{TARGET}_class"
 EVIDENCE = ("cv_roc_auc", "cv_n_patients", "data_version", "fitted_on", "features_from")
 OUTPUT_COLUMNS = (PROBABILITY, CLASS, "status", "message") + EVIDENCE
 OK, INSUFFICIENT = "ok", "insufficient_data"
 FITTED_ON = ("real", "synthetic")
+
+
+def _unknown_note(columns: list[str]) -> str:
+    return f"unknown, imputed: {', '.join(columns)}" if columns else ""
 
 
 def _none_if_nan(v):
@@ -78,7 +82,7 @@ class SurvivalModel(mlflow.pyfunc.PythonModel):
         try:
             X, reasons = check_frame(frame.reset_index(drop=True), self.spec)
         except InvalidInput as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+            raise BadRequest(str(exc)) from None  # a 400 whose message begins with the reason
         n = len(X)
         prob = [None] * n
         ok = [i for i, why in enumerate(reasons) if why is None]
@@ -91,7 +95,7 @@ class SurvivalModel(mlflow.pyfunc.PythonModel):
             PROBABILITY: pd.Series(prob, dtype=object),
             CLASS: pd.Series([None if p is None else int(p >= threshold) for p in prob], dtype=object),
             "status": [OK if why is None else INSUFFICIENT for why in reasons],
-            "message": [why or "" for why in reasons],
+            "message": [why or _unknown_note(cols) for why, cols in zip(reasons, unknown_fields(X))],
         })
         for key in EVIDENCE:
             out[key] = pd.Series([_none_if_nan(self.evidence[key])] * n, dtype=object)

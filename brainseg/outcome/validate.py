@@ -8,8 +8,13 @@ instead of a confident class.
 Rules:
 
 - code columns hold integer codes (as numbers or strings of digits, ``"2"``), null when unknown;
-  a code the model never saw in training is refused (the message lists the codes it knows).
-- ``age_at_initial_pathologic`` is in 0-120 years; imaging features are finite and >= 0.
+  a code the model never saw in training is refused (the message lists the codes it knows). The
+  texts ``"None"`` and ``"nan"`` are null too: MLflow turns a null of a string column into them in
+  the ``instances`` and ``inputs`` request formats (``{"gender": null}`` arrives as ``"None"``).
+- ``age_at_initial_pathologic`` is in 0-120 years; imaging features are finite and >= 0; infinity
+  is refused. NaN is null (unknown), as in pandas: over REST a JSON ``null`` of a number column
+  reaches the model as NaN, so the two cannot be told apart. :func:`unknown_fields` names, per
+  row, what was unknown (the answer's ``message`` lists them: the pipeline imputes them).
 - a row needs at least ``min_known_clinical`` known clinical fields when the model uses clinical
   fields, and a known ``tumor_volume_px`` when it uses imaging features.
 - at most ``max_rows`` rows per request.
@@ -31,6 +36,7 @@ from brainseg.data.clinical import CLINICAL_COLUMNS
 from brainseg.outcome.model import CODE_COLUMNS, IMAGING_COLUMNS
 
 AGE = "age_at_initial_pathologic"
+NULL_TEXTS = {"", "none", "nan", "null"}  # a code cell holding one of these (any case) is unknown
 RANGES = {AGE: (0.0, 120.0), **{c: (0.0, 1e9) for c in IMAGING_COLUMNS}}
 MAX_ROWS = 10_000
 
@@ -86,7 +92,7 @@ def _code(value, column: str, row: int) -> float:
         raise InvalidInput(f"column {column!r}, row {row}: {value!r} is not an integer code")
     if isinstance(value, str):
         text = value.strip()
-        if text == "":
+        if text.lower() in NULL_TEXTS:
             return math.nan
         if text.lstrip("-").isdigit():
             return float(int(text))
@@ -151,3 +157,10 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> tuple[pd.DataFrame, lis
             why.append("imaging features unknown (tumor_volume_px missing)")
         reasons.append("; ".join(why) or None)
     return out, reasons
+
+
+def unknown_fields(X: pd.DataFrame) -> list[list[str]]:
+    """Per row of a checked frame (:func:`check_frame`), the columns that are unknown (null, NaN,
+    absent): the pipeline imputes them."""
+    missing = X.isna()
+    return [[c for c in X.columns if missing.at[i, c]] for i in X.index]

@@ -1,17 +1,22 @@
-"""MLflow's scoring server behind a limit on the request body.
+"""MLflow's scoring server behind a limit on the request body and a required content type.
 
 ``mlflow models serve`` (MLflow 3.17: uvicorn running the FastAPI app of
 ``mlflow.pyfunc.scoring_server``) reads the whole body into memory and parses it before the model's
 own checks run, and has no setting to bound it (uvicorn has none either). This module serves the
-same app, built by MLflow's own ``scoring_server.init`` from the same model URI, wrapped in a plain
-ASGI middleware that answers **413** when the body exceeds ``BRAINSEG_SERVE_MAX_BODY_BYTES``
-(:class:`brainseg.serving.limits.RequestLimits`, default 64 MiB):
+same app, built by MLflow's own ``scoring_server.init`` from the same model URI, wrapped in plain
+ASGI middleware that reads no body byte before deciding:
 
-- with a ``Content-Length`` over the limit, before reading any of it;
-- with a chunked body (no length), as soon as the bytes read pass the limit.
+- :class:`ContentTypeRequired`: a POST without a ``Content-Type`` header gets a **415** naming the
+  header (MLflow's app answers it with a 500 and a traceback in the server log);
+- :class:`BodyLimit`: a body over ``BRAINSEG_SERVE_MAX_BODY_BYTES``
+  (:class:`brainseg.serving.limits.RequestLimits`, default 64 MiB) gets a **413**: with a
+  ``Content-Length`` over the limit at once, before any byte is read (a client that declares
+  70 MiB and sends nothing gets its answer too); with a chunked body (no length), as soon as the
+  bytes read pass the limit.
 
-The rest of an oversized body is read and discarded (memory stays flat) so the client gets the
-answer instead of a reset connection. Start it with uvicorn's factory mode::
+The middleware never reads the rest of a refused body: once the answer is sent, uvicorn discards
+what the client still sends on that connection (memory stays flat) and the client reads the answer.
+Start it with uvicorn's factory mode::
 
     BRAINSEG_SERVE_MODEL=models:/brainseg-segmenter@champion \\
       python -m uvicorn --factory brainseg.serving.app:create_app --host 127.0.0.1 --port 5001
@@ -27,8 +32,29 @@ from brainseg.serving.limits import RequestLimits
 MODEL_ENV = "BRAINSEG_SERVE_MODEL"
 
 
-class BodyTooLarge(Exception):
-    pass
+async def answer(send, status: int, message: str) -> None:
+    """An MLflow-style JSON error answer (``error_code``, ``message``) with ``status``."""
+    content = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
+
+
+class ContentTypeRequired:
+    """ASGI middleware: a POST without a ``Content-Type`` header gets a 415 naming the header."""
+
+    MESSAGE = "the request has no Content-Type header; send it as Content-Type: application/json"
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+            if not content_type.strip():
+                return await answer(send, 415, self.MESSAGE)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -37,11 +63,10 @@ class BodyLimit:
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def message(self, size: str) -> bytes:
+    def message(self, size: str) -> str:
         var = RequestLimits.ENV["max_body_bytes"]
-        return json.dumps({"error_code": "INVALID_PARAMETER_VALUE",
-                           "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes:,} "
-                                      f"bytes per request ({var}); split the request"}).encode()
+        return (f"request body of {size} bytes exceeds the limit of {self.max_bytes:,} "
+                f"bytes per request ({var}); split the request")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -51,7 +76,7 @@ class BodyLimit:
             if declared.isdigit() and int(declared) <= self.max_bytes:
                 return await self.app(scope, receive, send)  # the server stops the body at its length
             size = f"{int(declared):,}" if declared.isdigit() else "an unreadable number of"
-            return await self.refuse(receive, send, size)
+            return await answer(send, 413, self.message(size))  # at once: no byte of the body read
         chunks, total, more = [], 0, True  # chunked: read up to the limit, then replay it to the app
         while more:
             message = await receive()
@@ -61,7 +86,7 @@ class BodyLimit:
             total += len(chunks[-1])
             more = message.get("more_body", False)
             if total > self.max_bytes:
-                return await self.refuse(receive, send, f"more than {self.max_bytes:,}", more)
+                return await answer(send, 413, self.message(f"more than {self.max_bytes:,}"))
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -73,24 +98,15 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def refuse(self, receive, send, size: str, more: bool = True):
-        while more:  # discard the rest, so the client reads the answer rather than a reset
-            message = await receive()
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        content = self.message(size)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(content)).encode())]})
-        await send({"type": "http.response.body", "body": content})
-
 
 def create_app(model_uri: str | None = None, limits: RequestLimits | None = None):
-    """MLflow's scoring app for ``model_uri`` (default: ``$BRAINSEG_SERVE_MODEL``) behind :class:`BodyLimit`."""
+    """MLflow's scoring app for ``model_uri`` (default: ``$BRAINSEG_SERVE_MODEL``) behind
+    :class:`ContentTypeRequired` and :class:`BodyLimit`."""
     from mlflow.pyfunc import scoring_server
 
     model_uri = model_uri or os.environ.get(MODEL_ENV)
     if not model_uri:
         raise SystemExit(f"set {MODEL_ENV} to the model to serve, e.g. models:/brainseg-segmenter@champion")
     limits = limits or RequestLimits.from_env()
-    return BodyLimit(scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri)),
-                     limits.max_body_bytes)
+    app = scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri))
+    return ContentTypeRequired(BodyLimit(app, limits.max_body_bytes))

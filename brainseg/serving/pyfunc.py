@@ -147,7 +147,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
 
 
 SERVING_PACKAGES = ("mlflow", "tf-keras", "segmentation-models", "numpy", "pandas",
-                    "opencv-python-headless", "tifffile", "pillow", "scikit-image", "pyyaml")
+                    "opencv-python-headless", "tifffile", "imagecodecs", "pillow", "scikit-image", "pyyaml")
 TENSORFLOW_PACKAGES = ("tensorflow-cpu", "tensorflow")  # the `cpu` / `gpu` extras; the first installed wins
 
 
