@@ -1,7 +1,7 @@
 #!/bin/sh
 # Issue 24's ablation: levers of the `cpu` recipe at one equal training budget, scored on the
 # validation patients only (--no-test-report: no test patient is read), then one table from MLflow.
-# Run from a project folder with the real data imported (README "Results on real data"):
+# Run from a project folder with the real data imported (docs/recipe.md):
 #   sh experiments/ablate_budget.sh 6m      # ~7 min a row on a 2-core CPU (budget + validation + logging)
 # Prints per row: validation per-patient Dice mean / median with its 95% bootstrap interval over
 # patients, FP rate on empty slices, slices seen, slices/s.

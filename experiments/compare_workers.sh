@@ -1,7 +1,7 @@
 #!/bin/sh
 # Issue 25's worker/thread comparison: the `cpu` study's trials on a short budget, once with
 # 1 worker x 2 TensorFlow threads and once with 2 workers x 1 thread (one SQLite study each),
-# no refit, only the learning rate searched (every trial costs the same). Run from a project folder with the real data imported (README "Tuning on a budget"):
+# no refit, only the learning rate searched (every trial costs the same). Run from a project folder with the real data imported (docs/tuning.md):
 #   sh experiments/compare_workers.sh 4     # minutes per study; ~2 x (4 + 1) min on a 2-core CPU
 # Prints per layout: trials, training slices seen by all trials, slices per second of search (the
 # study's training throughput: both cores together) and the trials' mean own slices/s.

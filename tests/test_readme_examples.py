@@ -1,4 +1,4 @@
-"""The README's examples that follow the Quickstart run as written on the Quickstart's data.
+"""The examples of the README and docs/ that follow the Quickstart run as written on its data.
 
 The Quickstart (`brainseg run`) generates the synthetic default from params.yaml's `data.synth`
 into data/raw/kaggle_3m; every data path the README names must exist there, the curl request it
@@ -25,7 +25,8 @@ from brainseg.data.importer import ensure_dataset
 from brainseg.run_pipeline import FINAL_WORDS  # what `brainseg run` prints at the end
 
 PROJECT = Path(__file__).resolve().parents[1]
-README = (PROJECT / "README.md").read_text()
+# the README and its docs pages: every example in either is checked here
+README = "\n".join(p.read_text() for p in [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))])
 DATA_PATH = re.compile(r"data/raw/kaggle_3m(?:/[A-Za-z0-9_.]+)*")
 
 
