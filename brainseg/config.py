@@ -86,7 +86,7 @@ class Train(Section):
     tversky_alpha: Float = Field(None, ge=0, le=1)
     tversky_beta: Float = Field(None, ge=0, le=1)
     lr: Float = Field(None, gt=0, le=1)
-    batch_size: Int = Field(None, ge=1)
+    batch_size: Int = Field(None, ge=1, le=4096)  # more would not fit in memory at 128 px; issue 27
     epochs: Int = Field(None, ge=1)
     patience: Int = Field(None, ge=0)
     lr_patience: Int = Field(None, ge=0)
