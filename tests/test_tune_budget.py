@@ -143,3 +143,36 @@ def test_a_budgeted_refit_needs_the_recipes_budget(project, monkeypatch):
                         "--set", "tune.budget_minutes=3", "--refit")
     assert result.exit_code == 2 and "train.budget_minutes" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tmp_path, monkeypatch):
+    """The plan and the session's deadlines are kept in the study, so a worker process (or a resumed
+    session) uses the same rungs in seconds and the same last start as the launcher planned."""
+    from brainseg.config import load_settings
+    from brainseg.tune.budget import TrialPlan
+    from brainseg.tune.clock import CLOCK_ATTR, PLAN_ATTR, worker_clock
+    from brainseg.tune.plan import open_plan_study, plan_from_settings
+    from conftest import PROJECT_ROOT
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    settings = load_settings("smoke", ["tune.budget_minutes=10"])
+    storage = f"sqlite:///{tmp_path}/o.db"
+    launcher = plan_from_settings(settings, "shared", storage, 1, 60)
+    study = open_plan_study(launcher, worker=0)
+    trial_plan = TrialPlan(trial_s=120.0, rungs_s=(60.0, 120.0), search_s=500, last_start_s=400, overhead_s=20,
+                           epoch_s=5, expected_fraction=0.8)
+    clock = Clock(started=1000.0, last_start=1400.0, search_end=1500.0, study_end=1600.0)
+    study.set_user_attr(PLAN_ATTR, trial_plan.to_dict())
+    study.set_user_attr(CLOCK_ATTR, clock.to_dict())
+    worker_plan = plan_from_settings(settings, "shared", storage, 1, 60)
+    worker_study = open_plan_study(worker_plan, worker=1)
+    assert worker_clock(worker_plan, worker_study) == clock
+    fid = worker_plan.fidelity
+    assert fid.unit == "seconds" and fid.rungs() == [60, 120] and fid.max_resource == 120
+    assert isinstance(worker_study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert worker_study.pruner._min_resource == 60
+    cfg = fid.trial_settings(settings["train"])
+    assert cfg["budget_minutes"] == 2 and cfg["progressive_size"] is None
+    # without a budget in its settings a worker keeps the epoch fidelity
+    plain = plan_from_settings(load_settings("smoke"), "shared", storage, 1, 60)
+    assert worker_clock(plain, open_plan_study(plain, worker=2)) is None and plain.fidelity.unit == "epochs"
