@@ -26,11 +26,13 @@ import yaml
 from brainseg.config import load_settings
 from brainseg.data.importer import dvc_available, ensure_dataset
 from brainseg.profiles import use_profile
+from brainseg import tracking
 from brainseg.tracking import PIPELINE_ENV, PIPELINE_TAG
 
 DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")
 REGISTER_REPORT = Path("reports/register.json")
+PIPELINE_EXPERIMENT = "brainseg"  # where the pipeline's runs go (cli.common.EXPERIMENT)
 
 
 def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, str]]:
@@ -56,20 +58,43 @@ def run(profile: str | None = None, use_dvc: bool = True, promote: bool = True, 
     use_dvc = use_dvc and dvc_available()
     echo(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"], use_dvc=use_dvc))
     run_id = uuid.uuid4().hex[:12]
-    env = {**os.environ, PIPELINE_ENV: run_id}
+    launcher, moved = claim_launcher(run_id, settings)
+    env = {**os.environ, PIPELINE_ENV: run_id}  # after the claim: the stages' runs nest under the launcher
     echo(f"pipeline run {run_id} (profile {settings['profile']}; MLflow tag {PIPELINE_TAG}={run_id})")
-    if use_dvc:
-        subprocess.run(["dvc", "repro"], env=env, check=True)
-    else:
-        params = yaml.safe_load(PARAMS_FILE.read_text())
-        for name, cmd in stage_commands(params):
-            echo(f"stage {name}: {cmd}")
-            subprocess.run(shlex.split(cmd), env=env, check=True)
-    if promote:
-        for name, version in pending_promotions(REGISTER_REPORT):
-            echo(f"promotion gate: brainseg promote {name} {version}")
-            subprocess.run(["brainseg", "promote", name, str(version)], env=env, check=True)
+    status = "FAILED"
+    try:
+        if use_dvc:
+            subprocess.run(["dvc", "repro"], env=env, check=True)
+        else:
+            params = yaml.safe_load(PARAMS_FILE.read_text())
+            for name, cmd in stage_commands(params):
+                echo(f"stage {name}: {cmd}")
+                subprocess.run(shlex.split(cmd), env=env, check=True)
+        if promote:
+            for name, version in pending_promotions(REGISTER_REPORT):
+                echo(f"promotion gate: brainseg promote {name} {version}")
+                subprocess.run(["brainseg", "promote", name, str(version)], env=env, check=True)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if moved:  # `mlflow run` ends its own run in Default; the moved one is this command's to end
+            tracking.terminate(launcher, status)
     return run_id
+
+
+def claim_launcher(run_id: str, settings: dict) -> tuple[str | None, bool]:
+    """Under ``mlflow run . -e main``: the project run becomes the pipeline's run in ``brainseg``
+    (moved there when ``mlflow run`` put it in Default, as ``-e tune`` does), so every stage's run
+    is its child in one tree. Returns (its id or None, moved)."""
+    project = os.environ.get(tracking.PROJECT_ENV)
+    if not project or os.environ.get(PIPELINE_ENV):
+        return None, False
+    tags = {**tracking.lineage_tags("pipeline", settings), PIPELINE_TAG: run_id, "brainseg.role": "pipeline"}
+    tags.pop("data_version", None)  # the stages record theirs; the pipeline may import new data
+    return tracking.claim_project_run(project, PIPELINE_EXPERIMENT, f"pipeline-{run_id}", tags,
+                                      {"profile": settings.get("profile")})
 
 
 def pending_promotions(report: Path) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -22,6 +21,8 @@ import pandas as pd
 from brainseg import plots
 from brainseg.config import TrainConfig
 from brainseg.data.version import git_commit
+from brainseg.run_metrics import best_epoch_summary, clean_metrics, epoch_metrics, history_name  # noqa: F401
+from brainseg.run_notes import NOTE_TAG, run_note
 
 PIPELINE_TAG = "brainseg.pipeline_run"  # shared by every run of one pipeline execution
 PIPELINE_ENV = "BRAINSEG_PIPELINE_RUN"
@@ -38,11 +39,17 @@ def adopt_project_run() -> None:
         os.environ[PROJECT_ENV] = run_id
 
 
-def _with_project_parent(tags: dict) -> dict:
+def _with_project_parent(tags: dict, experiment_id: str | None = None) -> dict:
+    """``tags`` with the project run as parent, when the run goes to the project run's experiment
+    (a parent in another experiment would split the UI's run tree; the lineage tag still names it)."""
     project = os.environ.get(PROJECT_ENV)
-    if project and "mlflow.parentRunId" not in tags:
-        return {**tags, "mlflow.parentRunId": project}
-    return tags
+    if not project or "mlflow.parentRunId" in tags:
+        return tags
+    try:
+        same = experiment_id is None or client().get_run(project).info.experiment_id == str(experiment_id)
+    except Exception:  # noqa: BLE001 - a project run in another store: no parent
+        same = False
+    return {**tags, "mlflow.parentRunId": project} if same else tags
 
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # how MLflow records a training experiment
@@ -76,56 +83,6 @@ def lineage_tags(version: str, settings: dict | None = None) -> dict[str, str]:
     if os.environ.get(PROJECT_ENV):
         tags["brainseg.project_run"] = os.environ[PROJECT_ENV]
     return tags
-
-
-def clean_metrics(d: dict, prefix: str = "") -> dict[str, float]:
-    """Numeric, finite entries of ``d`` (NaN means 'undefined' and is not logged)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (bool, np.bool_)):
-            v = float(v)
-        if isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v)):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-# Keras log keys renamed in MLflow so that no metric shares a name with a parameter (param `lr`)
-# or with a summary metric (the full-size evaluation's `val_empty_slice_fp_rate`).
-EPOCH_METRIC_RENAMES = {"lr": "learning_rate", "val_empty_slice_fp_rate": "val_empty_fp_rate"}
-
-
-def history_name(key: str) -> str:
-    """The MLflow name of a per-epoch history key; ``best_`` + this names its best-epoch value.
-
-    >>> history_name("val_patient_dice"), history_name("lr"), history_name("val_empty_slice_fp_rate")
-    ('val_patient_dice', 'learning_rate', 'val_empty_fp_rate')
-    """
-    return EPOCH_METRIC_RENAMES.get(key, key)
-
-
-def epoch_metrics(logs: dict) -> dict[str, float]:
-    """One epoch's Keras logs as MLflow metrics under :func:`history_name` (NaN left out).
-
-    >>> epoch_metrics({"loss": 0.5, "lr": 0.001, "val_patient_dice": float("nan")})
-    {'loss': 0.5, 'learning_rate': 0.001}
-    """
-    return clean_metrics({history_name(k): v for k, v in (logs or {}).items()})
-
-
-def best_epoch_summary(history: dict, best_epoch: int, epochs_run: int) -> dict[str, float]:
-    """The best epoch's values as ``best_<history name>`` plus ``best_epoch`` counted from 1.
-
-    ``best_epoch`` is 0-based here (Keras); -1 means no epoch had a value.
-
-    >>> best_epoch_summary({"loss": [0.9, 0.5, 0.7], "val_empty_slice_fp_rate": [1.0, 0.79, 1.0]}, 1, 3)
-    {'best_epoch': 2.0, 'epochs_run': 3.0, 'best_loss': 0.5, 'best_val_empty_fp_rate': 0.79}
-    """
-    out = {"best_epoch": best_epoch + 1, "epochs_run": epochs_run}
-    if best_epoch >= 0:
-        for key, values in history.items():
-            if best_epoch < len(values):
-                out[f"best_{history_name(key)}"] = values[best_epoch]
-    return clean_metrics(out)
 
 
 def epoch_logger():
@@ -231,8 +188,6 @@ def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None
 
 def with_note(name: str, tags: dict) -> dict:
     """``tags`` plus the run's description (``mlflow.note.content``) unless one is given."""
-    from brainseg.run_notes import NOTE_TAG, run_note
-
     return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
 
 
@@ -248,7 +203,9 @@ def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
     Exceptions of the types in ``finished_on`` (e.g. a pruned trial) end it FINISHED and propagate.
     """
     tags = with_note(name, tags)
-    active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags), nested=nested)
+    experiment = mlflow.tracking.fluent._get_experiment_id()  # where this run goes
+    active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags, experiment),
+                              nested=nested)
     try:
         yield active
     except finished_on:
@@ -284,7 +241,8 @@ def client() -> mlflow.MlflowClient:
 def create_parent_run(experiment: str, name: str, tags: dict, params: dict) -> str:
     """A run that is not active in this process (several workers attach children to it)."""
     exp = set_experiment(experiment)
-    r = client().create_run(exp.experiment_id, run_name=name, tags=_with_project_parent(with_note(name, tags)))
+    r = client().create_run(exp.experiment_id, run_name=name,
+                            tags=_with_project_parent(with_note(name, tags), exp.experiment_id))
     items = [mlflow.entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
     client().log_batch(r.info.run_id, params=items)
     return r.info.run_id
@@ -332,3 +290,44 @@ def terminate(run_id: str, status: str) -> None:
             client().set_terminated(run_id, status)
     except mlflow.exceptions.MlflowException:
         pass
+
+
+# ------------------------------------------------------------------------ the `mlflow run` run
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+def claim_project_run(project: str, experiment: str, name: str, tags: dict, params: dict) -> tuple[str, bool]:
+    """Make ``mlflow run``'s run (``project``) this command's run in ``experiment``.
+
+    Returns (run id, moved). Either way the run gets its description (``mlflow.note.content``,
+    :func:`brainseg.tracking.with_note`). In ``experiment`` (or another experiment the user chose) it is used
+    as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
+    is ended with a note pointing at the new run (not deleted: ``mlflow run`` sets its status when
+    the command ends).
+    """
+    c = client()
+    run = c.get_run(project)
+    exp = set_experiment(experiment)
+    entities = mlflow.entities
+    if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
+        new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()
+                      if k not in run.data.params]
+        c.log_batch(project, params=new_params,
+                    tags=[entities.RunTag(k, str(v)) for k, v in with_note(name, tags).items()])
+        c.set_tag(project, "mlflow.runName", name)
+        return project, False
+    copied = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
+    new = c.create_run(exp.experiment_id, run_name=name,
+                       tags=with_note(name, {**copied, **tags, "brainseg.moved_from_run": project}))
+    items = {**run.data.params, **params}
+    c.log_batch(new.info.run_id, params=[entities.Param(k, "None" if v is None else str(v)[:6000])
+                                         for k, v in items.items()])
+    # Not deleted: `mlflow run` sets the status of its run when the command ends and fails on a
+    # deleted run. It is ended, and says where the study went (`--experiment-name brainseg` avoids it).
+    c.log_batch(project, tags=[entities.RunTag(NOTE_TAG,
+                                               f"Launcher only: the study is run {new.info.run_id} in "
+                                               f"experiment {experiment!r}."),
+                               entities.RunTag("brainseg.moved_to_run", new.info.run_id)])
+    c.set_terminated(project, "FINISHED")
+    os.environ[PROJECT_ENV] = new.info.run_id
+    return new.info.run_id, True

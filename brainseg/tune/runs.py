@@ -19,13 +19,13 @@ from pathlib import Path
 import optuna
 
 from brainseg.run_notes import NOTE_TAG
+from brainseg.tracking import claim_project_run
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, make_storage, redact
 from brainseg.tune.space import trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 HOST_ATTR, PID_ATTR, START_ATTR = "worker_host", "worker_pid", "worker_started"
-DEFAULT_EXPERIMENT_ID = "0"
 
 
 # ------------------------------------------------------------------------- dead workers
@@ -117,47 +117,6 @@ def _usable(run_id: str | None) -> bool:
         return tracking.client().get_run(run_id).info.lifecycle_stage == "active"
     except Exception:  # noqa: BLE001 - missing run (another tracking store)
         return False
-
-
-def claim_project_run(project: str, experiment: str, name: str, tags: dict, params: dict) -> tuple[str, bool]:
-    """Make ``mlflow run``'s run (``project``) this command's run in ``experiment``.
-
-    Returns (run id, moved). Either way the run gets its description (``mlflow.note.content``,
-    :func:`brainseg.tracking.with_note`). In ``experiment`` (or another experiment the user chose) it is used
-    as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
-    is ended with a note pointing at the new run (not deleted: ``mlflow run`` sets its status when
-    the command ends).
-    """
-    import mlflow
-
-    from brainseg import tracking
-
-    c = tracking.client()
-    run = c.get_run(project)
-    exp = tracking.set_experiment(experiment)
-    entities = mlflow.entities
-    if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
-        new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()
-                      if k not in run.data.params]
-        c.log_batch(project, params=new_params,
-                    tags=[entities.RunTag(k, str(v)) for k, v in tracking.with_note(name, tags).items()])
-        c.set_tag(project, "mlflow.runName", name)
-        return project, False
-    copied = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
-    new = c.create_run(exp.experiment_id, run_name=name,
-                       tags=tracking.with_note(name, {**copied, **tags, "brainseg.moved_from_run": project}))
-    items = {**run.data.params, **params}
-    c.log_batch(new.info.run_id, params=[entities.Param(k, "None" if v is None else str(v)[:6000])
-                                         for k, v in items.items()])
-    # Not deleted: `mlflow run` sets the status of its run when the command ends and fails on a
-    # deleted run. It is ended, and says where the study went (`--experiment-name brainseg` avoids it).
-    c.log_batch(project, tags=[entities.RunTag(NOTE_TAG,
-                                               f"Launcher only: the study is run {new.info.run_id} in "
-                                               f"experiment {experiment!r}."),
-                               entities.RunTag("brainseg.moved_to_run", new.info.run_id)])
-    c.set_terminated(project, "FINISHED")
-    os.environ[tracking.PROJECT_ENV] = new.info.run_id
-    return new.info.run_id, True
 
 
 def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version: str,
