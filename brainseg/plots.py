@@ -48,3 +48,21 @@ def overlay_grid(images, truths, preds, titles):
 def save(fig, path) -> None:
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def overlay_examples(ev, images: list[np.ndarray], truths: list[np.ndarray]):
+    """Best, median and worst tumor slices by per-slice Dice -> overlay grid figure."""
+    s = ev.slices
+    tumor = s[s["truth_px"] > 0].copy()
+    if tumor.empty:
+        idx = list(range(min(3, len(s))))
+        titles = [f"{s.loc[i, 'patient_dir']} #{s.loc[i, 'slice']}" for i in idx]
+    else:
+        tumor["dice"] = 2 * tumor["tp"] / (2 * tumor["tp"] + tumor["fp"] + tumor["fn"])
+        tumor = tumor.sort_values("dice")
+        picks = {"worst": tumor.index[0], "median": tumor.index[len(tumor) // 2], "best": tumor.index[-1]}
+        idx = list(picks.values())
+        titles = [f"{k}: {s.loc[i, 'patient_dir']} #{s.loc[i, 'slice']} Dice {tumor.loc[i, 'dice']:.2f}"
+                  for k, i in picks.items()]
+    return overlay_grid([images[i] for i in idx], [truths[i] for i in idx],
+                              [ev.preds[i] for i in idx], titles)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import math
 
-import mlflow
-
 from brainseg import registry, tracking
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
@@ -69,7 +67,7 @@ def _log_decision(settings: dict, version_of_data: str, decision: registry.Decis
     with tracking.run(f"promote-{decision.name}", tags):
         tracking.log_params({"model_name": decision.name, "model_version": decision.version,
                              "gate_subset": subset or "none", "gate_metric": decision.metric, "force": force})
-        mlflow.log_metrics(tracking.clean_metrics({
+        tracking.log_active_metrics(tracking.clean_metrics({
             f"challenger_{decision.metric}": decision.score if decision.score is not None else float("nan"),
             f"champion_{decision.metric}": decision.champion_score if decision.champion_score is not None
             else float("nan"),

@@ -93,6 +93,16 @@ def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
+def versions_of_run(run_id: str) -> list:
+    """Every registry version logged from run ``run_id`` (any model name)."""
+    return client().search_model_versions(f"run_id='{run_id}'")
+
+
+def load_pyfunc(uri: str):
+    """An MLflow pyfunc model by URI (the survival model; a segmenter loads with :func:`load_segmenter`)."""
+    return mlflow.pyfunc.load_model(uri)
+
+
 def find_version(name: str, run_id: str):
     """The version of ``name`` already registered from ``run_id`` (registering twice is a no-op)."""
     try:

@@ -151,31 +151,13 @@ def log_json(d: dict, name: str) -> None:
     mlflow.log_dict(d, name)
 
 
-def overlay_examples(ev, images: list[np.ndarray], truths: list[np.ndarray]):
-    """Best, median and worst tumor slices by per-slice Dice -> overlay grid figure."""
-    s = ev.slices
-    tumor = s[s["truth_px"] > 0].copy()
-    if tumor.empty:
-        idx = list(range(min(3, len(s))))
-        titles = [f"{s.loc[i, 'patient_dir']} #{s.loc[i, 'slice']}" for i in idx]
-    else:
-        tumor["dice"] = 2 * tumor["tp"] / (2 * tumor["tp"] + tumor["fp"] + tumor["fn"])
-        tumor = tumor.sort_values("dice")
-        picks = {"worst": tumor.index[0], "median": tumor.index[len(tumor) // 2], "best": tumor.index[-1]}
-        idx = list(picks.values())
-        titles = [f"{k}: {s.loc[i, 'patient_dir']} #{s.loc[i, 'slice']} Dice {tumor.loc[i, 'dice']:.2f}"
-                  for k, i in picks.items()]
-    return plots.overlay_grid([images[i] for i in idx], [truths[i] for i in idx],
-                              [ev.preds[i] for i in idx], titles)
-
-
 def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
     """Metrics (with the empty baseline), per-patient CSV and the overlay grid of one evaluation."""
     metrics = ev.metrics()
     mlflow.log_metrics(clean_metrics(metrics, prefix))
     log_table(ev.patients, f"{prefix}per_patient_metrics.csv")
     if images is not None:
-        log_figure(overlay_examples(ev, images, truths), f"{prefix}overlays.png")
+        log_figure(plots.overlay_examples(ev, images, truths), f"{prefix}overlays.png")
     return metrics
 
 
@@ -231,6 +213,37 @@ def train_config_params(cfg: TrainConfig) -> dict:
     for name in ("bce", "dice", "jaccard", "focal", "tversky"):
         d[f"loss_w_{name}"] = float(loss.get(name, 0) or 0)
     return d
+
+
+# ------------------------------------------------------------------------------- the active run
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def log_active_metrics(metrics: dict, step: int | None = None) -> None:
+    mlflow.log_metrics(metrics, step=step)
+
+
+def set_active_tags(tags: dict) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_text(text: str, name: str) -> None:
+    mlflow.log_text(text, name)
+
+
+def log_dict(d: dict, name: str) -> None:
+    mlflow.log_dict(d, name)
+
+
+def log_artifact(path: Path) -> None:
+    mlflow.log_artifact(str(path))
+
+
+def logged_models_of(run_id: str) -> list:
+    """The models logged by run ``run_id`` (MLflow 3 LoggedModels)."""
+    return mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
 
 
 # ------------------------------------------------------------------------------- parent runs

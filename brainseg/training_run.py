@@ -9,8 +9,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import mlflow
-
 from brainseg import plots, tracking
 from brainseg.config import TrainConfig, flatten
 from brainseg.data.arrays import load_full_images
@@ -41,7 +39,7 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
         tracking.log_dataset_input(val_rows, ctx.root, ctx.version, "validation")
         tr, va = ctx.arrays("train", cfg), ctx.arrays("val", cfg)
         result = train(cfg, tr, va, callbacks=[tracking.epoch_logger(), *(callbacks or [])], verbose=verbose)
-        mlflow.log_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run),
+        tracking.log_active_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run),
                             **result.budget})
         tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
 
@@ -62,7 +60,7 @@ def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):
     segmenter, choice = choose_inference(settings, model, cfg, val_rows, ctx)
     if choice is not None:
         tracking.log_table(choice, "val_postprocessing_candidates.csv")
-    mlflow.set_tag(CHOSEN_ON_TAG, "val" if choice is not None else "fixed (evaluate settings)")
+    tracking.set_active_tags({CHOSEN_ON_TAG: "val" if choice is not None else "fixed (evaluate settings)"})
     tracking.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()})
     val_images, truths = load_full_images(val_rows), ctx.truths("val")
     ev = evaluate(segmenter, val_rows, val_images, truths)
@@ -95,15 +93,15 @@ def report_on_test(segmenter: Segmenter, ctx: DataContext) -> dict:
     """
     rows = ctx.rows("test")
     if rows.empty:
-        mlflow.set_tag("test_report", "no test patients")
+        tracking.set_active_tags({"test_report": "no test patients"})
         return {}
     try:
         truths = ctx.truths("test")
         images = load_full_images(rows)
     except (OSError, ValueError) as exc:
-        mlflow.set_tag("test_report", f"unavailable: {exc}"[:500])
+        tracking.set_active_tags({"test_report": f"unavailable: {exc}"[:500]})
         return {}
     ev = evaluate(segmenter, rows, images, truths)
     metrics = tracking.log_evaluation(ev, "test_", images, truths)
-    mlflow.set_tag("test_report", "test_* metrics: report only, used in no choice")
+    tracking.set_active_tags({"test_report": "test_* metrics: report only, used in no choice"})
     return {f"test_{k}": v for k, v in metrics.items()}

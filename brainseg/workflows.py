@@ -12,8 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import mlflow
-
 from brainseg import registry, tracking
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
@@ -110,7 +108,7 @@ def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | 
     promote = bool(settings["register"].get("promote", False)) if promote is None else promote
     results, trained_in = {}, None
     if run_id:
-        logged = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+        logged = tracking.logged_models_of(run_id)
         if not logged:
             raise ValueError(f"run {run_id} has no logged model (a pruned or failed trial?); pick a completed run")
         model_uri = f"models:/{logged[0].model_id}"

@@ -154,9 +154,9 @@ def registered_version(run_id: str) -> dict:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return {}
     try:
-        import mlflow
+        from brainseg import registry  # deferred: MLflow loads only when a version is looked up
 
-        versions = mlflow.MlflowClient().search_model_versions(f"run_id='{run_id}'")
+        versions = registry.versions_of_run(run_id)
     except Exception:  # noqa: BLE001 - best effort: the version is extra information
         return {}
     if not versions:

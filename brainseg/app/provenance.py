@@ -48,9 +48,9 @@ def model_provenance(uri: str) -> dict:
         out.update(local_provenance(path))
         return out
     try:
-        import mlflow
+        from brainseg import registry  # deferred: MLflow loads only for a registry URI
 
-        client = mlflow.MlflowClient()
+        client = registry.client()
         if m := _MODELS_URI.match(uri):
             mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
                   else client.get_model_version(m["name"], m["version"]))

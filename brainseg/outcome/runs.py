@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from brainseg import tracking
@@ -34,7 +33,7 @@ def _log_tables(tables: dict[str, pd.DataFrame]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, table in tables.items():
             table.to_csv(Path(tmp) / name, index=name == "oof_probability.csv")
-            mlflow.log_artifact(str(Path(tmp) / name))
+            tracking.log_artifact(Path(tmp) / name)
 
 
 def _log_result(result: SurvivalResult, y: pd.Series, settings_params: dict) -> None:
@@ -43,7 +42,7 @@ def _log_result(result: SurvivalResult, y: pd.Series, settings_params: dict) -> 
                          "features_from": result.features_from, "folds": cv["folds"],
                          "folds_requested": cv["folds_requested"], "repeats": cv["repeats"], "seed": cv["seed"],
                          "n_features": len(result.columns), **settings_params})
-    mlflow.log_metrics(tracking.clean_metrics({k: cv[k] for k in METRIC_KEYS if k in cv}))
+    tracking.log_active_metrics(tracking.clean_metrics({k: cv[k] for k in METRIC_KEYS if k in cv}))
     prob = cv["oof_probability"]
     truth = y.loc[prob.index]
     tracking.log_figure(roc_figure(truth, prob.to_numpy()), "roc.png")
@@ -51,7 +50,7 @@ def _log_result(result: SurvivalResult, y: pd.Series, settings_params: dict) -> 
     _log_tables({"fold_scores.csv": cv["fold_scores"],
                  "oof_probability.csv": pd.DataFrame({TARGET: truth, "probability": prob})})
     if result.notes:
-        mlflow.log_text("\n".join(result.notes) + "\n", "notes.txt")
+        tracking.log_text("\n".join(result.notes) + "\n", "notes.txt")
 
 
 def log_comparison(results: Sequence[SurvivalResult], y: pd.Series, *, tags: dict, final_key: str,
@@ -62,10 +61,10 @@ def log_comparison(results: Sequence[SurvivalResult], y: pd.Series, *, tags: dic
         raise ValueError("no survival results to log")
     all_tags = {k: str(v) for k, v in tags.items()}
     runs = {}
-    with tracking.run(run_name, all_tags, nested=mlflow.active_run() is not None) as parent:
+    with tracking.run(run_name, all_tags, nested=tracking.active_run_id() is not None) as parent:
         if join_report is not None:
-            mlflow.log_dict(join_report, "join_report.json")
-            mlflow.log_metrics(tracking.clean_metrics({k: join_report.get(k) for k in (
+            tracking.log_dict(join_report, "join_report.json")
+            tracking.log_active_metrics(tracking.clean_metrics({k: join_report.get(k) for k in (
                 "clinical_patients", "imaging_patients", "matched", "excluded_missing_target",
                 "patients", "positives")}))
         for result in results:
@@ -73,9 +72,9 @@ def log_comparison(results: Sequence[SurvivalResult], y: pd.Series, *, tags: dic
                               nested=True) as child:
                 _log_result(result, y, settings_params or {})
                 runs[result.key] = child.info.run_id
-        mlflow.set_tags({"final": final_key, "final_run_id": runs.get(final_key, "")})
+        tracking.set_active_tags({"final": final_key, "final_run_id": runs.get(final_key, "")})
         summary = pd.DataFrame([summary_row(r) for r in results])
-        mlflow.log_text(summary.to_csv(index=False), "comparison.csv")
+        tracking.log_text(summary.to_csv(index=False), "comparison.csv")
     return {"parent_run_id": parent.info.run_id, "runs": runs}
 
 

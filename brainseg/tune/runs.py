@@ -155,18 +155,18 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
     epoch, the step being the pruner's resource (epochs trained, or seconds of training of a trial
     on a budget); prune. ``deadline`` (Unix seconds): the end of the search; a trial still training
     then is stopped and pruned (its value so far is kept, it is never taken as the best)."""
-    import mlflow
     import tf_keras as keras
 
+    from brainseg import tracking
+
     def prune(why: str, step: int):
-        mlflow.set_tag("state", "PRUNED")
-        mlflow.set_tag("pruned_by", why)
-        mlflow.log_metric("pruned_after_epochs" if unit == "epochs" else "pruned_after_s", step)
+        tracking.set_active_tags({"state": "PRUNED", "pruned_by": why})
+        tracking.log_active_metrics({"pruned_after_epochs" if unit == "epochs" else "pruned_after_s": step})
         raise optuna.TrialPruned(f"{why} after {step} {unit}")
 
     class TrialReport(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            trial.set_user_attr(RUN_ATTR, mlflow.active_run().info.run_id)
+            trial.set_user_attr(RUN_ATTR, tracking.active_run_id())
             self.step = 0
 
         def on_train_batch_end(self, batch, logs=None):
