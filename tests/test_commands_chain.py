@@ -43,7 +43,7 @@ def test_good_overrides_pass_with_their_types(monkeypatch, override, expected):
 @pytest.mark.parametrize("override, message", [
     ("train.lr=abc", "train.lr: 'abc' (str) is not a number"),
     ("train.lr=0", "train.lr: 0 is not a number in (0, 1]"),
-    ("train.batch_size=0", "train.batch_size: 0 is not an integer >= 1"),
+    ("train.batch_size=0", "train.batch_size: 0 is not an integer in [1, 4096]"),
     ("train.batch_size=2.5", "train.batch_size: 2.5 (float) is not an integer"),
     ("train.epochs=0", "train.epochs: 0 is not an integer >= 1"),
     ("train=5", "train: 5 (int) replaces a whole section"),

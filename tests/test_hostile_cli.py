@@ -170,7 +170,7 @@ CASES = {
         1, ["_2_mask.tif", "mask is 16x16 but its image is 32x32"]),
     # ---- settings: checked before any run
     "train.lr=abc": lambda t: (["train", "--set", "train.lr=abc"], 2, ["train.lr", "'abc'", "not a number"]),
-    "train.batch_size=0": lambda t: (["train", "--set", "train.batch_size=0"], 2, ["train.batch_size: 0", ">= 1"]),
+    "train.batch_size=0": lambda t: (["train", "--set", "train.batch_size=0"], 2, ["train.batch_size: 0", "in [1, 4096]"]),
     "train=5": lambda t: (["train", "--set", "train=5"], 2, ["train: 5", "whole section"]),
     "train.epochs=0": lambda t: (["train", "--set", "train.epochs=0"], 2, ["train.epochs: 0", ">= 1"]),
     "train.size=-64": lambda t: (["train", "--set", "train.size=-64"], 2, ["train.size: -64"]),
