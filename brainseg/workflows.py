@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from brainseg import registry, tracking
+from brainseg.budget import BudgetError
 from brainseg.config import ConfigError
 from brainseg.data.context import DataContext
 from brainseg.promotion import register_segmenter, register_survival
@@ -83,6 +84,8 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
         summary = run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
                             refit=bool(refit) and worker is None, register=bool(register),
                             settings_args=settings_args or [], echo=echo, started=started)
+    except BudgetError as exc:  # a budget that cannot hold the plan on this machine: before any trial
+        raise TuneRefused(str(exc)) from exc
     except Exception as exc:  # storage unreachable, bad URL: before any trial started
         if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
             raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "

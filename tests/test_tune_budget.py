@@ -132,6 +132,9 @@ def test_a_study_on_a_budget_ends_in_time_with_the_recipe_first_and_a_registered
         parent = client.get_run(summary["parent_run_id"])
         assert "study_minutes_left" in parent.data.metrics and "min of the study left" in parent.data.tags["progress"]
         assert float(parent.data.params["study.budget_minutes"]) == 2.5
+        # the study's run records the fidelity that ran: seconds of training, the planned rungs
+        assert parent.data.params["study.resource"] == "seconds"
+        assert parent.data.params["study.max_resource"] == str(int(plan["trial_s"]))
         assert "refit of trial 0" in result.output or "refit of trial 1" in result.output
         assert "min of search left" in result.output  # one line per finished or pruned trial
 
@@ -176,3 +179,14 @@ def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tm
     # without a budget in its settings a worker keeps the epoch fidelity
     plain = plan_from_settings(load_settings("smoke"), "shared", storage, 1, 60)
     assert worker_clock(plain, open_plan_study(plain, worker=2)) is None and plain.fidelity.unit == "epochs"
+
+
+def test_a_study_budget_too_short_for_this_machine_exits_2_before_any_trial(project, monkeypatch):
+    monkeypatch.chdir(project)
+    with Tracking(project / "mlflow.db"):
+        result = invoke("tune", "--profile", "smoke", "--study-name", "too-short", "--no-refit",
+                        "--set", "tune.budget_minutes=0.2", "--set", "tune.target_trials=40", "--set", "tune.rungs=4")
+        assert result.exit_code == 2, result.output
+        assert "tune.budget_minutes" in result.output and "Traceback" not in result.output
+        study = optuna.load_study(study_name="too-short", storage="sqlite:///optuna.db")
+        assert [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING] == []

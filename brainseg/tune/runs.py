@@ -99,8 +99,10 @@ def study_storage(url: str, heartbeat: int):
 def parent_params(plan: StudyPlan) -> dict:
     t, f = plan.tune, plan.fidelity
     return {"study.name": plan.study_name, "study.storage": redact(plan.storage_url),
-            "study.sampler": "TPESampler, seeded per trial number", "study.sampler_seed": t["sampler_seed"], "study.pruner": t["pruner"],
-            "study.objective": OBJECTIVE, "study.size_px": f.size, "study.steps_per_epoch": f.steps_per_epoch,
+            "study.sampler": "TPESampler, seeded per trial number", "study.sampler_seed": t["sampler_seed"],
+            "study.pruner": t["pruner"], "study.objective": OBJECTIVE,
+            "study.resource": f.unit,  # epochs, or seconds of training (a study on a budget)
+            "study.size_px": f.size, "study.steps_per_epoch": f.steps_per_epoch,
             "study.min_resource": f.min_resource, "study.max_resource": f.max_resource,
             "study.reduction_factor": f.reduction_factor, "study.rungs": f.rungs(),
             "study.workers": plan.workers, "study.threads": plan.threads,

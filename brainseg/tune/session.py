@@ -107,6 +107,10 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     quiet_optuna()
     storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
     study = open_plan_study(plan, worker or 0, storage)  # seeds per trial number: no pid needed
+    clock = None
+    if worker is None and not create_only:  # the plan first, so that the study's run records what runs
+        set_threads(plan.threads)  # before the probe starts TensorFlow
+        clock = start_clock(plan, ctx, study, refit, started, echo)
     parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=worker is None)
     tracking.use_experiment_of(parent)  # trials and the refit go where the study's run is
     if create_only:
@@ -116,8 +120,6 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
         return {"study": plan.study_name, "parent_run_id": parent, "worker": worker}
     summary, status = None, "FINISHED"
     try:
-        set_threads(plan.threads)  # before the probe starts TensorFlow
-        clock = start_clock(plan, ctx, study, refit, started, echo)
         if clock is not None:
             tracking.log_params_to(parent, {"study.budget_minutes": plan.tune["budget_minutes"],
                                             **{f"study.plan.{k}": v for k, v in study.user_attrs[PLAN_ATTR].items()}})
