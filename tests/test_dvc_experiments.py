@@ -58,7 +58,7 @@ def find(node, predicate):
 
 @pytest.mark.parametrize("edited, changed", [
     ("brainseg/outcome/cv.py", {"features", "survival"}),
-    ("brainseg/registry.py", set()),  # runs in register (and tune), not in this branch
+    ("brainseg/promotion.py", set()),  # runs in register (and tune), not in this branch
 ])
 def test_a_code_edit_shows_in_dvc_status_for_the_stages_that_run_it(clone, edited, changed):
     assert json.loads(sh(clone, "dvc", "status", "features", "survival", "--json").stdout or "{}") == {}
