@@ -198,3 +198,17 @@ def in_project(tuned_project, monkeypatch):
     monkeypatch.chdir(tuned_project)
     with Tracking(tuned_project / "mlflow.db") as t:
         yield t
+
+
+def prepared_project(path: Path, patients: int = 10, slices: int = 6, size: int = 64) -> Path:
+    """:func:`make_project` with its manifest and split built by the CLI, in its own MLflow database."""
+    path = make_project(path, patients=patients, slices=slices, size=size)
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        with Tracking(path / "mlflow.db"):
+            for args in (("data", "manifest"), ("data", "split")):
+                assert invoke(*args).exit_code == 0
+    finally:
+        os.chdir(old)
+    return path

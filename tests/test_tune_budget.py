@@ -5,7 +5,6 @@ and linked to its study."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import mlflow
@@ -16,7 +15,7 @@ from brainseg.budget import BudgetError
 from brainseg.tune.plan import Fidelity
 from brainseg.tune.budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
 from brainseg.tune.clock import Clock, session_clock
-from conftest import Tracking, invoke, make_project
+from conftest import Tracking, invoke, prepared_project
 
 
 # ------------------------------------------------------------------------------ the plan (pure)
@@ -79,16 +78,7 @@ def test_a_budgeted_trial_is_a_time_budgeted_run_at_one_resolution():
 # ---------------------------------------------------------------------- end to end on the smoke profile
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    path = make_project(tmp_path_factory.mktemp("tune-budget"), patients=10, slices=6, size=64)
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        with Tracking(path / "mlflow.db"):
-            for args in (("data", "manifest"), ("data", "split")):
-                assert invoke(*args).exit_code == 0
-    finally:
-        os.chdir(old)
-    return path
+    return prepared_project(tmp_path_factory.mktemp("tune-budget"))
 
 
 BUDGET = ["--set", "tune.budget_minutes=2.5", "--set", "train.budget_minutes=0.3", "--set", "tune.reserve_minutes=0.2",

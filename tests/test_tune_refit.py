@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from brainseg.tune.runs import process_started, reap_dead_predecessors
-from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise
+from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise, prepared_project
 
 
 # MLflow's store, alembic and Optuna log lines (not in conftest.NOISE; `mlflow.projects` lines may stay)
@@ -28,16 +28,7 @@ TRIAL_LINE = re.compile(r"trial \d+ of \d+ \(#\d+\) ")
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny project with manifest and split, its own MLflow database."""
-    path = make_project(tmp_path_factory.mktemp("tune-refit"), patients=10, slices=6, size=64)
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        with Tracking(path / "mlflow.db"):
-            for args in (("data", "manifest"), ("data", "split")):
-                assert invoke(*args).exit_code == 0
-    finally:
-        os.chdir(old)
-    return path
+    return prepared_project(tmp_path_factory.mktemp("tune-refit"))
 
 
 @pytest.fixture
