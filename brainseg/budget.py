@@ -81,6 +81,8 @@ class BudgetPlan:
     current: int = 0  # the phase running now (earlier phases are done)
     replans: int = 0
     history: list[dict] = dataclasses.field(default_factory=list)
+    last_step_start_s: float = 0.0  # when the run's last training step began (seconds from its start)
+    stopped_at_budget: bool = False  # the budget ran out mid-epoch (a machine slower than planned)
 
     def __post_init__(self):
         total = sum(p.share for p in self.phases)
@@ -172,7 +174,9 @@ class BudgetPlan:
     def summary(self) -> dict:
         """What MLflow logs about the plan (``budget.*``)."""
         out = {"budget.planned_epochs": self.planned_epochs,
-               "budget.planned_steps": self.total_steps, "budget.replans": self.replans}
+               "budget.planned_steps": self.total_steps, "budget.replans": self.replans,
+               "budget.stopped_at_budget": int(self.stopped_at_budget),
+               "budget.last_step_start_s": self.last_step_start_s}
         for p in self.phases:
             out[f"budget.epochs_at_{p.size}px"] = p.epochs_done
             out[f"budget.steps_per_epoch_at_{p.size}px"] = p.steps

@@ -167,6 +167,10 @@ class BudgetStop(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         now = self.clock()
+        # this step began at the previous step's end (the epoch's start for its first step, at the
+        # latest; no clock reading of its own)
+        began = self.ends[-1] if self.ends else self.last_end
+        self.plan.last_step_start_s = (began if began is not None else now) - self.t0
         self.ends.append(now)
         p = self.plan.phases[self.phase]
         if p.step_s is None and len(self.ends) == self.probe + 1:
@@ -183,6 +187,7 @@ class BudgetStop(keras.callbacks.Callback):
                     f"budget: {self.plan.budget_s / 60:.2f} min cannot hold one epoch at {p.size} px on this machine "
                     f"(it ran out after {len(self.ends)} of {p.steps} steps, model building included); "
                     "give a larger train.budget_minutes or fewer train.steps_per_epoch")
+            self.plan.stopped_at_budget = len(self.ends) < p.steps
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

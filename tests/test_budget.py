@@ -175,10 +175,14 @@ def test_a_real_clock_budget_is_honoured(make_synth):
     start = time.monotonic()
     result = train(dataclasses.replace(cfg, budget_minutes=0.25), tr, va, verbose=0)  # 15 s
     took = time.monotonic() - start
-    # planned to end within it; past it only a step, a validation and the restore
-    assert took < 15 + 5, took
-    assert result.epochs_run >= 2
-    assert result.budget["train_minutes"] * 60 <= took + 1e-6
+    b = result.budget
+    # no step begins once the budget is spent; past it only that step, a validation and the restore
+    # (their seconds depend on what else the cores run, so the wall clock is not bounded here: the
+    # arithmetic is, on a clock the test drives, in the test above)
+    assert 0 < b["budget_last_step_start_s"] <= 15, b
+    assert b["budget_last_step_start_s"] >= 15 / 2  # and the plan used the budget, not half of it
+    assert result.epochs_run >= 2 and int(result.model.optimizer.iterations) == b["actual_steps"]
+    assert b["train_minutes"] * 60 <= took + 1e-6
 
 
 def test_confident_components_keep_a_small_sure_tumor_over_a_large_doubtful_one():
@@ -218,8 +222,10 @@ def test_train_budget_is_logged_to_mlflow_and_an_unreachable_one_exits_2(in_proj
     run = mlflow.MlflowClient().get_run(run_id)
     m, p = run.data.metrics, run.data.params
     assert float(p["budget_minutes"]) == 0.5
-    assert m["actual_steps"] == m["budget_planned_steps"] > 0 and m["slices_seen"] == m["actual_steps"] * 8
-    assert m["slices_per_s"] > 0 and 0 < m["train_minutes"] <= 0.5 + 0.1
+    # every planned step ran, unless the cores slowed down and the budget stopped the last epoch early
+    assert 0 < m["actual_steps"] <= m["budget_planned_steps"] and m["slices_seen"] == m["actual_steps"] * 8
+    assert m["actual_steps"] == m["budget_planned_steps"] or m["budget_stopped_at_budget"] == 1
+    assert m["slices_per_s"] > 0 and 0 < m["budget_last_step_start_s"] <= float(p["budget_minutes"]) * 60
     assert not any(k.startswith("test_") for k in m)  # --no-test-report: test patients untouched
     assert not set(p) & set(m)
     from brainseg import tracking  # the printed link opens this experiment on its training runs
