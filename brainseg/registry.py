@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,6 +97,29 @@ def client() -> mlflow.MlflowClient:
 def versions_of_run(run_id: str) -> list:
     """Every registry version logged from run ``run_id`` (any model name)."""
     return client().search_model_versions(f"run_id='{run_id}'")
+
+
+@contextlib.contextmanager
+def temporary_store(uri: str):
+    """Point MLflow tracking and registry (and child processes, via the environment) at ``uri``;
+    put back the previous store (and experiment) afterwards. The bench and the tests use it."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")  # set_experiment writes the last
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
 
 
 def load_pyfunc(uri: str):

@@ -56,9 +56,12 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # how MLfl
 UI_ROOT = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
 
 
-def set_experiment(name: str):
-    """Make ``name`` the active experiment (created when new), tagged as model development once, so
-    MLflow's UI treats it as training runs and models (not its GenAI traces); returns it."""
+def set_experiment(name: str, artifact_root: Path | None = None):
+    """Make ``name`` the active experiment (created when new, with its artifacts under
+    ``artifact_root`` when given), tagged as model development once, so MLflow's UI treats it as
+    training runs and models (not its GenAI traces); returns it."""
+    if artifact_root is not None and mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
     exp = mlflow.set_experiment(name)
     if exp.tags.get(KIND_TAG) != KIND:
         client().set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
@@ -163,7 +166,9 @@ def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
 
 def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None, meta: dict | None = None) -> str:
     """Log the serving (pyfunc) model built from ``model.h5`` + ``brainseg.json``; returns its URI."""
-    from brainseg.serving.pyfunc import log_pyfunc_segmenter  # keeps serving imports out of training
+    from brainseg.serving.pyfunc import (
+        log_pyfunc_segmenter,  # keeps serving imports out of training
+    )
 
     return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
 
@@ -251,13 +256,16 @@ def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
+def _params(params: dict) -> list:
+    return [mlflow.entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
+
+
 def create_parent_run(experiment: str, name: str, tags: dict, params: dict) -> str:
     """A run that is not active in this process (several workers attach children to it)."""
     exp = set_experiment(experiment)
     r = client().create_run(exp.experiment_id, run_name=name,
                             tags=_with_project_parent(with_note(name, tags), exp.experiment_id))
-    items = [mlflow.entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
-    client().log_batch(r.info.run_id, params=items)
+    client().log_batch(r.info.run_id, params=_params(params))
     return r.info.run_id
 
 
@@ -282,8 +290,6 @@ def log_params_to(run_id: str, params: dict) -> None:
 
 
 def log_metrics_to(run_id: str, metrics: dict, step: int = 0) -> None:
-    import time
-
     ts = int(time.time() * 1000)
     client().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), ts, int(step))
                                         for k, v in clean_metrics(metrics).items()])
@@ -323,18 +329,14 @@ def claim_project_run(project: str, experiment: str, name: str, tags: dict, para
     exp = set_experiment(experiment)
     entities = mlflow.entities
     if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or exp.experiment_id == DEFAULT_EXPERIMENT_ID:
-        new_params = [entities.Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()
-                      if k not in run.data.params]
-        c.log_batch(project, params=new_params,
+        c.log_batch(project, params=_params({k: v for k, v in params.items() if k not in run.data.params}),
                     tags=[entities.RunTag(k, str(v)) for k, v in with_note(name, tags).items()])
         c.set_tag(project, "mlflow.runName", name)
         return project, False
     copied = {k: v for k, v in run.data.tags.items() if k != "mlflow.runName"}
     new = c.create_run(exp.experiment_id, run_name=name,
                        tags=with_note(name, {**copied, **tags, "brainseg.moved_from_run": project}))
-    items = {**run.data.params, **params}
-    c.log_batch(new.info.run_id, params=[entities.Param(k, "None" if v is None else str(v)[:6000])
-                                         for k, v in items.items()])
+    c.log_batch(new.info.run_id, params=_params({**run.data.params, **params}))
     # Not deleted: `mlflow run` sets the status of its run when the command ends and fails on a
     # deleted run. It is ended, and says where the study went (`--experiment-name brainseg` avoids it).
     c.log_batch(project, tags=[entities.RunTag(NOTE_TAG,

@@ -189,6 +189,92 @@ def test_the_cycle_finder_follows_every_kind_of_import(tmp_path):
     assert cycles == [["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"], ["pkg.d", "pkg.e", "pkg.d"], ["pkg.f", "pkg.f"]]
 
 
+# ------------------------------------------------------------------------------ deferred imports
+# An import inside a function defers loading a heavy library (TensorFlow, MLflow, Optuna, pandas...) that
+# the module itself does not load, so that `brainseg --help` and light commands start fast; every
+# other import belongs at the top of the module. Imports in a `try:` body (an optional or
+# platform-specific dependency: psutil, ctypes) are exempt.
+HEAVY = ("pandas", "tensorflow", "tf_keras", "segmentation_models", "mlflow", "optuna", "optuna_integration", "matplotlib",
+         "sklearn", "skimage", "streamlit")
+
+
+def _targets(node: ast.AST, module: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """What one import statement names: package modules (deepest existing) or external names."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else [])) \
+        if node.level else (node.module or "")
+    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+
+
+def heavy_loads(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """For every module of ``package``: the heavy libraries its module-level imports load, transitively."""
+    modules = module_names(package)
+    top = {m: [t for n in ast.parse(p.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))
+               for t in _targets(n, m, p, modules)] for m, p in modules.items()}
+    memo: dict[str, set[str]] = {}
+
+    def loads(name: str, seen: frozenset) -> set[str]:
+        if name.split(".")[0] in HEAVY:
+            return {name.split(".")[0]}
+        while name and name not in modules:  # `pkg.mod.name` -> `pkg.mod`
+            name = name.rpartition(".")[0]
+        if not name or name in seen:
+            return set()
+        if name not in memo:
+            memo[name] = set().union(*(loads(t, seen | {name}) for t in top[name]))
+        return memo[name]
+
+    return {m: loads(m, frozenset()) for m in modules}
+
+
+def needless_deferrals(package: Path = PACKAGE) -> list[str]:
+    modules, heavy = module_names(package), heavy_loads(package)
+    out = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text())
+        exempt = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in exempt:
+                    loads = set()
+                    for target in _targets(node, module, path, modules):
+                        root = target.split(".")[0]
+                        loads |= {root} if root in HEAVY else heavy.get(target, heavy.get(target.rpartition(".")[0], set()))
+                    if not loads - heavy[module]:
+                        out.append(f"{path.relative_to(package.parent)}:{node.lineno} {ast.unparse(node)}")
+    return sorted(set(out))
+
+
+def test_imports_inside_functions_only_defer_heavy_libraries():
+    found = needless_deferrals()
+    assert not found, ("imports inside functions that defer no heavy library (move them to the top of the "
+                       "module):\n" + "\n".join(found))
+
+
+def test_the_deferral_rule_tells_a_heavy_import_from_a_light_one(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    files = {
+        "__init__.py": "",
+        "light.py": "import json\n",
+        "heavy.py": "import tensorflow\n",
+        "a.py": ("def f():\n    import json\n"            # light: belongs at the top
+                 "def g():\n    from pkg import heavy\n"  # defers TensorFlow: fine
+                 "def h():\n    from pkg.light import json\n"  # a light module: belongs at the top
+                 "def i():\n    try:\n        import psutil\n    except ImportError:\n        pass\n"),
+        "b.py": "import mlflow\ndef f():\n    import mlflow.pyfunc\n",  # MLflow is loaded already
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    assert heavy_loads(pkg)["pkg.heavy"] == {"tensorflow"} and heavy_loads(pkg)["pkg.light"] == set()
+    assert needless_deferrals(pkg) == ["pkg/a.py:2 import json", "pkg/a.py:6 from pkg.light import json",
+                                       "pkg/b.py:3 import mlflow.pyfunc"]
+
+
 # ------------------------------------------------------------------------------ module size
 MAX_LINES = 350
 
@@ -208,14 +294,15 @@ def test_no_module_is_over_the_size_limit():
 # aliases, model cards and loading a model by URI in registry.py; the two pyfunc models and the
 # serving app speak MLflow's own interfaces.
 MLFLOW_DOORS = {"tracking.py", "registry.py", "serving/pyfunc.py", "serving/app.py", "outcome/pyfunc.py"}
-# Modules that still import MLflow themselves today: to be moved behind tracking.py / registry.py
-# (issue 26). A module leaves this list once it no longer imports MLflow; none joins it.
-MLFLOW_TO_MOVE = {
-    # the benchmark's harness (a tracking store per run, `mlflow models serve`, the pyfunc as served)
-    "bench/report.py", "bench/server.py",
-    # the served segmenter's request side: its 400 is MLflow's own exception type (BadRequest)
-    "serving/request.py",
-}
+
+
+def test_mlflow_importers_are_exactly_the_doors():
+    # the issue's own check: grep -rlE "^\s*(import|from) mlflow" brainseg lists these and no other
+    import re
+
+    pattern = re.compile(r"^\s*(import|from) mlflow", re.M)
+    found = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())}
+    assert found == MLFLOW_DOORS, found ^ MLFLOW_DOORS
 
 
 def mlflow_importers() -> set[str]:
@@ -224,11 +311,6 @@ def mlflow_importers() -> set[str]:
 
 
 def test_mlflow_is_imported_only_behind_its_doors():
-    new = sorted(mlflow_importers() - MLFLOW_DOORS - MLFLOW_TO_MOVE)
+    new = sorted(mlflow_importers() - MLFLOW_DOORS)
     assert not new, (f"{new} import MLflow: go through brainseg.tracking (runs, metrics, artifacts) or "
                      "brainseg.registry (versions, aliases, loading a model by URI)")
-
-
-def test_the_mlflow_allow_list_only_shrinks():
-    gone = sorted(MLFLOW_TO_MOVE - mlflow_importers())
-    assert not gone, f"{gone} no longer import MLflow: remove them from MLFLOW_TO_MOVE"

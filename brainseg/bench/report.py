@@ -11,13 +11,25 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from importlib.metadata import version
+import base64
+import platform
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+import requests
 
 from brainseg.bench import inference as inf
 from brainseg.bench.server import dataframe_split, load_test, register_champion, serve_model, temporary_tracking
 from brainseg.bench.training import PIPELINE_TARGET, run_training_child
 from brainseg.bench.tuning import project_file, tuning_comparison
+from brainseg.config import TrainConfig, load_settings
+from brainseg.data import imageio
+from brainseg.data.arrays import load_full_images
+from brainseg.data.manifest import scan
+from brainseg.data.synth import generate
+import brainseg.keras_env  # noqa: F401
 
 OVERHEAD_TARGET = 1.3
 CLIENT = ("REST: http.client.HTTPConnection (keep-alive, one connection, headers and body in one send), "
@@ -30,7 +42,6 @@ def _f(v, fmt=".1f"):
 
 
 def bench_table(report: dict):
-    from rich.table import Table
 
     m = report["inference"]["model"]
     c = m["train_config"]
@@ -92,7 +103,6 @@ def bench_table(report: dict):
 def bench_config(profile: str, arch: str | None, encoder: str | None, size: int | None, channels: str | None,
                  train_batch: int | None):
     """The profile's training settings with the given options on top (raises ValueError if unusable)."""
-    from brainseg.config import TrainConfig, load_settings
     from brainseg.models.factory import check_names
 
     train = load_settings(profile, [], params_file=project_file("params.yaml"),
@@ -134,7 +144,6 @@ def run_bench(*, profile: str = "cpu", arch: str | None = None, encoder: str | N
     """
     settings = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, (tuple, list)) else v)
                 for k, v in locals().items() if k != "console"}
-    from rich.console import Console
 
     from brainseg.tune.plan import PRUNERS
 
@@ -185,17 +194,9 @@ def _load_average():
 
 
 def _run_all(work: Path, s: dict, cfg, log) -> dict:
-    import platform
-
-    import brainseg.keras_env  # noqa: F401
-    import mlflow
-
-    from brainseg.data.arrays import load_full_images
-    from brainseg.data.manifest import scan
-    from brainseg.data.synth import generate
 
     report: dict = {"settings": s, "environment": {
-        "cpus": os.cpu_count(), "python": platform.python_version(), "mlflow": mlflow.__version__,
+        "cpus": os.cpu_count(), "python": platform.python_version(), "mlflow": version("mlflow"),
         "machine": platform.processor() or platform.machine(), "load_average_1m": _load_average()}}
     log("generating synthetic slices (256x256, as the real data)")
     root = generate(work / "data" / "kaggle_3m", patients=6, slices=12, size=256, seed=0)
@@ -211,8 +212,8 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
     else:
         report["training"] = {"skipped": True}
     images = load_full_images(manifest.head(max(32, max(s["batch_sizes"]))))
-    with temporary_tracking(f"sqlite:///{work / 'mlflow.db'}"):
-        report.update(_serving_sections(work, s, images, log))
+    with temporary_tracking(f"sqlite:///{work / 'mlflow.db'}") as store:
+        report.update(_serving_sections(work, s, images, log, store))
         if s["tuning"]:
             log(f"tuning: {s['trials']} trials x {s['tuning_epochs']} epochs, {s['pruner']} vs none")
             report["tuning"] = tuning_comparison(work, s["trials"], s["tuning_epochs"], s["pruner"])
@@ -225,22 +226,18 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
     return report
 
 
-def _serving_sections(work: Path, s: dict, images: list[np.ndarray], log) -> dict:
-    import base64
+def _serving_sections(work: Path, s: dict, images: list[np.ndarray], log, store: str) -> dict:
 
-    import mlflow
-    import requests
-
-    from brainseg.data import imageio
+    from brainseg import registry
 
     model_dir = work / "given-model" if s["model"] else work / "model"
     log("logging and registering the pyfunc model (the current serving code)")
     uri = register_champion(model_dir, images[0], work / "artifacts")
-    pyfunc = mlflow.pyfunc.load_model(uri)
+    pyfunc = registry.load_pyfunc(uri)
     served = pyfunc.unwrap_python_model()  # the SegmenterModel the server runs, loaded the same way
     seg = served.segmenter
     log("starting mlflow models serve")
-    with serve_model(uri, mlflow.get_tracking_uri(), work, timeout_s=s["server_timeout"]) as server:
+    with serve_model(uri, store, work, timeout_s=s["server_timeout"]) as server:
         one = json.dumps(dataframe_split([base64.b64encode(imageio.encode_png(images[0])).decode("ascii")]))
         t0 = time.perf_counter()
         first = requests.post(f"{server.url}/invocations", data=one, timeout=120,

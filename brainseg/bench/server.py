@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import requests
+
+from brainseg.serving.app import MODEL_ENV
 
 SEGMENTER_NAME = "brainseg-segmenter"
 
@@ -103,7 +106,6 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
     server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
     ``env``: extra environment variables of the server (e.g. the BRAINSEG_SERVE_* request limits).
     """
-    import requests
 
     port = free_port()
     workdir = Path(workdir)
@@ -113,8 +115,6 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
     if body_limit:
-        from brainseg.serving.app import MODEL_ENV
-
         env[MODEL_ENV] = model_uri
         argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving.app:create_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -148,57 +148,31 @@ def dataframe_split(values: list[str], params: dict | None = None) -> dict:
     return body
 
 
-@contextlib.contextmanager
 def temporary_tracking(uri: str):
-    """Point MLflow tracking and registry (and child processes, via the environment) at ``uri``."""
-    import mlflow
+    """Point MLflow tracking and registry (and child processes) at ``uri`` for a while
+    (:func:`brainseg.registry.temporary_store`)."""
+    from brainseg import registry
 
-    # set_experiment (experiment_in) writes MLFLOW_EXPERIMENT_ID for subprocesses: put it back too
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield uri
-    finally:
-        while mlflow.active_run():
-            mlflow.end_run()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    return registry.temporary_store(uri)
 
 
 def experiment_in(name: str, artifact_root: Path) -> str:
     """Create (or find) experiment ``name`` with its artifacts under ``artifact_root`` and make it
     the active one. Without this, a new SQLite store puts artifacts in ``./mlruns`` of the
     working folder."""
-    import mlflow
+    from brainseg import tracking
 
-    exp = mlflow.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-        name, artifact_location=Path(artifact_root).resolve().as_uri())
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    return tracking.set_experiment(name, artifact_root).experiment_id
 
 
 def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
                       artifact_root: Path | None = None) -> str:
     """Log ``model_dir`` as the pyfunc segmenter in a run, register it, make it champion."""
-    import mlflow
+    from brainseg import registry, tracking
 
-    from brainseg import registry
-    from brainseg.serving.pyfunc import log_pyfunc_segmenter
-
-    if artifact_root is not None:
-        experiment_in("brainseg-bench", artifact_root)
-    else:
-        mlflow.set_experiment("brainseg-bench")
-    with mlflow.start_run(run_name="bench-model") as run:
-        uri = log_pyfunc_segmenter(Path(model_dir), example_image, {"data_version": "bench"})
+    tracking.set_experiment("brainseg-bench", artifact_root)
+    with tracking.run("bench-model", {"data_version": "bench"}) as run:
+        uri = tracking.log_segmenter_model(Path(model_dir), example_image, {"data_version": "bench"})
     mv, _ = registry.register(SEGMENTER_NAME, uri, run.info.run_id, {"source_run_id": run.info.run_id},
                               "Benchmark model. Not for use.")
     registry.client().set_registered_model_alias(SEGMENTER_NAME, registry.CHAMPION, mv.version)
@@ -207,7 +181,6 @@ def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
 
 def load_test(url: str, payload: str, clients: int, seconds: float) -> dict:
     """``clients`` threads posting ``payload`` for ``seconds``: requests/s, p50/p99, errors."""
-    import requests
 
     latencies: list[float] = []
     errors: list[str] = []

@@ -49,7 +49,7 @@ import brainseg
 from brainseg import tracking
 from brainseg.data.clinical import TARGET
 from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame, unknown_fields
-from brainseg.serving.request import BadRequest
+from brainseg.serving.pyfunc import BadRequest
 
 PROBABILITY, CLASS = f"{TARGET}_probability", f"{TARGET}_class"
 EVIDENCE = ("cv_roc_auc", "cv_n_patients", "data_version", "fitted_on", "features_from")

@@ -44,18 +44,59 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 
 import brainseg.keras_env  # noqa: F401
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.request import (  # noqa: F401  (re-exported: the served model's request side)
-    IMAGE_COLUMN, MIN_SIDE_PX, PARAMS, PATIENT_COLUMN, bad_request, check_params, decode_cell, decode_image,
-    decode_request, patient_groups)
+    IMAGE_COLUMN, MIN_SIDE_PX, PARAMS, PATIENT_COLUMN, RequestError, bad_request, check_params, decode_cell,
+    decode_image, decode_request, patient_groups)
+
+
+class BadRequest(MlflowException):
+    """An HTTP 400 (INVALID_PARAMETER_VALUE) whose message begins with its reason.
+
+    MLflow's scoring server rewrites the message of an exception the model raises into
+    ``"Failed to predict data '<the request table>'. \\nError: <reason>"``
+    (``mlflow.pyfunc.scoring_server.invocations``), which put the reason after hundreds of
+    characters of the table's dump. Here an assigned message that holds the reason later on is
+    rearranged to the reason first, then what was added around it.
+
+    >>> e = BadRequest("row 0: not valid base64")
+    >>> e.message = f"Failed to predict data '  image\\n0  @@@'. \\nError: {e.message}"
+    >>> e.message.splitlines()[0]
+    'row 0: not valid base64'
+    """
+
+    def __init__(self, message: str):
+        self.reason = str(message)
+        super().__init__(self.reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value) -> None:
+        value, reason = str(value), getattr(self, "reason", "")
+        if reason and not value.startswith(reason) and reason in value:
+            before, _, after = value.partition(reason)
+            before = before.rstrip().removesuffix("Error:").rstrip()
+            value = "\n".join(part for part in (reason, before, after.strip()) if part)
+        self._message = value
+
 
 OUTPUT_COLUMNS = [*SLICE_FEATURE_COLUMNS, "mask_png", *PARAMS, "model_run_id", "data_version"]
 MODEL_DIR_ARTIFACT = "model_dir"
@@ -65,7 +106,6 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the brainseg package, shipp
 # ------------------------------------------------------------------------------------ output
 def encode_mask_png(mask: np.ndarray) -> str:
     """(H, W) bool -> base64 PNG of 0/255 (fast zlib level: masks compress well anyway)."""
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG", compress_level=1)
@@ -94,7 +134,6 @@ def answer_rows(masks, images, threshold: float, return_mask: bool, meta: dict) 
 
 def output_schema():
     """The answer's columns and types; geometric features are optional (null on an empty mask)."""
-    from mlflow.types.schema import ColSpec, Schema
 
     long_cols = {"area_px", "n_components", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
     always = {"tumor", "area_px", "area_pct", "n_components", *PARAMS, "model_run_id", "data_version"}
@@ -136,13 +175,16 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                                      seg.settings.replace(threshold=threshold), groups)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        threshold, return_mask = check_params(params, self.segmenter.settings.threshold)
-        images = decode_request(model_input, self.segmenter.cfg.channels, self.limits)
-        groups = patient_groups(model_input)
         try:
-            masks = self.segment(images, threshold, groups)
-        except MemoryError as exc:
-            raise bad_request(f"out of memory segmenting {len(images)} slices; send fewer rows") from exc
+            threshold, return_mask = check_params(params, self.segmenter.settings.threshold)
+            images = decode_request(model_input, self.segmenter.cfg.channels, self.limits)
+            groups = patient_groups(model_input)
+            try:
+                masks = self.segment(images, threshold, groups)
+            except MemoryError as exc:
+                raise bad_request(f"out of memory segmenting {len(images)} slices; send fewer rows") from exc
+        except RequestError as exc:
+            raise BadRequest(str(exc)) from None  # a 400 whose message begins with the reason
         return answer_rows(masks, images, threshold, return_mask, self.meta)
 
 
@@ -157,7 +199,6 @@ def requirements() -> list[str]:
     Given explicitly, so MLflow does not infer them by loading the model in a subprocess
     (several seconds per logged model, i.e. per tuning trial).
     """
-    from importlib.metadata import PackageNotFoundError, version
 
     out = []
     for name in TENSORFLOW_PACKAGES:  # one TensorFlow only: both provide the same module
@@ -185,8 +226,6 @@ def log_pyfunc_segmenter(model_dir: Path, example_image: np.ndarray | None = Non
     added to its brainseg.json; the served model loads it with ``inference.load_model_dir``, so it
     uses exactly the stored InferenceSettings.
     """
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec
 
     from brainseg import inference
 

@@ -1,5 +1,5 @@
-"""A request to the served segmenter -> checked params and decoded slices, or an HTTP 400
-(MLflow INVALID_PARAMETER_VALUE) naming the row, column, parameter or limit.
+"""A request to the served segmenter -> checked params and decoded slices, or a
+:class:`RequestError` (an HTTP 400 once the pyfunc raises it) naming the row, column, parameter or limit.
 
 Nothing is decoded before the table's shape, the row count, each cell's size and each image's
 header have been checked against :class:`brainseg.serving.limits.RequestLimits`.
@@ -14,8 +14,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from brainseg.data import imageio
 from brainseg.serving.limits import RequestLimits
@@ -26,41 +24,14 @@ PARAMS = ("threshold", "return_mask")  # the params the signature declares, echo
 MIN_SIDE_PX = 32  # smaller slices cannot hold a head at the data's resolution
 
 
-class BadRequest(MlflowException):
-    """An HTTP 400 (INVALID_PARAMETER_VALUE) whose message begins with its reason.
-
-    MLflow's scoring server rewrites the message of an exception the model raises into
-    ``"Failed to predict data '<the request table>'. \\nError: <reason>"``
-    (``mlflow.pyfunc.scoring_server.invocations``), which put the reason after hundreds of
-    characters of the table's dump. Here an assigned message that holds the reason later on is
-    rearranged to the reason first, then what was added around it.
-
-    >>> e = BadRequest("row 0: not valid base64")
-    >>> e.message = f"Failed to predict data '  image\\n0  @@@'. \\nError: {e.message}"
-    >>> e.message.splitlines()[0]
-    'row 0: not valid base64'
-    """
-
-    def __init__(self, message: str):
-        self.reason = str(message)
-        super().__init__(self.reason, error_code=INVALID_PARAMETER_VALUE)
-
-    @property
-    def message(self) -> str:
-        return self._message
-
-    @message.setter
-    def message(self, value) -> None:
-        value, reason = str(value), getattr(self, "reason", "")
-        if reason and not value.startswith(reason) and reason in value:
-            before, _, after = value.partition(reason)
-            before = before.rstrip().removesuffix("Error:").rstrip()
-            value = "\n".join(part for part in (reason, before, after.strip()) if part)
-        self._message = value
+class RequestError(ValueError):
+    """A request the served model refuses, naming the row, column, parameter or limit: the pyfunc
+    answers it as an HTTP 400 whose message begins with this reason
+    (:class:`brainseg.serving.pyfunc.BadRequest`)."""
 
 
-def bad_request(message: str) -> BadRequest:
-    return BadRequest(message)
+def bad_request(message: str) -> RequestError:
+    return RequestError(message)
 
 
 # ------------------------------------------------------------------------------------ params
