@@ -12,6 +12,7 @@ import pandas as pd
 from brainseg import plots, slices
 from brainseg.data import imageio
 from brainseg.outcome import features
+from brainseg.outcome.client import survival_probabilities
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 
@@ -135,8 +136,6 @@ def predict_to_folder(files: list[Path], out_dir: Path, model_uri: str, *, thres
     with (progress or (lambda total: contextlib.nullcontext(None)))(len(files)) as advance:
         pred = predict_files(segmenter, files, out_dir, progress=advance)
     if with_survival and not pred.patients.empty:
-        from brainseg.outcome.client import survival_probabilities
-
         try:
             probs = survival_probabilities(survival_model, pred.patients, clinical_csv, files)
             pred.patients = pred.patients.merge(probs, on="patient", how="left")

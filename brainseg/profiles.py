@@ -15,6 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml import YAML
+
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+import copy
+
 from brainseg.settings_io import PARAMS_FILE, PROFILES_FILE, ConfigError, read_yaml
 
 _MISSING = object()
@@ -85,7 +90,6 @@ def _get(d: dict, dotted: str):
 
 
 def _yaml():
-    from ruamel.yaml import YAML  # round-trip YAML (comments kept); DVC uses it for `-S` as well
 
     y = YAML()
     y.preserve_quotes = True
@@ -96,7 +100,6 @@ def _yaml():
 
 def _styled_like(old, value):
     """A mapping or list value in the old value's style (flow ``{a: 1}`` unless it was a block)."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     if not isinstance(value, (dict, list)):
         return value
@@ -133,7 +136,6 @@ def use_profile(name: str, params_file: Path = PARAMS_FILE, profiles_file: Path 
 
 def overlay(params: dict, name: str, profiles_file: Path = PROFILES_FILE) -> dict:
     """params with profile ``name`` applied in memory (``--profile`` on a single command)."""
-    import copy
 
     out = copy.deepcopy(params)
     for key, value in profile_values(name, profiles_file).items():

@@ -32,6 +32,8 @@ from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.app.provenance import card_fields, empty_provenance, model_provenance
 from brainseg.serving.limits import RequestLimits
+from brainseg.outcome.client import load
+from brainseg.outcome.client import model_inputs
 
 
 
@@ -189,7 +191,6 @@ class SurvivalBackend:
 
     @classmethod
     def load(cls, model_uri: str) -> SurvivalBackend:
-        from brainseg.outcome.client import load
 
         provenance = model_provenance(model_uri)
         return cls(load(provenance["resolved_uri"]), provenance)
@@ -200,7 +201,6 @@ class SurvivalBackend:
     def probabilities(self, patients: pd.DataFrame, clinical: bytes | None) -> pd.DataFrame:
         """``patient``, ``death01_probability`` and the model's evidence columns (:data:`EVIDENCE`)
         where it answers them. data.csv values are joined when given, else the model's imputer fills them."""
-        from brainseg.outcome.client import model_inputs
 
         with tempfile.TemporaryDirectory() as tmp:
             csv = None

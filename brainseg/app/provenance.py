@@ -7,6 +7,8 @@ import json
 import re
 from pathlib import Path
 
+from brainseg import modelcard
+
 SMOKE_MAX_SIZE = 64  # a network input this small is the smoke profile's test model
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
@@ -73,7 +75,6 @@ def model_provenance(uri: str) -> dict:
 def local_provenance(path: Path) -> dict:
     """From a model folder/.h5: ``brainseg.json`` (meta: run_id, data_version; train: size) and a
     ``model_card.json`` beside it if one was written."""
-    from brainseg import modelcard
 
     found = sorted(path.rglob("brainseg.json")) if path.is_dir() else [path.with_name("brainseg.json")]
     if not found or not found[0].is_file():

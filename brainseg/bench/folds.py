@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from brainseg.config import TrainConfig, apply_overrides, load_settings, validate_settings
+from brainseg.budget import parse_budget
+from brainseg.data.context import DataContext
 
 
 def fold_patients(split: pd.DataFrame) -> list[tuple[int, list[str], list[str]]]:
@@ -64,7 +66,6 @@ def paired_summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: float, echo=print) -> pd.DataFrame:
     """Train every variant (``--set`` overrides on ``settings``) on every fold; one row per run."""
-    from brainseg.data.context import DataContext
     from brainseg.train import train
 
     ctx = DataContext.from_settings(settings, echo=echo)
@@ -89,7 +90,6 @@ def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    from brainseg.budget import parse_budget
 
     ap = argparse.ArgumentParser(prog="python -m brainseg.bench.folds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", default="2.5m", help="training budget of each run (e.g. 2.5m)")

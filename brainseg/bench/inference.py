@@ -34,6 +34,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from brainseg.data import imageio
+import pandas as pd
+import requests
+
 NETWORK, SEGMENT, PYFUNC, REST, REST_REQUESTS, KERAS = (
     "network (compiled)", "Segmenter.segment", "pyfunc (base64 PNG)", "REST /invocations",
     "REST, requests.Session", "keras model.predict")
@@ -105,7 +109,6 @@ def request_body(encoded: list[str]) -> bytes:
 def path_calls(segmenter, pyfunc, session, plain: PlainClient, url: str, images: list[np.ndarray],
                encoded: list[str], batch: int) -> dict[str, Callable[[int], object]]:
     """One callable per path; round ``r`` handles slices ``r*batch ... r*batch+batch-1`` (cycled)."""
-    import pandas as pd
     import tensorflow as tf
 
     from brainseg.inference import compiled_forward
@@ -144,7 +147,6 @@ def path_calls(segmenter, pyfunc, session, plain: PlainClient, url: str, images:
 
 def stage_calls(served, images: list[np.ndarray], encoded: list[str]) -> dict[str, Callable[[int], object]]:
     """The parts of one batch-1 ``SegmenterModel.predict``, each callable on round ``r``'s slice."""
-    import pandas as pd
 
     from brainseg.serving import pyfunc as serving
 
@@ -160,7 +162,6 @@ def stage_calls(served, images: list[np.ndarray], encoded: list[str]) -> dict[st
 
 def profile_pyfunc(pyfunc, encoded: list[str], calls: int, top: int = 15) -> list[dict]:
     """cProfile of ``calls`` batch-1 ``pyfunc.predict`` calls: the ``top`` functions by own time."""
-    import pandas as pd
 
     frames = [pd.DataFrame({"image": [e]}) for e in encoded]
     profiler = cProfile.Profile()
@@ -180,9 +181,6 @@ def profile_pyfunc(pyfunc, encoded: list[str], calls: int, top: int = 15) -> lis
 def measure(segmenter, pyfunc, served, url: str, images: list[np.ndarray], batch_sizes: Sequence[int],
             rounds_b1: int, rounds_batch: int) -> dict:
     """Rows per (path, batch), the batch-1 profile of the served path and the consistency checks."""
-    import requests
-
-    from brainseg.data import imageio
 
     encoded = [base64.b64encode(imageio.encode_png(im)).decode("ascii") for im in images]
     session, plain = requests.Session(), PlainClient(url)

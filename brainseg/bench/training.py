@@ -11,8 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import resource
 
 import numpy as np
+
+from brainseg.config import TrainConfig
+
+from brainseg.data.arrays import load_arrays
+
+import brainseg.keras_env  # noqa: F401
+import pandas as pd
 
 PIPELINE_TARGET = 0.95
 
@@ -23,15 +31,10 @@ def train_throughput(spec: dict) -> dict:
     ``spec``: ``train`` (TrainConfig dict), ``manifest`` (CSV path), ``steps``, ``rounds``,
     ``model_dir`` (where the model is saved afterwards, for the inference benchmarks).
     """
-    import resource
 
-    import brainseg.keras_env  # noqa: F401
-    import pandas as pd
     import tensorflow as tf
     import tf_keras as keras
 
-    from brainseg.config import TrainConfig
-    from brainseg.data.arrays import load_arrays
     from brainseg.data.pipeline import train_dataset
     from brainseg.inference import InferenceSettings, save_model
     from brainseg.models.factory import build_model

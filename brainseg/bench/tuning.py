@@ -6,6 +6,11 @@ import time
 from pathlib import Path
 
 from brainseg.bench.server import experiment_in
+from brainseg.config import load_settings
+from brainseg.data.context import DataContext
+from brainseg.data.manifest import patients_table, scan
+from brainseg.data.split import split_patients
+from brainseg.data.synth import generate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,11 +25,6 @@ def tuning_comparison(workdir: Path, trials: int, epochs: int, pruner: str, seed
     """The smoke study run twice on the same tiny synthetic data: with ``pruner`` and without."""
     import optuna
 
-    from brainseg.config import load_settings
-    from brainseg.data.context import DataContext
-    from brainseg.data.manifest import patients_table, scan
-    from brainseg.data.split import split_patients
-    from brainseg.data.synth import generate
     from brainseg.tune.plan import plan_from_settings
     from brainseg.tune.session import run_study
 

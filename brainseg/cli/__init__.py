@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import brainseg.keras_env  # noqa: F401  (first: Keras variables before anything imports TF)
 
+import signal
 import sys
 from typing import Annotated
 
@@ -60,7 +61,6 @@ def root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the
 
 def main():  # console-script entry with a clean exit for Ctrl-C
     quiet_libraries(bool({"--verbose", "-v"} & set(sys.argv[1:2])))  # before MLflow and TF load
-    import signal
 
     from brainseg.tracking import Terminated, adopt_project_run
 

@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from brainseg.cli.common import (EXPERIMENT, ProfileOpt, SetOpt, console, fail, out, print_metrics,
                                  settings_or_fail, writable_folder_or_fail)
+from brainseg.budget import BudgetError, parse_budget
 from brainseg.config import ConfigError, TrainConfig
 
 # Deferred into the commands: brainseg.{tracking,workflows,evaluate_run,promotion,predict,models,data.context}
@@ -35,8 +36,6 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.progress_callbacks import epoch_progress
     from brainseg.training_run import tracked_training
 
-    from brainseg.budget import parse_budget
-
     settings = settings_or_fail(profile, set_)
     try:
         if budget not in (None, ""):  # "" = the settings' own (as `mlflow run -e train` passes it)
@@ -53,7 +52,6 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         bar = epoch_progress(cfg.epochs, progress, console=out)
     except ValueError as exc:
         fail(str(exc), 2)
-    from brainseg.budget import BudgetError
 
     try:
         res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,

@@ -14,6 +14,10 @@ from brainseg.data.arrays import Arrays, load_arrays, load_full_masks
 from brainseg.data.manifest import read_manifest
 from brainseg.data.split import patients_in
 from brainseg.data.version import data_version
+from brainseg.data.layout import find_root
+from brainseg.data.manifest import patients_table
+from brainseg.data.manifest import scan
+from brainseg.data.split import split_patients
 
 
 @dataclasses.dataclass
@@ -40,8 +44,6 @@ class DataContext:
     @classmethod
     def from_folder(cls, path: Path, cache_dir: Path | None = None) -> "DataContext":
         """A folder in the public layout, all of its patients in subset ``test`` (for evaluation)."""
-        from brainseg.data.layout import find_root
-        from brainseg.data.manifest import scan
 
         root = find_root(Path(path))
         result = scan(root)
@@ -105,8 +107,6 @@ def manifest_staleness(manifest_path: Path, root: Path, version: str) -> str | N
 
 def build_split(manifest: pd.DataFrame, split_settings: dict) -> pd.DataFrame:
     """The patient split of ``brainseg data split`` for ``manifest`` with ``settings["split"]``."""
-    from brainseg.data.manifest import patients_table
-    from brainseg.data.split import split_patients
 
     sp = split_settings
     return split_patients(patients_table(manifest), val_fraction=sp["val_fraction"],
@@ -120,7 +120,6 @@ def ensure_prepared(settings: dict, echo=None) -> list[str]:
     Raises FileNotFoundError when there is no dataset and ValueError (naming the first bad file)
     when the dataset has problems, before anything is written.
     """
-    from brainseg.data.manifest import scan
 
     say = echo or (lambda line: print(line, file=sys.stderr))
     d = settings["data"]

@@ -22,8 +22,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
+
 from brainseg.data import synth
 from brainseg.data.layout import FOLDER_RE, ArchiveLimits, is_archive, open_dataset
+from brainseg.data.manifest import scan
 
 MARKER_SUFFIX = ".import.json"    # beside the dataset: kaggle_3m.import.json (what was imported, when)
 BACKUP_INFIX = ".previous-"       # beside the dataset: kaggle_3m.previous-20261127-231500
@@ -118,7 +121,6 @@ def _dvc_md5(dest: Path) -> str | None:
     dvc_file = dest.with_name(dest.name + ".dvc")
     if not dvc_file.is_file():
         return None
-    import yaml
 
     try:
         outs = yaml.safe_load(dvc_file.read_text()).get("outs", [])
@@ -174,7 +176,6 @@ def staging_beside(dest: Path) -> Iterator[Path]:
 def validated_copy(src: Path, dest: Path, staging: Path, limits: ArchiveLimits | None):
     """The dataset at ``src`` copied (or unpacked) to ``staging/new`` and scanned; (folder, scan).
     Raises :class:`ImportRefused` when a pair does not decode or ``data.csv`` does not read."""
-    from brainseg.data.manifest import scan
 
     root = open_dataset(src, staging / "unpacked", limits) if is_archive(src) else open_dataset(src)
     if not is_archive(src):

@@ -7,6 +7,7 @@ from pathlib import Path
 import brainseg.keras_env  # noqa: F401
 import segmentation_models as sm
 import tf_keras as keras
+from segmentation_models.models._utils import freeze_model
 
 from brainseg.config import TrainConfig
 from brainseg.models.unets import plain_unet, unet_plus_plus
@@ -71,7 +72,6 @@ def _build(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
     """Unfreeze (or freeze) the encoder of a segmentation-models model; BatchNorm stays frozen
     while frozen, as segmentation-models does."""
-    from segmentation_models.models._utils import freeze_model
 
     if trainable:
         for layer in model.layers:

@@ -24,6 +24,12 @@ from brainseg.outcome.cv import common_patients, compare, find_result, inner_fol
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
 from brainseg.outcome.runs import log_fit, summary_row
+from brainseg.data.arrays import load_full_images, load_full_masks
+from brainseg.data.layout import find_root
+from brainseg.data.manifest import scan
+from brainseg.data.context import DataContext
+from brainseg.outcome.oof import oof_masks
+from brainseg.registry import load_segmenter
 
 SOURCE_FILE = "source.json"
 # ------------------------------------------------------------------------------------ features
@@ -34,17 +40,11 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
     ``oof`` trains one cheap segmenter per split fold (``survival.oof.train`` on top of ``train``)
     on the project's manifest and split; the others read the dataset at ``root`` (default data.root).
     """
-    from brainseg.data.arrays import load_full_images, load_full_masks
-    from brainseg.data.layout import find_root
-    from brainseg.data.manifest import scan
 
     if sum([truth, model is not None, oof]) != 1:
         raise ValueError("give exactly one of --truth, --model URI or --oof")
     reports = None
     if oof:
-        from brainseg.data.context import DataContext
-        from brainseg.outcome.oof import oof_masks
-
         if root is not None and Path(root).resolve() != Path(settings["data"]["root"]).resolve():
             raise ValueError("--oof uses the project's manifest and split: set data.root (--set data.root=...) "
                              "instead of a ROOT argument")
@@ -70,8 +70,6 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
     if truth:
         masks, source = load_full_masks(m), "truth"
     elif not oof:
-        from brainseg.registry import load_segmenter
-
         segmenter = load_segmenter(model)
         masks, source = segmenter.segment(images, groups=m["patient"].tolist()).masks, model
     slices, patients = features_for_manifest(m, masks, images)

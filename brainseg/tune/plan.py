@@ -18,7 +18,9 @@ import typing
 from pathlib import Path
 
 import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+from brainseg import quiet
 from brainseg.config import EPOCH_SIZED, ConfigError, Pruner, TrainConfig
 from brainseg.tune.budget import StudyBudget
 from brainseg.tune.sampler import TrialSeededSampler
@@ -104,7 +106,6 @@ def quiet_optuna() -> None:
     """Optuna's own INFO lines (study created, each trial's value and parameters) off unless
     ``--verbose``: the study's progress lines say the same. Optuna sets its logger to INFO when it
     loads, after :mod:`brainseg.quiet` set the level."""
-    from brainseg import quiet
 
     if not quiet.verbose_requested():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,8 +117,6 @@ def make_storage(url: str, heartbeat: int = 60, on_stale=None):
     Heartbeats let a restarted worker mark trials of a killed worker as FAIL.
     """
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
         return JournalStorage(JournalFileBackend(url.split(":", 1)[1]))
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]

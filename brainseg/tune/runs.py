@@ -17,7 +17,11 @@ import time
 from pathlib import Path
 
 import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
 
+from brainseg import tracking
 from brainseg.run_notes import NOTE_TAG
 from brainseg.tracking import claim_project_run
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, make_storage, redact
@@ -62,7 +66,6 @@ def mark_worker(trial: optuna.Trial) -> None:
 
 
 def fail_trial_run(trial: optuna.trial.FrozenTrial, why: str) -> None:
-    from brainseg import tracking
 
     run_id = trial.user_attrs.get(RUN_ATTR)
     if run_id:
@@ -111,7 +114,6 @@ def parent_params(plan: StudyPlan) -> dict:
 
 
 def _usable(run_id: str | None) -> bool:
-    from brainseg import tracking
 
     if not run_id:
         return False
@@ -125,7 +127,6 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
                   claim: bool = True) -> tuple[str, str | None]:
     """The study's parent run (created once per study) and this session's claimed project run, if
     it is another run that this process must end (a resumed study under ``mlflow run``)."""
-    from brainseg import tracking
 
     project = os.environ.get(tracking.PROJECT_ENV) if claim and not os.environ.get(tracking.PIPELINE_ENV) else None
     parent = study.user_attrs.get(PARENT_ATTR)
@@ -159,8 +160,6 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
     then is stopped and pruned (its value so far is kept, it is never taken as the best)."""
     import tf_keras as keras
 
-    from brainseg import tracking
-
     def prune(why: str, step: int):
         tracking.set_active_tags({"state": "PRUNED", "pruned_by": why})
         tracking.log_active_metrics({"pruned_after_epochs" if unit == "epochs" else "pruned_after_s": step})
@@ -191,7 +190,6 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
 def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None = None, clock=None):
     """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs;
     ``clock`` (a study on a budget): its ``search_end`` stops a trial still running then."""
-    from brainseg import tracking
     from brainseg.training_run import tracked_training
 
     fid = plan.fidelity
@@ -243,10 +241,6 @@ class Progress:
             self.n = None  # on a budget the clock, not a count, ends the search
         self.bar = self.task = None
         if mode == "bar":
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as Bar
-
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=console or Console())
             self.task = self.bar.add_task("trials", total=self.n, last="best - | pruned 0")
@@ -293,7 +287,6 @@ class Progress:
             self.log(len(done), pruned, best)
 
     def log(self, finished: int, pruned: int, best: tuple | None) -> None:
-        from brainseg import tracking
 
         metrics = {"trials_finished": finished, "trials_pruned": pruned}
         if self.clock is not None:

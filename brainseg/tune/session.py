@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.visualization import matplotlib as ovm
+from rich.console import Console
+import matplotlib
+import optuna.visualization as ov
 
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optuna, refit_epochs
 from brainseg.tune.space import apply_params
@@ -23,6 +27,10 @@ from brainseg.tune.budget import refit_minutes
 from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
 from brainseg.tune.runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
                                 study_storage)
+from brainseg import tracking
+from brainseg.config import EPOCH_SIZED, TrainConfig
+from brainseg.progress import choose_mode
+from brainseg.promotion import register_segmenter
 
 
 def set_threads(n: int) -> None:
@@ -81,9 +89,6 @@ def display(echo, is_worker: bool = False) -> tuple[str, object]:
     ``bar`` only when that console (else stdout) is a terminal and this is not a worker process
     (workers share the launcher's terminal: lines, each naming its trial).
     """
-    from rich.console import Console
-
-    from brainseg.progress import choose_mode
 
     console = getattr(echo, "__self__", None)
     console = console if isinstance(console, Console) else None
@@ -101,7 +106,6 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     (no summary, refit or parent-run ending); K also picks its sampler seed. ``started``: when the
     command started (Unix seconds), from which ``tune.budget_minutes`` counts.
     """
-    from brainseg import tracking
 
     started = time.time() if started is None else started
     quiet_optuna()
@@ -177,7 +181,6 @@ def search(plan: StudyPlan, ctx, study: optuna.Study, parent: str, clock: Clock 
 def end_parent(study: optuna.Study, parent: str, session: str | None, status: str, summary: dict | None) -> None:
     """The study's run (and a resumed session's run) ends with ``status``; the summary is logged
     even when the study failed (never hiding the error that ended it)."""
-    from brainseg import tracking
 
     if summary is None:
         try:
@@ -197,7 +200,6 @@ HTML_PLOTS = PNG_PLOTS + ("slice", "timeline")
 
 def study_html(study: optuna.Study) -> tuple[str, dict]:
     """Optuna's interactive plotly figures in one offline HTML page (plotly.js inlined once)."""
-    import optuna.visualization as ov
 
     parts, skipped = [], {}
     for name in HTML_PLOTS:
@@ -214,7 +216,6 @@ def study_html(study: optuna.Study) -> tuple[str, dict]:
 
 def summarize_study(study: optuna.Study, parent: str) -> dict:
     """Best trial tags/metrics, Optuna's plots (PNG and interactive HTML) on the parent run."""
-    from brainseg import tracking
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -234,10 +235,8 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
                     "best_model_uri": best.user_attrs.get("model_uri")})
     tracking.set_tags(parent, {"best_trial_number": best.number, "best_run_id": summary["best_run_id"]})
     tracking.log_metrics_to(parent, {"best_val_patient_dice": best.value, "best_trial_number": best.number})
-    import matplotlib
 
     matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
 
     for name in PNG_PLOTS:
         try:
@@ -260,7 +259,6 @@ def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float
     """The best trial's parameters at full fidelity (``train`` settings). On a budget (``minutes``)
     it is the recipe's own run (its resolution schedule) for that many minutes; else it trains for
     as many batches as the trial did."""
-    from brainseg.config import EPOCH_SIZED, TrainConfig
 
     train = plan.settings["train"]
     if minutes is not None:
@@ -275,9 +273,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     """Train the best configuration at full fidelity on the train patients (validation selects the
     epoch), score it once on the test patients for the report, register it if asked. On a budget it
     trains for the recipe's ``train.budget_minutes`` (less if the study has less left)."""
-    from brainseg import tracking
     from brainseg.progress_callbacks import epoch_progress
-    from brainseg.promotion import register_segmenter
     from brainseg.training_run import tracked_training
 
     settings, best = plan.settings, study.best_trial
