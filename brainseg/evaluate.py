@@ -53,14 +53,18 @@ def evaluate(segmenter: Segmenter, manifest: pd.DataFrame, images: list[np.ndarr
 # Candidates, simplest first: ties go to the simpler setting.
 # component_confidence: keep a patient's 3-D components whose peak probability reaches it (0: all);
 # the largest-3-D-component step is no longer a candidate (it dropped small true tumors).
-POSTPROCESS_GRID = {"tta": (False, True), "min_component_px": (0, 64), "component_confidence": (0.0, 0.8, 0.9, 0.95)}
+# threshold None = the model's own (the training threshold); lower ones answer the under-segmentation
+# of large tumors (issue 24), and are kept only where they raise the validation per-patient Dice
+POSTPROCESS_GRID = {"tta": (False, True), "min_component_px": (0, 64), "component_confidence": (0.0, 0.8, 0.9, 0.95),
+                    "threshold": (None, 0.4, 0.3)}
 
 
 def postprocess_candidates(base: InferenceSettings, grid: dict | None = None) -> list[InferenceSettings]:
     """Every combination of ``grid`` values on top of ``base`` (order: simplest first)."""
     grid = POSTPROCESS_GRID if grid is None else grid
     keys = list(grid)
-    return [base.replace(**dict(zip(keys, values))) for values in itertools.product(*(grid[k] for k in keys))]
+    return [base.replace(**{k: v for k, v in zip(keys, values) if v is not None})
+            for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def select_postprocessing(segmenter: Segmenter, manifest: pd.DataFrame, images: list[np.ndarray],
@@ -83,7 +87,7 @@ def select_postprocessing(segmenter: Segmenter, manifest: pd.DataFrame, images: 
         s = score(manifest, masks, truths).summary
         rows.append({"tta": cand.tta, "min_component_px": cand.min_component_px,
                      "component_confidence": cand.component_confidence, "largest_3d": cand.largest_3d,
-                     "keep_largest": cand.keep_largest,
+                     "keep_largest": cand.keep_largest, "threshold": cand.threshold,
                      "patient_dice_mean": s["patient_dice_mean"], "patient_dice_median": s["patient_dice_median"],
                      "empty_slice_fp_rate": s["empty_slice_fp_rate"]})
         value = s["patient_dice_mean"] if s["patient_dice_mean"] == s["patient_dice_mean"] else -1.0

@@ -214,11 +214,50 @@ def test_post_processing_is_chosen_on_the_given_slices_only():
                              "image_path": ["a", "b", "c"]})
     seg = Segmenter(threshold_net(32), cfg, InferenceSettings(precision="float32"))
     best, table = select_postprocessing(seg, manifest, images, truths)
-    assert len(table) == 16  # TTA x min_component_px x component_confidence (2 x 2 x 4)
-    plain = table[(~table.tta) & (table.min_component_px == 0) & (table.component_confidence == 0)]
+    assert len(table) == 48  # TTA x min_component_px x component_confidence x threshold (2 x 2 x 4 x 3)
+    plain = table[(~table.tta) & (table.min_component_px == 0) & (table.component_confidence == 0)
+                  & (table.threshold == 0.5)]
     assert table["patient_dice_mean"].max() == pytest.approx(1.0)
     assert plain["patient_dice_mean"].iloc[0] < 1.0  # without clean-up the specks cost Dice
     # simplest setting reaching the best score: no TTA, the size clean-up (the specks are as bright as
     # the tumor, so confidence cannot tell them apart and is left off); never the largest component
     assert best.tta is False and best.min_component_px == 64 and best.component_confidence == 0.0
+    assert best.threshold == 0.5  # a lower threshold gains nothing on these saturated blobs: the model's own
     assert not table["largest_3d"].any()
+
+
+class FixedProbs:
+    """A segmenter stand-in whose probabilities are given (16 x 16 slices, box = the whole slice)."""
+
+    def __init__(self, probs):
+        self.p, self.settings = np.asarray(probs, np.float32), InferenceSettings(precision="float32")
+
+    def prepare(self, images):
+        return np.zeros((len(images), 16, 16, 1), np.float32), [(0, 16, 0, 16)] * len(images)
+
+    def with_settings(self, **changes):
+        return self
+
+    def probs(self, X):
+        return self.p
+
+
+def test_a_lower_threshold_is_kept_only_where_it_raises_validation_dice():
+    from brainseg.evaluate import select_postprocessing
+
+    probs = np.zeros((2, 16, 16), np.float32)
+    probs[0, 4:8, 4:8] = 0.45  # a tumor the network is unsure of at its edges...
+    probs[0, 5:7, 5:7] = 0.9   # ...and sure of at its core
+    truths = [np.zeros((16, 16), bool), np.zeros((16, 16), bool)]
+    truths[0][4:8, 4:8] = True
+    manifest = pd.DataFrame({"patient": ["p", "q"], "patient_dir": ["p", "q"], "slice": [1, 1], "image_path": ["a", "b"]})
+    images = [np.zeros((16, 16, 3), np.uint8)] * 2
+    best, table = select_postprocessing(FixedProbs(probs), manifest, images, truths)
+    at = {t: table[(table.threshold == t) & ~table.tta & (table.min_component_px == 0)
+                   & (table.component_confidence == 0)]["patient_dice_mean"].iloc[0] for t in (0.5, 0.4, 0.3)}
+    assert at[0.5] == pytest.approx(0.4) and at[0.4] == pytest.approx(1.0) == at[0.3]  # 2x2 core of 4x4, all
+    assert best.threshold == 0.4  # the first threshold reaching the best (0.3 only ties)
+    sure = probs.copy()
+    sure[0, 4:8, 4:8] = 0.9  # a network sure of the whole tumor: its own threshold stays
+    best, _ = select_postprocessing(FixedProbs(sure), manifest, images, truths)
+    assert best.threshold == 0.5
