@@ -25,6 +25,26 @@ PROCESS_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EX
 for _key in PROCESS_TRACKING_ENV:
     os.environ.pop(_key, None)
 
+# pytest-xdist runs the tests in several processes (pyproject.toml): TensorFlow then gets its share of
+# the cores per process (and its subprocesses, which inherit it), so that two trainings do not fight
+# over the cores with oversubscribed, spinning thread pools. Code that sets its own threads
+# (tune.threads) still does.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+# The longest files, measured (`--durations`), start first, so that no process is left with one of
+# them at the end while the other idles (`--dist loadfile` keeps a file in one process, so that its
+# module fixtures are built once).
+LONGEST_FIRST = ("test_pipeline.py", "test_tune_postgres.py", "test_tune_refit.py",
+                 "test_tune_budget.py", "test_budget.py", "test_tune.py", "test_console.py",
+                 "test_commands_chain.py", "test_bench.py", "test_survival.py", "test_selection.py", "test_oof.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def _tracking_state() -> tuple[dict, str | None]:
     fluent = sys.modules.get("mlflow.tracking.fluent")
