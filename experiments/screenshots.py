@@ -1,10 +1,13 @@
 """Screenshots of the MLflow UI as a researcher first sees it, made by headless Chromium (not by hand).
 
     python experiments/screenshots.py [STORE] [OUT_DIR]      # default: sqlite:///mlflow.db, docs/img
+    python experiments/screenshots.py overlays [STORE] [OUT_DIR]
 
 Starts `mlflow server` on the store (127.0.0.1, a free port), opens the link `brainseg run`,
 `train` and `tune` print (the `brainseg` experiment in the model-training workflow) and, when the
-store holds a study, the study's run; writes `mlflow-runs.png` and `mlflow-study.png`. Needs the
+store holds a study, the study's run; writes `mlflow-runs.png` and `mlflow-study.png`. `overlays`
+copies the validation overlays a run logged (`val_overlays.png`: the best trial's of the newest
+study, else the newest training run's) to `overlays.png`, with the run it came from. Needs the
 Debian packages `chromium` and `chromium-driver` (CI installs them) and `selenium` (the test extra).
 """
 
@@ -89,5 +92,33 @@ def main(store: str = "sqlite:///mlflow.db", out_dir: str = "docs/img") -> None:
         server.wait(timeout=30)
 
 
+def overlays(store: str = "sqlite:///mlflow.db", out_dir: str = "docs/img") -> None:
+    import tempfile
+
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("brainseg")
+    if exp is None:
+        raise SystemExit(f"{store}: no `brainseg` experiment")
+    studies = client.search_runs([exp.experiment_id], "tags.`brainseg.role` = 'study'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    where = f"tags.`mlflow.parentRunId` = '{studies[0].info.run_id}'" if studies else ""
+    runs = client.search_runs([exp.experiment_id], where, order_by=["metrics.best_val_patient_dice DESC"],
+                              max_results=50)
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            if not any(a.path == "val_overlays.png" for a in client.list_artifacts(run.info.run_id)):
+                continue
+            path = client.download_artifacts(run.info.run_id, "val_overlays.png", tmp)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(out_dir) / "overlays.png")
+            print(f"{Path(out_dir) / 'overlays.png'}: val_overlays.png of run {run.info.run_id} "
+                  f"({run.info.run_name})")
+            return
+    raise SystemExit(f"{store}: no run with val_overlays.png")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["overlays"]:
+        overlays(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
