@@ -32,8 +32,7 @@ from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.app.provenance import card_fields, empty_provenance, model_provenance
 from brainseg.serving.limits import RequestLimits
-from brainseg.outcome.client import load
-from brainseg.outcome.client import model_inputs
+from brainseg.outcome.client import load, model_inputs
 
 
 

@@ -11,13 +11,10 @@ import pandas as pd
 
 from brainseg.config import TrainConfig
 from brainseg.data.arrays import Arrays, load_arrays, load_full_masks
-from brainseg.data.manifest import read_manifest
-from brainseg.data.split import patients_in
-from brainseg.data.version import data_version
 from brainseg.data.layout import find_root
-from brainseg.data.manifest import patients_table
-from brainseg.data.manifest import scan
-from brainseg.data.split import split_patients
+from brainseg.data.manifest import patients_table, read_manifest, scan
+from brainseg.data.split import patients_in, split_patients
+from brainseg.data.version import data_version
 
 
 @dataclasses.dataclass

@@ -43,19 +43,18 @@ import json
 import math
 import shutil
 import tempfile
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import brainseg.keras_env  # noqa: F401
 import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from PIL import Image
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema
-from mlflow.types.schema import ParamSchema, ParamSpec
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
 
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
