@@ -189,7 +189,6 @@ def test_corrupted_test_masks_change_only_the_test_report(fresh_run, tmp_path):
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
 
 
-
 def sh(cwd, *cmd, check=True):
     done = subprocess.run(list(cmd), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     if check:
