@@ -90,7 +90,6 @@ def _get(d: dict, dotted: str):
 
 
 def _yaml():
-
     y = YAML()
     y.preserve_quotes = True
     y.width = 4096
@@ -100,7 +99,6 @@ def _yaml():
 
 def _styled_like(old, value):
     """A mapping or list value in the old value's style (flow ``{a: 1}`` unless it was a block)."""
-
     if not isinstance(value, (dict, list)):
         return value
     new = CommentedMap(value) if isinstance(value, dict) else CommentedSeq(value)
@@ -136,7 +134,6 @@ def use_profile(name: str, params_file: Path = PARAMS_FILE, profiles_file: Path 
 
 def overlay(params: dict, name: str, profiles_file: Path = PROFILES_FILE) -> dict:
     """params with profile ``name`` applied in memory (``--profile`` on a single command)."""
-
     out = copy.deepcopy(params)
     for key, value in profile_values(name, profiles_file).items():
         *parents, leaf = key.split(".")

@@ -190,7 +190,6 @@ class SurvivalBackend:
 
     @classmethod
     def load(cls, model_uri: str) -> SurvivalBackend:
-
         provenance = model_provenance(model_uri)
         return cls(load(provenance["resolved_uri"]), provenance)
 
@@ -200,7 +199,6 @@ class SurvivalBackend:
     def probabilities(self, patients: pd.DataFrame, clinical: bytes | None) -> pd.DataFrame:
         """``patient``, ``death01_probability`` and the model's evidence columns (:data:`EVIDENCE`)
         where it answers them. data.csv values are joined when given, else the model's imputer fills them."""
-
         with tempfile.TemporaryDirectory() as tmp:
             csv = None
             if clinical is not None:

@@ -75,7 +75,6 @@ def model_provenance(uri: str) -> dict:
 def local_provenance(path: Path) -> dict:
     """From a model folder/.h5: ``brainseg.json`` (meta: run_id, data_version; train: size) and a
     ``model_card.json`` beside it if one was written."""
-
     found = sorted(path.rglob("brainseg.json")) if path.is_dir() else [path.with_name("brainseg.json")]
     if not found or not found[0].is_file():
         return {"version": "local file"}

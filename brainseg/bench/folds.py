@@ -90,7 +90,6 @@ def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-
     ap = argparse.ArgumentParser(prog="python -m brainseg.bench.folds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", default="2.5m", help="training budget of each run (e.g. 2.5m)")
     ap.add_argument("--profile", default=None)

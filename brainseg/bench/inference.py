@@ -147,7 +147,6 @@ def path_calls(segmenter, pyfunc, session, plain: PlainClient, url: str, images:
 
 def stage_calls(served, images: list[np.ndarray], encoded: list[str]) -> dict[str, Callable[[int], object]]:
     """The parts of one batch-1 ``SegmenterModel.predict``, each callable on round ``r``'s slice."""
-
     from brainseg.serving import pyfunc as serving
 
     n = len(images)
@@ -162,7 +161,6 @@ def stage_calls(served, images: list[np.ndarray], encoded: list[str]) -> dict[st
 
 def profile_pyfunc(pyfunc, encoded: list[str], calls: int, top: int = 15) -> list[dict]:
     """cProfile of ``calls`` batch-1 ``pyfunc.predict`` calls: the ``top`` functions by own time."""
-
     frames = [pd.DataFrame({"image": [e]}) for e in encoded]
     profiler = cProfile.Profile()
     profiler.enable()
@@ -181,7 +179,6 @@ def profile_pyfunc(pyfunc, encoded: list[str], calls: int, top: int = 15) -> lis
 def measure(segmenter, pyfunc, served, url: str, images: list[np.ndarray], batch_sizes: Sequence[int],
             rounds_b1: int, rounds_batch: int) -> dict:
     """Rows per (path, batch), the batch-1 profile of the served path and the consistency checks."""
-
     encoded = [base64.b64encode(imageio.encode_png(im)).decode("ascii") for im in images]
     session, plain = requests.Session(), PlainClient(url)
     rows, stages = [], {}

@@ -42,7 +42,6 @@ def _f(v, fmt=".1f"):
 
 
 def bench_table(report: dict):
-
     m = report["inference"]["model"]
     c = m["train_config"]
     name = c["arch"] + (f"/{c['encoder']}" if c["arch"] not in ("plain_unet", "unetpp") else "")
@@ -194,7 +193,6 @@ def _load_average():
 
 
 def _run_all(work: Path, s: dict, cfg, log) -> dict:
-
     report: dict = {"settings": s, "environment": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "mlflow": version("mlflow"),
         "machine": platform.processor() or platform.machine(), "load_average_1m": _load_average()}}
@@ -227,7 +225,6 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
 
 
 def _serving_sections(work: Path, s: dict, images: list[np.ndarray], log, store: str) -> dict:
-
     from brainseg import registry
 
     model_dir = work / "given-model" if s["model"] else work / "model"

@@ -106,7 +106,6 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
     server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
     ``env``: extra environment variables of the server (e.g. the BRAINSEG_SERVE_* request limits).
     """
-
     port = free_port()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +180,6 @@ def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
 
 def load_test(url: str, payload: str, clients: int, seconds: float) -> dict:
     """``clients`` threads posting ``payload`` for ``seconds``: requests/s, p50/p99, errors."""
-
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()

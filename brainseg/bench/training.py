@@ -31,7 +31,6 @@ def train_throughput(spec: dict) -> dict:
     ``spec``: ``train`` (TrainConfig dict), ``manifest`` (CSV path), ``steps``, ``rounds``,
     ``model_dir`` (where the model is saved afterwards, for the inference benchmarks).
     """
-
     import tensorflow as tf
     import tf_keras as keras
 

@@ -41,7 +41,6 @@ class DataContext:
     @classmethod
     def from_folder(cls, path: Path, cache_dir: Path | None = None) -> "DataContext":
         """A folder in the public layout, all of its patients in subset ``test`` (for evaluation)."""
-
         root = find_root(Path(path))
         result = scan(root)
         if result.manifest.empty:
@@ -104,7 +103,6 @@ def manifest_staleness(manifest_path: Path, root: Path, version: str) -> str | N
 
 def build_split(manifest: pd.DataFrame, split_settings: dict) -> pd.DataFrame:
     """The patient split of ``brainseg data split`` for ``manifest`` with ``settings["split"]``."""
-
     sp = split_settings
     return split_patients(patients_table(manifest), val_fraction=sp["val_fraction"],
                           test_fraction=sp["test_fraction"], folds=sp["folds"], seed=sp["seed"],
@@ -117,7 +115,6 @@ def ensure_prepared(settings: dict, echo=None) -> list[str]:
     Raises FileNotFoundError when there is no dataset and ValueError (naming the first bad file)
     when the dataset has problems, before anything is written.
     """
-
     say = echo or (lambda line: print(line, file=sys.stderr))
     d = settings["data"]
     root, manifest_path, split_path = Path(d["root"]), Path(d["manifest"]), Path(d["split"])

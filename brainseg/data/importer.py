@@ -176,7 +176,6 @@ def staging_beside(dest: Path) -> Iterator[Path]:
 def validated_copy(src: Path, dest: Path, staging: Path, limits: ArchiveLimits | None):
     """The dataset at ``src`` copied (or unpacked) to ``staging/new`` and scanned; (folder, scan).
     Raises :class:`ImportRefused` when a pair does not decode or ``data.csv`` does not read."""
-
     root = open_dataset(src, staging / "unpacked", limits) if is_archive(src) else open_dataset(src)
     if not is_archive(src):
         check_destination(src, dest, found=root)  # the dataset found must not overlap dest either

@@ -72,7 +72,6 @@ def _build(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
     """Unfreeze (or freeze) the encoder of a segmentation-models model; BatchNorm stays frozen
     while frozen, as segmentation-models does."""
-
     if trainable:
         for layer in model.layers:
             layer.trainable = True

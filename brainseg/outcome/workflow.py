@@ -40,7 +40,6 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
     ``oof`` trains one cheap segmenter per split fold (``survival.oof.train`` on top of ``train``)
     on the project's manifest and split; the others read the dataset at ``root`` (default data.root).
     """
-
     if sum([truth, model is not None, oof]) != 1:
         raise ValueError("give exactly one of --truth, --model URI or --oof")
     reports = None

@@ -105,7 +105,6 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the brainseg package, shipp
 # ------------------------------------------------------------------------------------ output
 def encode_mask_png(mask: np.ndarray) -> str:
     """(H, W) bool -> base64 PNG of 0/255 (fast zlib level: masks compress well anyway)."""
-
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -133,7 +132,6 @@ def answer_rows(masks, images, threshold: float, return_mask: bool, meta: dict) 
 
 def output_schema():
     """The answer's columns and types; geometric features are optional (null on an empty mask)."""
-
     long_cols = {"area_px", "n_components", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
     always = {"tumor", "area_px", "area_pct", "n_components", *PARAMS, "model_run_id", "data_version"}
     specs = []
@@ -198,7 +196,6 @@ def requirements() -> list[str]:
     Given explicitly, so MLflow does not infer them by loading the model in a subprocess
     (several seconds per logged model, i.e. per tuning trial).
     """
-
     out = []
     for name in TENSORFLOW_PACKAGES:  # one TensorFlow only: both provide the same module
         try:
@@ -225,7 +222,6 @@ def log_pyfunc_segmenter(model_dir: Path, example_image: np.ndarray | None = Non
     added to its brainseg.json; the served model loads it with ``inference.load_model_dir``, so it
     uses exactly the stored InferenceSettings.
     """
-
     from brainseg import inference
 
     model_dir = Path(model_dir)

@@ -106,7 +106,6 @@ def quiet_optuna() -> None:
     """Optuna's own INFO lines (study created, each trial's value and parameters) off unless
     ``--verbose``: the study's progress lines say the same. Optuna sets its logger to INFO when it
     loads, after :mod:`brainseg.quiet` set the level."""
-
     if not quiet.verbose_requested():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 

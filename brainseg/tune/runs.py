@@ -66,7 +66,6 @@ def mark_worker(trial: optuna.Trial) -> None:
 
 
 def fail_trial_run(trial: optuna.trial.FrozenTrial, why: str) -> None:
-
     run_id = trial.user_attrs.get(RUN_ATTR)
     if run_id:
         tracking.set_tags(run_id, {"state": "FAIL", "failure": why})
@@ -114,7 +113,6 @@ def parent_params(plan: StudyPlan) -> dict:
 
 
 def _usable(run_id: str | None) -> bool:
-
     if not run_id:
         return False
     try:
@@ -127,7 +125,6 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
                   claim: bool = True) -> tuple[str, str | None]:
     """The study's parent run (created once per study) and this session's claimed project run, if
     it is another run that this process must end (a resumed study under ``mlflow run``)."""
-
     project = os.environ.get(tracking.PROJECT_ENV) if claim and not os.environ.get(tracking.PIPELINE_ENV) else None
     parent = study.user_attrs.get(PARENT_ATTR)
     tags = {**tracking.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
@@ -287,7 +284,6 @@ class Progress:
             self.log(len(done), pruned, best)
 
     def log(self, finished: int, pruned: int, best: tuple | None) -> None:
-
         metrics = {"trials_finished": finished, "trials_pruned": pruned}
         if self.clock is not None:
             metrics["study_minutes_left"] = max(self.clock.left(), 0) / 60

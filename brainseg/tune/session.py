@@ -89,7 +89,6 @@ def display(echo, is_worker: bool = False) -> tuple[str, object]:
     ``bar`` only when that console (else stdout) is a terminal and this is not a worker process
     (workers share the launcher's terminal: lines, each naming its trial).
     """
-
     console = getattr(echo, "__self__", None)
     console = console if isinstance(console, Console) else None
     if is_worker:
@@ -106,7 +105,6 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     (no summary, refit or parent-run ending); K also picks its sampler seed. ``started``: when the
     command started (Unix seconds), from which ``tune.budget_minutes`` counts.
     """
-
     started = time.time() if started is None else started
     quiet_optuna()
     storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
@@ -181,7 +179,6 @@ def search(plan: StudyPlan, ctx, study: optuna.Study, parent: str, clock: Clock 
 def end_parent(study: optuna.Study, parent: str, session: str | None, status: str, summary: dict | None) -> None:
     """The study's run (and a resumed session's run) ends with ``status``; the summary is logged
     even when the study failed (never hiding the error that ended it)."""
-
     if summary is None:
         try:
             summarize_study(study, parent)
@@ -200,7 +197,6 @@ HTML_PLOTS = PNG_PLOTS + ("slice", "timeline")
 
 def study_html(study: optuna.Study) -> tuple[str, dict]:
     """Optuna's interactive plotly figures in one offline HTML page (plotly.js inlined once)."""
-
     parts, skipped = [], {}
     for name in HTML_PLOTS:
         try:
@@ -216,7 +212,6 @@ def study_html(study: optuna.Study) -> tuple[str, dict]:
 
 def summarize_study(study: optuna.Study, parent: str) -> dict:
     """Best trial tags/metrics, Optuna's plots (PNG and interactive HTML) on the parent run."""
-
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
@@ -259,7 +254,6 @@ def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float
     """The best trial's parameters at full fidelity (``train`` settings). On a budget (``minutes``)
     it is the recipe's own run (its resolution schedule) for that many minutes; else it trains for
     as many batches as the trial did."""
-
     train = plan.settings["train"]
     if minutes is not None:
         return TrainConfig.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
