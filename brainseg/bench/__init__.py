@@ -22,8 +22,6 @@ The numbers are only as quiet as the machine: the report records the load averag
 """
 
 from brainseg.bench.report import run_bench
-from brainseg.bench.server import (ModelServer, dataframe_split, experiment_in, register_champion, serve_model,
-                                   temporary_tracking)
+from brainseg.bench.server import ModelServer, dataframe_split, experiment_in, register_champion, serve_model
 
-__all__ = ["ModelServer", "dataframe_split", "experiment_in", "register_champion", "run_bench", "serve_model",
-           "temporary_tracking"]
+__all__ = ["ModelServer", "dataframe_split", "experiment_in", "register_champion", "run_bench", "serve_model"]

@@ -21,7 +21,7 @@ from rich.table import Table
 import requests
 
 from brainseg.bench import inference as inf
-from brainseg.bench.server import dataframe_split, load_test, register_champion, serve_model, temporary_tracking
+from brainseg.bench.server import dataframe_split, load_test, register_champion, serve_model
 from brainseg.bench.training import PIPELINE_TARGET, run_training_child
 from brainseg.bench.tuning import project_file, tuning_comparison
 from brainseg.config import TrainConfig, load_settings
@@ -193,6 +193,8 @@ def _load_average():
 
 
 def _run_all(work: Path, s: dict, cfg, log) -> dict:
+    from brainseg import registry  # MLflow loads with the run, not with `brainseg bench --help`
+
     report: dict = {"settings": s, "environment": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "mlflow": version("mlflow"),
         "machine": platform.processor() or platform.machine(), "load_average_1m": _load_average()}}
@@ -210,7 +212,7 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
     else:
         report["training"] = {"skipped": True}
     images = load_full_images(manifest.head(max(32, max(s["batch_sizes"]))))
-    with temporary_tracking(f"sqlite:///{work / 'mlflow.db'}") as store:
+    with registry.temporary_store(f"sqlite:///{work / 'mlflow.db'}") as store:
         report.update(_serving_sections(work, s, images, log, store))
         if s["tuning"]:
             log(f"tuning: {s['trials']} trials x {s['tuning_epochs']} epochs, {s['pruner']} vs none")

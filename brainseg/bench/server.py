@@ -147,14 +147,6 @@ def dataframe_split(values: list[str], params: dict | None = None) -> dict:
     return body
 
 
-def temporary_tracking(uri: str):
-    """Point MLflow tracking and registry (and child processes) at ``uri`` for a while
-    (:func:`brainseg.registry.temporary_store`)."""
-    from brainseg import registry
-
-    return registry.temporary_store(uri)
-
-
 def experiment_in(name: str, artifact_root: Path) -> str:
     """Create (or find) experiment ``name`` with its artifacts under ``artifact_root`` and make it
     the active one. Without this, a new SQLite store puts artifacts in ``./mlruns`` of the
