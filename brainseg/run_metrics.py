@@ -5,9 +5,12 @@ Pure (no MLflow): :mod:`brainseg.tracking` logs what these return.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+
+from brainseg.config import TrainConfig
 
 
 def clean_metrics(d: dict, prefix: str = "") -> dict[str, float]:
@@ -58,3 +61,23 @@ def best_epoch_summary(history: dict, best_epoch: int, epochs_run: int) -> dict[
             if best_epoch < len(values):
                 out[f"best_{history_name(key)}"] = values[best_epoch]
     return clean_metrics(out)
+
+
+def train_config_params(cfg: TrainConfig) -> dict:
+    """The training config as MLflow params; the loss mapping is ``loss_weights`` (JSON) and
+    ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch)."""
+    d = cfg.to_dict()
+    loss = d.pop("loss")
+    d["loss_weights"] = json.dumps(loss, sort_keys=True)
+    for name in ("bce", "dice", "jaccard", "focal", "tversky"):
+        d[f"loss_w_{name}"] = float(loss.get(name, 0) or 0)
+    return d
+
+
+def epoch_rows(history: dict, best=None):
+    """(step, metrics) of every epoch in ``history``, with the running best ``val_patient_dice`` first."""
+    for e in range(len(history.get("loss", []))):
+        metrics = epoch_metrics({k: v[e] for k, v in history.items() if e < len(v)})
+        value = metrics.get("val_patient_dice")
+        best = value if value is not None and (best is None or value > best) else best
+        yield e + 1, ({"best_val_patient_dice": best} if best is not None else {}) | metrics

@@ -50,3 +50,21 @@ def run_note(name: str, tags: dict) -> str:
         data += f" ({tags['fitted_on']})"
     profile = tags.get("profile") or ""
     return f"{what}\n\n{data}" + (f"; profile `{profile}`." if profile else ".")
+
+
+def with_note(name: str, tags: dict) -> dict:
+    """``tags`` plus the run's description (``mlflow.note.content``) unless one is given."""
+    return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
+
+
+UI_ROOT = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
+
+
+def ui_link(experiment_id: str, root: str = UI_ROOT) -> str:
+    """The experiment's page in the MLflow UI, opened on runs and models: MLflow 3.17 starts a fresh
+    browser in its GenAI workflow unless the link asks for ``workflowType=machine_learning``.
+
+    >>> ui_link("3")
+    'http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning'
+    """
+    return f"{root.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"

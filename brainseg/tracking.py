@@ -1,4 +1,5 @@
-"""MLflow glue: lineage tags, the per-epoch Keras callback, training/evaluation artifacts.
+"""MLflow glue: runs (started, reopened, ended), the per-epoch Keras callback, training/evaluation
+artifacts; what a lost tracking server means.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else MLflow's default ``sqlite:///mlflow.db`` in the
 working folder (artifacts in ``./mlruns``); ``mlflow ui`` and ``mlflow models serve`` started in
@@ -8,8 +9,8 @@ the same folder find the same runs and registry.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,25 +20,12 @@ import numpy as np
 import pandas as pd
 
 from brainseg import plots
-from brainseg.config import TrainConfig
-from brainseg.data.version import git_commit
-from brainseg.run_metrics import best_epoch_summary, clean_metrics, epoch_metrics, history_name  # noqa: F401
-from brainseg.run_notes import NOTE_TAG, run_note
-
-PIPELINE_TAG = "brainseg.pipeline_run"  # shared by every run of one pipeline execution
-PIPELINE_ENV = "BRAINSEG_PIPELINE_RUN"
-PROJECT_ENV = "BRAINSEG_PROJECT_RUN"  # the `mlflow run` run this command executes under, if any
-CHOSEN_ON_TAG = "inference_chosen_on"  # "val" when TTA and post-processing were chosen on val patients
-
-
-def adopt_project_run() -> None:
-    """Under ``mlflow run``, MLflow hands the command its run through ``MLFLOW_RUN_ID``; every
-    ``start_run`` would then resume that one run. Take it out of the environment (subprocesses
-    included) and nest this command's runs under it instead."""
-    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if run_id:
-        os.environ[PROJECT_ENV] = run_id
-
+from brainseg.run_metrics import (best_epoch_summary, clean_metrics, epoch_metrics, history_name,  # noqa: F401
+                                  train_config_params)
+from brainseg.run_context import (CHOSEN_ON_TAG, PIPELINE_ENV, PIPELINE_TAG, PROJECT_ENV, Terminated,  # noqa: F401
+                                  adopt_project_run, lineage_tags, quick_http)
+from brainseg.run_metrics import epoch_rows
+from brainseg.run_notes import NOTE_TAG, UI_ROOT, ui_link, with_note  # noqa: F401
 
 def _with_project_parent(tags: dict, experiment_id: str | None = None) -> dict:
     """``tags`` with the project run as parent, when the run goes to the project run's experiment
@@ -53,7 +41,6 @@ def _with_project_parent(tags: dict, experiment_id: str | None = None) -> dict:
 
 
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # how MLflow records a training experiment
-UI_ROOT = "http://127.0.0.1:5000"  # where `mlflow ui` / `mlflow server` listen by default
 
 
 def set_experiment(name: str, artifact_root: Path | None = None):
@@ -68,29 +55,13 @@ def set_experiment(name: str, artifact_root: Path | None = None):
     return exp
 
 
-def ui_link(experiment_id: str, root: str = UI_ROOT) -> str:
-    """The experiment's page in the MLflow UI, opened on runs and models: MLflow 3.17 starts a fresh
-    browser in its GenAI workflow unless the link asks for ``workflowType=machine_learning``.
-
-    >>> ui_link("3")
-    'http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning'
-    """
-    return f"{root.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
-
-
-def lineage_tags(version: str, settings: dict | None = None) -> dict[str, str]:
-    tags = {"data_version": version, "git_commit": git_commit(),
-            "profile": str((settings or {}).get("profile", ""))}
-    if os.environ.get(PIPELINE_ENV):
-        tags[PIPELINE_TAG] = os.environ[PIPELINE_ENV]
-    if os.environ.get(PROJECT_ENV):
-        tags["brainseg.project_run"] = os.environ[PROJECT_ENV]
-    return tags
-
-
-def epoch_logger():
+def epoch_logger(history: dict | None = None):
     """Keras callback logging every epoch's metrics in one batch, at step = epoch number counted
-    from 1 (as the console and ``best_epoch`` count)."""
+    from 1 (as the console and ``best_epoch`` count); ``history``: the epochs a resumed run had.
+
+    A tracking server that stops answering does not stop the training: the logger says so once
+    and logs nothing more (the epochs stay in the checkpoint; :func:`log_missing_epochs` sends
+    them when the server is back)."""
     import tf_keras as keras
 
     class MlflowEpochLogger(keras.callbacks.Callback):
@@ -98,17 +69,57 @@ def epoch_logger():
         # a run's metrics in the order first logged (it sets no ORDER BY: PostgreSQL may differ),
         # and the UI's Compare view opens its parallel-coordinates plot on the first metric the
         # compared runs share (and on the first three, alphabetically, of the params that differ).
-        best = None
+        def __init__(self):
+            super().__init__()
+            self.history = {k: list(v) for k, v in (history or {}).items()}
+            self.lost_at = None  # the first epoch the server did not take
 
         def on_epoch_end(self, epoch, logs=None):
-            metrics = epoch_metrics(logs or {})
-            value = metrics.get("val_patient_dice")
-            if value is not None and (self.best is None or value > self.best):
-                self.best = value
-            head = {"best_val_patient_dice": self.best} if self.best is not None else {}
-            mlflow.log_metrics({**head, **metrics}, step=epoch + 1)
+            for k, v in (logs or {}).items():
+                self.history.setdefault(k, []).append(float(v))
+            if self.lost_at is not None:
+                return
+            step, row = list(epoch_rows(self.history))[-1]
+            try:
+                mlflow.log_metrics(row, step=step)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self.lost_at = step
+                sys.stderr.write(f"tracking server not answering at epoch {step}: training goes on, its epochs are "
+                                 "kept in the checkpoint and logged when the server is back\n")
 
     return MlflowEpochLogger()
+
+
+def log_missing_epochs(history: dict) -> list[int]:
+    """Log the epochs of ``history`` the active run lacks (trained while the tracking server was
+    away, or saved just before a kill); returns their steps."""
+    have = {m.step for m in client().get_metric_history(active_run_id(), "loss")}
+    missing = [(step, row) for step, row in epoch_rows(history) if step not in have]
+    for step, row in missing:
+        mlflow.log_metrics(row, step=step)
+    return [step for step, _ in missing]
+
+
+class TrackingLost(RuntimeError):
+    """The tracking server stopped answering; the work is kept locally and the message says how to log it."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow call failed because the tracking server did not answer (after MLflow's own
+    retries: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``), not because it refused."""
+    text = str(exc)
+    return isinstance(exc, (mlflow.exceptions.MlflowException, OSError)) and any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "Read timed out", "Connection aborted",
+                            "RemoteDisconnected", "Failed to establish a new connection"))
+
+
+def add_to_note(text: str) -> None:
+    """Append a paragraph to the active run's description (``mlflow.note.content``)."""
+    run_id = active_run_id()
+    old = client().get_run(run_id).data.tags.get(NOTE_TAG, "")
+    mlflow.set_tag(NOTE_TAG, f"{old}\n\n{text}".strip())
 
 
 def log_params(settings_flat: dict) -> None:
@@ -150,10 +161,6 @@ def log_table(df: pd.DataFrame, name: str) -> None:
         mlflow.log_artifact(str(path))
 
 
-def log_json(d: dict, name: str) -> None:
-    mlflow.log_dict(d, name)
-
-
 def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
     """Metrics (with the empty baseline), per-patient CSV and the overlay grid of one evaluation."""
     metrics = ev.metrics()
@@ -173,30 +180,28 @@ def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None
     return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
 
 
-def with_note(name: str, tags: dict) -> dict:
-    """``tags`` plus the run's description (``mlflow.note.content``) unless one is given."""
-    return tags if NOTE_TAG in tags else {**tags, NOTE_TAG: run_note(name, tags)}
-
-
-class Terminated(BaseException):
-    """The process got SIGTERM (``brainseg.cli.main`` raises it where the process is): like Ctrl-C,
-    open runs end KILLED, and the command exits 143."""
-
-
 @contextlib.contextmanager
-def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
-    """Start an MLflow run; an exception marks it FAILED, Ctrl-C or SIGTERM marks it KILLED.
+def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = (), run_id: str | None = None):
+    """Start an MLflow run (or reopen run ``run_id``); an exception marks it FAILED, Ctrl-C or
+    SIGTERM marks it KILLED; :class:`TrackingLost` leaves it to the command that logs the rest.
 
     Exceptions of the types in ``finished_on`` (e.g. a pruned trial) end it FINISHED and propagate.
     """
-    tags = with_note(name, tags)
-    experiment = mlflow.tracking.fluent._get_experiment_id()  # where this run goes
-    active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags, experiment),
-                              nested=nested)
+    if run_id:
+        active = mlflow.start_run(run_id=run_id, nested=nested)
+    else:
+        tags = with_note(name, tags)
+        experiment = mlflow.tracking.fluent._get_experiment_id()  # where this run goes
+        active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags, experiment),
+                                  nested=nested)
     try:
         yield active
     except finished_on:
         mlflow.end_run("FINISHED")
+        raise
+    except TrackingLost:  # one quick try (the server may be back), then the run stays as the server has it
+        with contextlib.suppress(Exception), quick_http():
+            mlflow.end_run("FAILED")
         raise
     except (KeyboardInterrupt, Terminated) as exc:
         mlflow.set_tag("brainseg.stopped_by", "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C")
@@ -207,17 +212,6 @@ def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = ()):
         raise
     else:
         mlflow.end_run("FINISHED")
-
-
-def train_config_params(cfg: TrainConfig) -> dict:
-    """The training config as MLflow params; the loss mapping is ``loss_weights`` (JSON) and
-    ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch)."""
-    d = cfg.to_dict()
-    loss = d.pop("loss")
-    d["loss_weights"] = json.dumps(loss, sort_keys=True)
-    for name in ("bce", "dice", "jaccard", "focal", "tversky"):
-        d[f"loss_w_{name}"] = float(loss.get(name, 0) or 0)
-    return d
 
 
 # ------------------------------------------------------------------------------- the active run

@@ -11,69 +11,18 @@ import time
 
 import brainseg.keras_env  # noqa: F401
 import numpy as np
-import tensorflow as tf
 import tf_keras as keras
 
-from brainseg.budget import BudgetError, BudgetPlan, Phase
+from brainseg.budget import BudgetPlan, Phase
+from brainseg.checkpoint import Checkpoint, CheckpointError
 from brainseg.config import TrainConfig
 from brainseg.data.arrays import Arrays
 from brainseg.data.pipeline import area_weights, train_dataset
-from brainseg.inference import predict_probs
-from brainseg.metrics import summarize, slice_table
 from brainseg.models.factory import SM_ARCHS, build_model, set_encoder_trainable
 from brainseg.models.losses import make_loss, make_metrics
+from brainseg.train_callbacks import (MONITOR, BestWeights, BudgetStop, EpochCheckpoint, PatientDice,
+                                      PlannedSchedule, RestoreCounters)
 
-MONITOR = "val_patient_dice"
-
-
-class PatientDice(keras.callbacks.Callback):
-    """Validation in one prediction pass per epoch.
-
-    Adds ``val_loss`` (the training loss on the validation slices), ``val_dice`` / ``val_iou``
-    (pixel-level over all validation slices) and ``val_patient_dice`` / ``val_patient_iou``
-    (mean per-patient volume scores at network size, the model-selection objective).
-    """
-
-    def __init__(self, val: Arrays, threshold: float, batch_size: int, loss_fn):
-        super().__init__()
-        self.val, self.threshold, self.batch_size, self.loss_fn = val, threshold, batch_size, loss_fn
-        self.truths = np.asarray(val.Y)[..., 0] > 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        probs = predict_probs(self.model, self.val.X, self.batch_size)
-        losses = [float(self.loss_fn(tf.constant(self.truths[i:i + 64, ..., None], tf.float32),
-                                     tf.constant(probs[i:i + 64, ..., None])))
-                  * len(probs[i:i + 64]) for i in range(0, len(probs), 64)]
-        preds = probs > self.threshold
-        s = summarize(slice_table(self.val.patients, list(preds), list(self.truths)))
-        if logs is not None:
-            logs["val_loss"] = sum(losses) / max(len(probs), 1)
-            logs["val_dice"] = s["global_dice"]
-            logs["val_iou"] = s["global_iou"]
-            logs[MONITOR] = s["patient_dice_mean"]
-            logs["val_patient_iou"] = s["patient_iou_mean"]
-            logs["val_empty_slice_fp_rate"] = s["empty_slice_fp_rate"]
-
-
-class BestWeights(keras.callbacks.Callback):
-    """Keeps the weights of the best epoch by ``monitor``; :meth:`restore` puts them back.
-
-    Restoring is the caller's step after the last phase (a run in several ``fit`` calls, as with
-    a frozen encoder or progressive resizing, must not jump back at the end of each).
-    """
-
-    def __init__(self, monitor: str = MONITOR):
-        super().__init__()
-        self.monitor, self.best, self.best_epoch, self.weights = monitor, -math.inf, -1, None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and not math.isnan(value) and value > self.best:
-            self.best, self.best_epoch, self.weights = float(value), epoch, self.model.get_weights()
-
-    def restore(self, model: keras.Model) -> None:
-        if self.weights is not None:
-            model.set_weights(self.weights)
 
 
 @dataclasses.dataclass
@@ -84,37 +33,6 @@ class TrainResult:
     best_value: float  # best val_patient_dice
     epochs_run: int
     budget: dict = dataclasses.field(default_factory=dict)  # budget.* figures of a budgeted run
-
-
-class PlannedSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from lr/10, then cosine decay to lr/100 or linear decay to 0 at ``total_steps``.
-
-    ``total_steps`` is a variable: a budgeted run re-plans it from the measured throughput, so the
-    decay ends at the last planned step whatever the machine (:meth:`set_total`).
-    """
-
-    def __init__(self, lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine"):
-        super().__init__()
-        self.lr, self.warmup, self.kind = float(lr), int(warmup_steps), kind
-        self.final = self.lr / 100 if kind == "cosine" else 0.0
-        self.total = tf.Variable(float(max(total_steps, 1)), trainable=False, dtype=tf.float32)
-
-    def set_total(self, steps: int) -> None:
-        self.total.assign(float(max(steps, self.warmup + 1, 1)))
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warm = float(max(self.warmup, 1))
-        warmup_lr = self.lr / 10 + (self.lr - self.lr / 10) * step / warm
-        t = tf.clip_by_value((step - self.warmup) / tf.maximum(self.total - self.warmup, 1.0), 0.0, 1.0)
-        if self.kind == "cosine":
-            decayed = self.final + (self.lr - self.final) * 0.5 * (1.0 + tf.cos(math.pi * t))
-        else:
-            decayed = self.lr + (self.final - self.lr) * t
-        return tf.where(step < self.warmup, warmup_lr, decayed)
-
-    def get_config(self):
-        return {"lr": self.lr, "total_steps": int(self.total.numpy()), "warmup_steps": self.warmup, "kind": self.kind}
 
 
 def learning_rate(cfg: TrainConfig, steps: int, lr: float | None = None):
@@ -130,79 +48,6 @@ def learning_rate(cfg: TrainConfig, steps: int, lr: float | None = None):
 def _compile(model: keras.Model, cfg: TrainConfig, lr) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=make_loss(cfg.loss, cfg.tversky_alpha, cfg.tversky_beta),
                   metrics=make_metrics(cfg.threshold))
-
-
-class BudgetStop(keras.callbacks.Callback):
-    """Feeds a :class:`~brainseg.budget.BudgetPlan` with measured step and validation times, keeps the
-    learning-rate schedule's end at the planned last step and stops each phase when its epochs are done.
-
-    The first ``probe`` steps of a phase give its first plan; every epoch re-plans; a run that
-    would still overrun (a machine slowing down) stops at the budget mid-epoch. Put it after the
-    validation callback, so an epoch's time includes its validation.
-    """
-
-    def __init__(self, plan: BudgetPlan, schedule, t0: float, clock=time.monotonic, probe: int = 5):
-        super().__init__()
-        self.plan, self.schedule, self.t0, self.clock, self.probe = plan, schedule, t0, clock, probe
-        self.phase, self.last_end, self.ends = 0, None, []
-
-    def _apply(self, logs=None):
-        if isinstance(self.schedule, PlannedSchedule) and self.plan.total_steps:
-            self.schedule.set_total(self.plan.total_steps)
-        if logs is not None:
-            logs.update({"plan_total_steps": float(self.plan.total_steps),
-                         "plan_epochs": float(self.plan.planned_epochs),
-                         "elapsed_min": self.plan.elapsed_s / 60})
-
-    def _check(self):
-        """An unreachable budget is an error before any epoch ends; after that the run keeps its work
-        (a phase that no longer fits ends the run instead)."""
-        if not any(q.epochs_done for q in self.plan.phases):
-            self.plan.check_reachable()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.ends = []
-        if self.last_end is None:  # a phase's first epoch; later ones count from the previous end
-            self.last_end = self.clock()
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = self.clock()
-        # this step began at the previous step's end (the epoch's start for its first step, at the
-        # latest; no clock reading of its own)
-        began = self.ends[-1] if self.ends else self.last_end
-        self.plan.last_step_start_s = (began if began is not None else now) - self.t0
-        self.ends.append(now)
-        p = self.plan.phases[self.phase]
-        if p.step_s is None and len(self.ends) == self.probe + 1:
-            p.step_s = (self.ends[-1] - self.ends[0]) / self.probe
-            self.plan.elapsed_s = now - self.t0
-            self.plan.replan()
-            self._check()
-            self._apply()
-            if p.planned_epochs < 1:  # a later phase that no longer fits: the run ends here
-                self.model.stop_training = True
-        if now - self.t0 >= self.plan.budget_s:
-            if not any(q.epochs_done for q in self.plan.phases):  # not one epoch: nothing worth keeping
-                raise BudgetError(
-                    f"budget: {self.plan.budget_s / 60:.2f} min cannot hold one epoch at {p.size} px on this machine "
-                    f"(it ran out after {len(self.ends)} of {p.steps} steps, model building included); "
-                    "give a larger train.budget_minutes or fewer train.steps_per_epoch")
-            self.plan.stopped_at_budget = len(self.ends) < p.steps
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        # the whole epoch, from the previous epoch's end (other callbacks' logging included): its
-        # steps at the steady step time, and the rest (validation, the first step's warm-up) as fixed
-        now, ends, steps = self.clock(), self.ends, len(self.ends)
-        total = now - self.last_end
-        train_s = (ends[-1] - ends[0]) * steps / (steps - 1) if steps > 1 else total
-        self.last_end = now
-        self.plan.observe(self.phase, train_s=min(train_s, total), val_s=max(total - train_s, 0.0),
-                          steps=max(steps, 1), elapsed_s=now - self.t0)
-        self._check()
-        self._apply(logs)
-        if self.plan.phase_done(self.phase) or now - self.t0 >= self.plan.budget_s:
-            self.model.stop_training = True
 
 
 def phases(cfg: TrainConfig, steps: int) -> list[Phase]:
@@ -226,17 +71,35 @@ def _epoch_phases(cfg: TrainConfig, plan: list[Phase]) -> list[int]:
     return [low, max(cfg.epochs - low, 0)]
 
 
+def _segments(cfg: TrainConfig, plan_phases: list[Phase], steps: int, frozen: int) -> list[tuple]:
+    """The ``fit`` calls of a run without a budget: (size, first epoch, end epoch, steps per epoch,
+    after the frozen-encoder epochs), so that a resumed run finds where it was."""
+    segments, e = ([(cfg.size, 0, frozen, steps, False)], frozen) if frozen else ([], 0)
+    for p, n in zip(plan_phases, _epoch_phases(cfg, plan_phases)):
+        if n <= 0 or e >= cfg.epochs:
+            continue
+        end = cfg.epochs if p is plan_phases[-1] else e + n
+        segments.append((p.size, e, end, p.steps, True))
+        e = end
+    return segments
+
+
 def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbacks: list | None = None,
-          verbose: int = 1, clock=time.monotonic) -> TrainResult:
+          verbose: int = 1, clock=time.monotonic, checkpoint: Checkpoint | None = None,
+          resume: dict | None = None) -> TrainResult:
     """Fit a model from ``cfg`` on ``train_arrays``; select and restore the best epoch on ``val_arrays``.
 
     ``callbacks`` (tracking, pruning) see the per-epoch logs, ``val_patient_dice`` included. With
     ``budget_minutes`` the run plans its epochs from measured throughput (:class:`BudgetStop`) and
     ends within the budget (``epochs`` is then not used). With ``progressive_size`` the first
     phase trains at that size (the network is fully convolutional; the returned model has the
-    fixed input size of ``size``, with the same weights).
+    fixed input size of ``size``, with the same weights). With ``checkpoint`` every epoch is saved
+    there before ``callbacks`` report it; ``resume`` (a checkpoint's state) continues that run after
+    its last saved epoch with the same weights, optimizer, schedule, budget spent and counters (the
+    data order from there differs from an uninterrupted run's).
     """
-    t0 = clock()
+    state = resume or {}
+    t0 = clock() - float(state.get("elapsed_s", 0.0))  # a resumed run's budget counts its saved epochs
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     n = len(train_arrays.X)
@@ -250,54 +113,79 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
         epochs = _epoch_phases(cfg, plan_phases)
         schedule.set_total(sum(e * p.steps for e, p in zip(epochs, plan_phases)))
     _compile(model, cfg, schedule)
+    frozen = min(cfg.freeze_encoder_epochs, cfg.epochs) if cfg.arch in SM_ARCHS and not cfg.budget_minutes else 0
+    status = {"unfrozen": not frozen}
+
+    def unfreeze():  # unfreeze and recompile (keeps weights; a new optimizer, as the run always did)
+        set_encoder_trainable(model, True)
+        lr_now = float(keras.backend.get_value(model.optimizer.learning_rate)) \
+            if cfg.lr_schedule == "plateau" else learning_rate(cfg, steps)
+        _compile(model, cfg, lr_now)
+        status["unfrozen"] = True
+
     weights = None
     if cfg.sampling == "area":
         weights = area_weights(np.asarray(train_arrays.Y).reshape(n, -1).sum(axis=1), cfg.uniform_share)
+    epoch = int(state.get("epoch", 0))
     datasets = {p.size: train_dataset(train_arrays.X, train_arrays.Y, batch_size=min(cfg.batch_size, n),
-                                      tumor_fraction=cfg.tumor_fraction, augment=cfg.augment, seed=cfg.seed,
+                                      tumor_fraction=cfg.tumor_fraction, augment=cfg.augment, seed=cfg.seed + epoch,
                                       weights=weights, out_size=None if p.size == cfg.size else p.size)
                 for p in plan_phases}
     best = BestWeights()
     early = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=cfg.patience)
     plan = BudgetPlan(cfg.budget_minutes * 60, plan_phases) if cfg.budget_minutes else None
     budget = BudgetStop(plan, schedule, t0, clock) if plan else None
+    plateau = keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=cfg.lr_patience,
+                                                min_lr=cfg.lr / 64) if cfg.lr_schedule == "plateau" else None
+    counted = {"early": (None if budget else early, ("wait", "best", "stopped_epoch")),
+               "plateau": (plateau, ("wait", "best", "cooldown_counter"))}
+    history: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
+    if state:
+        if state.get("unfrozen") and not status["unfrozen"]:
+            unfreeze()
+        restore_state(model, best, plan, schedule, checkpoint, state)
+        if budget:
+            budget.phase = int(state.get("phase") or 0)
     # a budget is the stopping rule: its schedule decays to the planned last step, so no early stop
     cbs = [PatientDice(val_arrays, cfg.threshold, 32, model.loss), best, budget if budget else early]
-    if cfg.lr_schedule == "plateau":
-        cbs.append(keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=cfg.lr_patience,
-                                                     min_lr=cfg.lr / 64))
+    cbs += [plateau] if plateau else []
+    cbs += [RestoreCounters(counted, state.get("counters", {}))] if state else []
+    if checkpoint is not None:
+        def save(done: int, hist: dict) -> None:
+            checkpoint.save({"epoch": done, "history": hist, "elapsed_s": clock() - t0,
+                             "phase": budget.phase if budget else None, "unfrozen": status["unfrozen"],
+                             "counters": {k: {a: getattr(cb, a) for a in attrs} for k, (cb, attrs) in counted.items()
+                                          if cb is not None},
+                             **optimizer_state(model, schedule, best, plan)}, epoch_arrays(model, best))
+        cbs.append(EpochCheckpoint(save, history))
     cbs += list(callbacks or [])
-    history: dict[str, list[float]] = {}
 
     def fit(ds, start: int, end: int, steps_per_epoch: int) -> int:
         h = model.fit(ds, steps_per_epoch=steps_per_epoch, epochs=end, initial_epoch=start, callbacks=cbs,
                       verbose=verbose)
-        for k, v in h.history.items():
-            history.setdefault(k, []).extend(float(x) for x in v)
+        if checkpoint is None:  # else EpochCheckpoint keeps the history, epoch by epoch
+            for k, v in h.history.items():
+                history.setdefault(k, []).extend(float(x) for x in v)
         return start + len(h.history.get("loss", []))
 
-    epoch = 0
     if plan is not None:
+        first = int(state.get("phase") or 0)
         for i, p in enumerate(plan_phases):
+            if i < first or (state and i == first and plan.phase_done(i)):
+                continue  # done before the resume
             # a later phase starts while time is left, even when the guess of its cost (the pixel
             # ratio) says no epoch fits: its own first steps decide (BudgetStop's probe)
-            if i > 0 and clock() - t0 >= plan.budget_s:
+            if (i > 0 or state) and clock() - t0 >= plan.budget_s:
                 break
             budget.phase, budget.last_end, plan.current = i, None, i
             epoch = fit(datasets[p.size], epoch, epoch + 1_000_000, p.steps)
     else:
-        frozen = min(cfg.freeze_encoder_epochs, cfg.epochs) if cfg.arch in SM_ARCHS else 0
-        if frozen:
-            epoch = fit(datasets[cfg.size], 0, frozen, steps)
-            set_encoder_trainable(model, True)  # unfreeze and recompile (keeps weights)
-            lr_now = float(keras.backend.get_value(model.optimizer.learning_rate)) \
-                if cfg.lr_schedule == "plateau" else learning_rate(cfg, steps)
-            _compile(model, cfg, lr_now)
-        for p, n_epochs in zip(plan_phases, _epoch_phases(cfg, plan_phases)):
-            if early.stopped_epoch > 0 or n_epochs <= 0 or epoch >= cfg.epochs:
+        for size, start, end, n_steps, after_freeze in _segments(cfg, plan_phases, steps, frozen):
+            if early.stopped_epoch > 0 or epoch >= end:
                 continue
-            end = cfg.epochs if p is plan_phases[-1] else epoch + n_epochs
-            epoch = fit(datasets[p.size], epoch, end, p.steps)
+            if after_freeze and not status["unfrozen"]:
+                unfreeze()
+            epoch = fit(datasets[size], max(epoch, start), end, n_steps)
     best.restore(model)
     if len(plan_phases) > 1:  # the served network: fixed input size, the trained weights
         fixed = build_model(cfg)
@@ -307,6 +195,65 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
     epochs_run = len(history.get("loss", []))
     return TrainResult(model, history, best.best_epoch, best.best, epochs_run,
                        budget_figures(cfg, plan, plan_phases, history, clock() - t0))
+
+
+def epoch_arrays(model: keras.Model, best: BestWeights) -> dict[str, list[np.ndarray]]:
+    """What a checkpoint stores as arrays: the weights, the optimizer's variables, the best epoch's weights."""
+    return {"weights": model.get_weights(), "optimizer": [v.numpy() for v in model.optimizer.variables],
+            "best": list(best.weights) if best.weights is not None else []}
+
+
+def optimizer_state(model: keras.Model, schedule, best: BestWeights, plan: BudgetPlan | None) -> dict:
+    """The JSON part of a checkpoint that the arrays do not hold: schedule, best epoch, budget plan."""
+    planned = isinstance(schedule, PlannedSchedule)
+    return {"schedule_total": float(schedule.total.numpy()) if planned else None,
+            "lr": None if planned else float(keras.backend.get_value(model.optimizer.learning_rate)),
+            "best": {"value": best.best, "epoch": best.best_epoch},
+            "plan": dataclasses.asdict(plan) if plan is not None else None}
+
+
+def restore_state(model: keras.Model, best: BestWeights, plan: BudgetPlan | None, schedule,
+                  checkpoint: Checkpoint, state: dict) -> None:
+    """Put a checkpoint's weights, optimizer variables, schedule, best epoch and plan back."""
+    model.set_weights(checkpoint.arrays("weights", state))
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    saved = checkpoint.arrays("optimizer", state)
+    if len(saved) != len(opt.variables):
+        raise CheckpointError(f"{checkpoint.folder}: the optimizer state has {len(saved)} variables, "
+                              f"this network's optimizer {len(opt.variables)} (another architecture?)")
+    for variable, value in zip(opt.variables, saved):
+        variable.assign(value)
+    if state.get("schedule_total") is not None and isinstance(schedule, PlannedSchedule):
+        schedule.set_total(int(state["schedule_total"]))
+    if state.get("lr") is not None:
+        opt.learning_rate.assign(state["lr"])
+    best.best, best.best_epoch = float(state["best"]["value"]), int(state["best"]["epoch"])
+    best.weights = checkpoint.arrays("best", state) or None
+    if plan is not None and state.get("plan"):
+        saved_plan = dict(state["plan"])
+        saved_plan["phases"] = [Phase(**p) for p in saved_plan["phases"]]
+        for key, value in saved_plan.items():
+            setattr(plan, key, value)
+
+
+def save_trained(checkpoint: Checkpoint, result: TrainResult) -> None:
+    """The finished training (the restored network and its records) as the run's checkpoint, so
+    that what comes after (choosing inference settings, logging) can be redone without training."""
+    checkpoint.save({"epoch": result.epochs_run, "history": result.history, "trained": True,
+                     "best": {"value": result.best_value, "epoch": result.best_epoch},
+                     "budget_figures": result.budget}, {"trained": result.model.get_weights()})
+
+
+def trained_result(cfg: TrainConfig, checkpoint: Checkpoint, state: dict) -> TrainResult:
+    """The :class:`TrainResult` a checkpoint of a finished training holds (:func:`save_trained`)."""
+    keras.backend.clear_session()
+    model = build_model(cfg)
+    model.set_weights(checkpoint.arrays("trained", state))
+    model.compile(loss=make_loss(cfg.loss, cfg.tversky_alpha, cfg.tversky_beta))
+    history = {k: list(v) for k, v in state["history"].items()}
+    return TrainResult(model, history, int(state["best"]["epoch"]), float(state["best"]["value"]),
+                       len(history.get("loss", [])), dict(state.get("budget_figures") or {}))
 
 
 def budget_figures(cfg: TrainConfig, plan: BudgetPlan | None, plan_phases: list[Phase], history: dict,

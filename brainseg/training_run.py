@@ -6,6 +6,8 @@ stages that span several steps (:mod:`brainseg.workflows`); it calls none of the
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,40 +18,88 @@ from brainseg.data.context import DataContext
 from brainseg.evaluate import evaluate, select_postprocessing
 from brainseg.inference import InferenceSettings, Segmenter, save_model
 from brainseg.tracking import CHOSEN_ON_TAG
-from brainseg.train import train
+from brainseg.checkpoint import Checkpoint, resume_command
+from brainseg.train import save_trained, train, trained_result
 
 
 def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
-                     verbose: int = 1, finished_on: tuple = (), report_test: bool = False) -> dict:
+                     verbose: int = 1, finished_on: tuple = (), report_test: bool = False,
+                     checkpoints: Path | None = None, resume: tuple[Checkpoint, dict] | None = None) -> dict:
     """Train ``cfg`` as one MLflow run: params, per-epoch metrics, the chosen inference settings,
     validation metrics at the original size, the model; test metrics (``test_*``) only if
     ``report_test``, computed after every choice is made and used in none.
 
     Choices, all on validation patients: the epoch (best ``val_patient_dice`` at network size),
     then TTA and post-processing (``select_postprocessing``), stored with the model.
+    ``checkpoints``: a folder where every epoch is saved (:mod:`brainseg.checkpoint`; removed when
+    the run finishes). ``resume`` (a checkpoint and its state): reopen that run and continue it:
+    the epochs it lacks in MLflow are logged, training goes on after the saved epoch (or not at all
+    when it had ended), then everything after training. Ctrl-C / SIGTERM add the resume command to
+    the run's description; a tracking server that stops answering raises
+    :class:`~brainseg.tracking.TrackingLost` after training, with the work kept in the checkpoint.
     Returns run_id, model_uri, best_epoch (1-based), val_patient_dice and the validation metrics.
     """
+    ckpt, state = resume if resume else (None, None)
     all_tags = {**tracking.lineage_tags(ctx.version, settings), **(tags or {})}
-    with tracking.run(run_name, all_tags, nested=nested, finished_on=finished_on) as active:
-        tracking.log_params({**tracking.train_config_params(cfg), "profile": settings.get("profile"),
-                             **{f"split.{k}": v for k, v in flatten(settings.get("split", {})).items()}})
-        train_rows, val_rows = ctx.rows("train"), ctx.rows("val")
-        tracking.log_dataset_input(train_rows, ctx.root, ctx.version, "training")
-        tracking.log_dataset_input(val_rows, ctx.root, ctx.version, "validation")
-        tr, va = ctx.arrays("train", cfg), ctx.arrays("val", cfg)
-        result = train(cfg, tr, va, callbacks=[tracking.epoch_logger(), *(callbacks or [])], verbose=verbose)
-        tracking.log_active_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch, result.epochs_run),
-                            **result.budget})
-        tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
-
-        segmenter, metrics, example = choose_and_score(settings, result.model, cfg, ctx)
-        if report_test:
-            metrics.update(report_on_test(segmenter, ctx))
-        model_uri = log_model(result.model, cfg, segmenter, example, ctx)
+    with tracking.run(run_name, all_tags, nested=nested, finished_on=finished_on,
+                      run_id=ckpt.run_id if ckpt else None) as active:
+        if ckpt is None:
+            tracking.log_params({**tracking.train_config_params(cfg), "profile": settings.get("profile"),
+                                 **{f"split.{k}": v for k, v in flatten(settings.get("split", {})).items()}})
+            tracking.log_dataset_input(ctx.rows("train"), ctx.root, ctx.version, "training")
+            tracking.log_dataset_input(ctx.rows("val"), ctx.root, ctx.version, "validation")
+            meta = {"settings": settings, "run_name": run_name, "report_test": report_test, "data_version": ctx.version}
+            ckpt = Checkpoint.of(checkpoints, active.info.run_id, meta) if checkpoints else None
+        else:
+            tracking.log_missing_epochs(state["history"])  # saved, but killed before they were logged
+            tracking.set_active_tags({"brainseg.resumed_from_epoch": state["epoch"]})
+        logger = tracking.epoch_logger(state["history"] if state else None)
+        try:
+            if state and state.get("trained"):
+                result = trained_result(cfg, ckpt, state)
+            else:
+                result = train(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg), callbacks=[logger, *(callbacks or [])],
+                               verbose=verbose, checkpoint=ckpt, resume=state)
+        except (KeyboardInterrupt, tracking.Terminated) as exc:
+            if ckpt is not None and ckpt.exists():
+                stopped(ckpt, "SIGTERM" if isinstance(exc, tracking.Terminated) else "Ctrl-C")
+            raise
+        if ckpt is not None:
+            save_trained(ckpt, result)
+        try:
+            tracking.log_missing_epochs(result.history)  # those trained while the server was away
+            tracking.log_active_metrics({**tracking.best_epoch_summary(result.history, result.best_epoch,
+                                                                       result.epochs_run), **result.budget})
+            tracking.log_figure(plots.learning_curves(result.history), "learning_curves.png")
+            segmenter, metrics, example = choose_and_score(settings, result.model, cfg, ctx)
+            if report_test:
+                metrics.update(report_on_test(segmenter, ctx))
+            model_uri = log_model(result.model, cfg, segmenter, example, ctx)
+        except Exception as exc:
+            if ckpt is None or not tracking.unreachable(exc):
+                raise
+            ckpt.update(stopped_by="tracking server lost")
+            raise tracking.TrackingLost(
+                f"the tracking server stopped answering ({str(exc).splitlines()[0][:200]}); training finished "
+                f"({result.epochs_run} epochs) and is kept in {ckpt.folder}/. When the server is back, log the "
+                f"rest (epochs, evaluation, model) with: {resume_command(ckpt)}") from exc
+        if ckpt is not None:
+            ckpt.remove()
         return {"run_id": active.info.run_id, "model_uri": model_uri, "best_epoch": result.best_epoch + 1,
                 "val_patient_dice": result.best_value, "metrics": metrics,
                 "inference": segmenter.settings.to_dict(), "budget": result.budget}
+
+
+def stopped(ckpt: Checkpoint, by: str) -> None:
+    """A run stopped by ``by`` (Ctrl-C, SIGTERM): the checkpoint and the run's description say how to resume."""
+    state = ckpt.state()
+    ckpt.update(stopped_by=by)
+    text = (f"Stopped by {by} after epoch {state['epoch']}. Checkpoint: {ckpt.folder.resolve()}. "
+            f"Resume with: {resume_command(ckpt)}")
+    with contextlib.suppress(Exception):  # the description is a courtesy: the stop must not fail on it
+        tracking.add_to_note(text)
+    print(text, file=sys.stderr)
 
 
 def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):

@@ -39,6 +39,7 @@ data_app.command("prepare")(data.data_prepare)
 profile_app.command("use")(data.profile_use)
 
 app.command()(segment.train)
+app.command()(segment.checkpoints)
 app.command()(segment.evaluate)
 app.command()(segment.tune)
 app.command()(outcome.features)

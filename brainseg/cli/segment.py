@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,7 @@ from rich.progress import Progress
 from brainseg.cli.common import (EXPERIMENT, ProfileOpt, SetOpt, console, fail, out, print_metrics,
                                  settings_or_fail, writable_folder_or_fail)
 from brainseg.budget import BudgetError, parse_budget
+from brainseg.checkpoint import DEFAULT_ROOT, Checkpoint, CheckpointError, interrupted, resume_command
 from brainseg.config import ConfigError, TrainConfig
 
 # Deferred into the commands: brainseg.{tracking,workflows,evaluate_run,promotion,predict,models,data.context}
@@ -28,7 +30,14 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
           progress: Annotated[str, typer.Option(help="Epoch progress: auto (a bar on a terminal, one line per "
                                                 "epoch otherwise), bar, lines or none.")] = "auto",
           keras_verbose: Annotated[Optional[int], typer.Option("--verbose", hidden=True,
-                                                               help="Old spelling: 0 none, 1 bar, 2 lines.")] = None):
+                                                               help="Old spelling: 0 none, 1 bar, 2 lines.")] = None,
+          resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last saved "
+                                               "epoch, in the same MLflow run, with its own settings "
+                                               "(`brainseg checkpoints` lists them).")] = False,
+          run: Annotated[Optional[str], typer.Option("--run", help="With --resume: the run to continue (default: "
+                                                     "the newest checkpoint).")] = None,
+          checkpoint_dir: Annotated[Path, typer.Option(help="Where every epoch is saved while the run lasts "
+                                                       "(removed when it finishes).")] = DEFAULT_ROOT):
     """Train one segmenter on the train patients, select the best epoch on val, log it all to MLflow."""
     from brainseg import tracking
     from brainseg.data.context import DataContext
@@ -36,7 +45,14 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.progress_callbacks import epoch_progress
     from brainseg.training_run import tracked_training
 
-    settings = settings_or_fail(profile, set_)
+    state = None
+    if resume:
+        if profile or set_ or budget:
+            fail("--resume continues the run with its own settings: drop --profile, --set and --budget", 2)
+        ckpt, state = reopen_or_fail(checkpoint_dir, run)
+        settings, test_report = ckpt.meta["settings"], bool(ckpt.meta.get("report_test", test_report))
+    else:
+        settings = settings_or_fail(profile, set_)
     try:
         if budget not in (None, ""):  # "" = the settings' own (as `mlflow run -e train` passes it)
             settings["train"]["budget_minutes"] = parse_budget(budget)
@@ -53,11 +69,17 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     except ValueError as exc:
         fail(str(exc), 2)
 
+    if state is not None and ctx.version != ckpt.meta.get("data_version"):
+        fail(f"--resume: run {ckpt.run_id} trained on data version {str(ckpt.meta.get('data_version'))[:12]}, "
+             f"the data here is {ctx.version[:12]}", 2)
     try:
         res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,
-                               callbacks=[bar] if bar else [], report_test=test_report)
+                               callbacks=[bar] if bar else [], report_test=test_report,
+                               checkpoints=checkpoint_dir, resume=(ckpt, state) if state is not None else None)
     except BudgetError as exc:
         fail(str(exc), 2)
+    except tracking.TrackingLost as exc:
+        fail(str(exc), 75)  # EX_TEMPFAIL: try again later
     m = res["metrics"]
     out.print(f"run {res['run_id']}: best epoch {res['best_epoch']}; inference settings chosen on val: "
               + ", ".join(f"{k}={v}" for k, v in res["inference"].items() if k != "batch_size"))
@@ -77,6 +99,38 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
     out.print(f"model: {res['model_uri']}")
     out.print(f"in the MLflow UI (`mlflow ui` on this store): {tracking.ui_link(experiment.experiment_id)}",
               markup=False, highlight=False)
+
+
+def reopen_or_fail(root: Path, run_id: str | None):
+    """The checkpoint ``--resume`` continues: run ``run_id``'s, else the newest under ``root``."""
+    if run_id is None:
+        found = [c for c, st in interrupted(root) if "error" not in st]
+        if not found:
+            fail(f"--resume: no checkpoint under {root}/ (a finished run leaves none; see `brainseg checkpoints`)", 2)
+        run_id = found[0].run_id
+    try:
+        return Checkpoint.reopen(root, run_id)
+    except CheckpointError as exc:
+        fail(f"--resume: {exc}", 2)
+
+
+def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `brainseg train` saved into.")]
+                = DEFAULT_ROOT):
+    """List interrupted training runs (their checkpoints) and the command that resumes each."""
+    found = interrupted(checkpoint_dir)
+    if not found:
+        out.print(f"no interrupted runs under {checkpoint_dir}/")
+        return
+    out.print(f"{len(found)} interrupted run(s) in {checkpoint_dir}/, newest first:")
+    for ckpt, st in found:
+        if "error" in st:
+            out.print(f"{ckpt.run_id}: {st['error']}", markup=False, highlight=False)
+            continue
+        when = datetime.datetime.fromtimestamp(float(st["written_at"])).strftime("%Y-%m-%d %H:%M")
+        done = " (training done, logging not)" if st.get("trained") else ""
+        out.print(f"{ckpt.run_id}: saved {when} after epoch {st['epoch']}{done}; stopped by "
+                  f"{st.get('stopped_by', 'a kill (no clean stop)')}\n  resume with: {resume_command(ckpt)}",
+                  markup=False, highlight=False)
 
 
 def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
