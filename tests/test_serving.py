@@ -35,6 +35,8 @@ from brainseg.serving.pyfunc import OUTPUT_COLUMNS
 from brainseg.serving.limits import RequestLimits
 from conftest import PROJECT_ROOT, Tracking, invoke, noise
 
+BODY_TIMEOUT = RequestLimits.ENV["body_timeout_s"]
+
 pytestmark = pytest.mark.timeout(600)
 
 MODEL_NAME = "brainseg-segmenter"
@@ -114,10 +116,10 @@ def champion(tracking, tiny_model_dir) -> str:
 @pytest.fixture(scope="module")
 def server(champion, tracking, tmp_path_factory):
     """MLflow's scoring server for ``models:/brainseg-segmenter@champion`` behind the body limit
-    (:mod:`brainseg.serving.app`), default limits; always stopped afterwards."""
+    (:mod:`brainseg.serving.app`), default limits but a 3 s body timeout; always stopped afterwards."""
     try:
         with serve_model(CHAMPION_URI, tracking.uri, tmp_path_factory.mktemp("serve"),
-                         timeout_s=SERVER_READY_S, body_limit=True) as s:
+                         timeout_s=SERVER_READY_S, body_limit=True, env={BODY_TIMEOUT: "3"}) as s:
             yield s
     except RuntimeError as exc:
         pytest.fail(str(exc))
@@ -380,6 +382,54 @@ def test_a_post_without_a_content_type_gets_a_415_naming_the_header(headers, sta
     if status == 415:
         message = strict_json(answer)["message"]
         assert message.startswith("the request has no Content-Type header") and "\n" not in message
+
+
+def test_a_body_that_stops_arriving_gets_a_408_and_the_app_never_sees_it():
+    from brainseg.serving.app import BodyLimit
+
+    seen = []
+
+    async def stalled():  # 4 of 10 declared bytes, then nothing
+        if not seen:
+            seen.append(1)
+            return {"type": "http.request", "body": b"x" * 4, "more_body": True}
+        await asyncio.sleep(3600)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": [(b"content-length", b"10")]}
+    start = time.monotonic()
+    asyncio.run(BodyLimit(app, 100, timeout_s=0.2)(scope, stalled, send))
+    assert sent[0]["status"] == 408 and time.monotonic() - start < 2
+    message = strict_json(sent[1]["body"])["message"]
+    assert message.startswith("request body incomplete: 4 of the 10 declared bytes arrived in 0.2 s") and BODY_TIMEOUT in message
+
+
+def test_a_partial_body_is_refused_while_three_good_clients_get_their_answers(server, synth_images):
+    """A client declares 5,000 bytes, sends 100 and stalls: it gets a 408 after the body timeout, and
+    three clients posting meanwhile get their 200s (a stalled body holds no worker)."""
+    import concurrent.futures
+
+    host = server.url.split("//", 1)[1].encode()
+    cell = b64(imageio.encode_png(synth_images[0]))
+    head = (b"POST /invocations HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n" + b"{" * 100)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        partial = pool.submit(raw_post, server.url, head, 30.0)
+        time.sleep(0.5)  # the partial request is in, then the good ones
+        good = [pool.submit(post, server.url, dataframe_split([cell])) for _ in range(3)]
+        answers = [f.result() for f in good]
+        assert not partial.done() or partial.result()[0].startswith(b"HTTP/1.1 408")
+        answer, seconds = partial.result()
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert answer.startswith(b"HTTP/1.1 408") and b"request body incomplete: 100 of the 5,000 declared" in answer
+    assert 2.5 < seconds < 15, seconds
 
 
 def raw_post(url: str, head: bytes, timeout_s: float = 10.0) -> tuple[bytes, float]:

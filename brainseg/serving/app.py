@@ -12,7 +12,10 @@ ASGI middleware that reads no body byte before deciding:
   (:class:`brainseg.serving.limits.RequestLimits`, default 64 MiB) gets a **413**: with a
   ``Content-Length`` over the limit at once, before any byte is read (a client that declares
   70 MiB and sends nothing gets its answer too); with a chunked body (no length), as soon as the
-  bytes read pass the limit.
+  bytes read pass the limit;
+- the whole body must arrive within ``BRAINSEG_SERVE_BODY_TIMEOUT_S`` (default 30 s), else a **408**:
+  a client that declares a body and stalls (a partial body) is answered and holds nothing, while
+  the other clients' requests go on (uvicorn serves connections concurrently).
 
 The middleware never reads the rest of a refused body: once the answer is sent, uvicorn discards
 what the client still sends on that connection (memory stays flat) and the client reads the answer.
@@ -24,6 +27,7 @@ Start it with uvicorn's factory mode::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -58,10 +62,12 @@ class ContentTypeRequired:
 
 
 class BodyLimit:
-    """ASGI middleware: HTTP bodies over ``max_bytes`` get a 413 naming the limit; the app never sees them."""
+    """ASGI middleware: the body is read whole before the app runs. Over ``max_bytes`` it gets a 413
+    naming the limit (from a declared length before any byte is read); not all there within
+    ``timeout_s`` a 408. The app sees neither."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     def message(self, size: str) -> str:
         var = RequestLimits.ENV["max_body_bytes"]
@@ -72,14 +78,20 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) <= self.max_bytes:
-                return await self.app(scope, receive, send)  # the server stops the body at its length
+        if declared is not None and not (declared.isdigit() and int(declared) <= self.max_bytes):
             size = f"{int(declared):,}" if declared.isdigit() else "an unreadable number of"
             return await answer(send, 413, self.message(size))  # at once: no byte of the body read
-        chunks, total, more = [], 0, True  # chunked: read up to the limit, then replay it to the app
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        chunks, total, more = [], 0, True  # read up to the limit and the deadline, then replay it to the app
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                of = f" of the {int(declared):,} declared" if declared is not None else ""
+                return await answer(send, 408, f"request body incomplete: {total:,}{of} bytes arrived in "
+                                                f"{self.timeout_s:g} s ({RequestLimits.ENV['body_timeout_s']}); "
+                                                "send the whole body")
             if message["type"] != "http.request":
                 return None  # the client went away
             chunks.append(message.get("body", b""))
@@ -109,4 +121,4 @@ def create_app(model_uri: str | None = None, limits: RequestLimits | None = None
         raise SystemExit(f"set {MODEL_ENV} to the model to serve, e.g. models:/brainseg-segmenter@champion")
     limits = limits or RequestLimits.from_env()
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri))
-    return ContentTypeRequired(BodyLimit(app, limits.max_body_bytes))
+    return ContentTypeRequired(BodyLimit(app, limits.max_body_bytes, limits.body_timeout_s))

@@ -23,9 +23,11 @@ class RequestLimits:
     max_pixels: int = 8_388_608
     max_image_bytes: int = 16 * 2**20
     max_body_bytes: int = 64 * 2**20
+    body_timeout_s: int = 30  # the whole body must arrive within this (a stalled client gets a 408)
 
     ENV: ClassVar[dict[str, str]] = {"max_rows": "BRAINSEG_SERVE_MAX_ROWS", "max_pixels": "BRAINSEG_SERVE_MAX_PIXELS",
-           "max_image_bytes": "BRAINSEG_SERVE_MAX_IMAGE_BYTES", "max_body_bytes": "BRAINSEG_SERVE_MAX_BODY_BYTES"}
+           "max_image_bytes": "BRAINSEG_SERVE_MAX_IMAGE_BYTES", "max_body_bytes": "BRAINSEG_SERVE_MAX_BODY_BYTES",
+           "body_timeout_s": "BRAINSEG_SERVE_BODY_TIMEOUT_S"}
 
     @classmethod
     def from_env(cls, env=None) -> RequestLimits:
