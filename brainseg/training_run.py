@@ -49,7 +49,8 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
                                  **{f"split.{k}": v for k, v in flatten(settings.get("split", {})).items()}})
             tracking.log_dataset_input(ctx.rows("train"), ctx.root, ctx.version, "training")
             tracking.log_dataset_input(ctx.rows("val"), ctx.root, ctx.version, "validation")
-            meta = {"settings": settings, "run_name": run_name, "report_test": report_test, "data_version": ctx.version}
+            meta = {"settings": {**settings, "train": cfg.to_dict()}, "run_name": run_name, "report_test": report_test,
+                    "data_version": ctx.version}  # the config that runs (a refit's differs from settings["train"])
             ckpt = Checkpoint.of(checkpoints, active.info.run_id, meta) if checkpoints else None
         else:
             tracking.log_missing_epochs(state["history"])  # saved, but killed before they were logged

@@ -195,7 +195,23 @@ CASES = {
                                           ["--threshold: nan is not in (0, 1)"]),
     "predict --out an existing file": lambda t: (["predict", DATA, "--out", "params.yaml"], 2,
                                                  ["params.yaml: exists and is not a folder"]),
+    # ---- resuming (issue 27): refused before any run
+    "train --resume with nothing to resume": lambda t: (["train", "--resume", "--checkpoint-dir", t / "ck"], 2,
+                                                        ["--resume: no checkpoint under", "brainseg checkpoints"]),
+    "train --resume --run unknown": lambda t: (["train", "--resume", "--run", "abc123", "--checkpoint-dir", t / "ck"],
+                                               2, ["abc123/state.json: no checkpoint here"]),
+    "train --resume --set": lambda t: (["train", "--resume", "--set", "train.lr=0.1"], 2,
+                                       ["--resume continues the run with its own settings", "drop --profile, --set"]),
+    "train --resume of a damaged checkpoint": lambda t: (
+        ["train", "--resume", "--run", "r1", "--checkpoint-dir", _damaged_checkpoint(t / "ck", "r1")], 2,
+        ["r1/state.json: unreadable checkpoint"]),
 }
+
+
+def _damaged_checkpoint(root: Path, run_id: str) -> Path:
+    (root / run_id).mkdir(parents=True)
+    (root / run_id / "state.json").write_text('{"epoch": 3, "hist')  # damaged (a copy cut short, a disk error)
+    return root
 
 
 @pytest.mark.parametrize("case", list(CASES))

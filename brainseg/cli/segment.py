@@ -73,7 +73,8 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         fail(f"--resume: run {ckpt.run_id} trained on data version {str(ckpt.meta.get('data_version'))[:12]}, "
              f"the data here is {ctx.version[:12]}", 2)
     try:
-        res = tracked_training(settings, cfg, ctx, run_name=f"train-{cfg.arch}-{cfg.encoder}", verbose=0,
+        name = ckpt.meta.get("run_name", "train") if state is not None else f"train-{cfg.arch}-{cfg.encoder}"
+        res = tracked_training(settings, cfg, ctx, run_name=name, verbose=0,
                                callbacks=[bar] if bar else [], report_test=test_report,
                                checkpoints=checkpoint_dir, resume=(ckpt, state) if state is not None else None)
     except BudgetError as exc:
