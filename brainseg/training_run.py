@@ -81,9 +81,13 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
             if ckpt is None or not tracking.unreachable(exc):
                 raise
             ckpt.update(stopped_by="tracking server lost")
+            local = save_model(result.model, cfg, InferenceSettings.from_dict({**settings.get("evaluate", {}),
+                                                                               "threshold": cfg.threshold}),
+                               ckpt.folder / "model", {"data_version": ctx.version, "run_id": ckpt.run_id})
             raise tracking.TrackingLost(
                 f"the tracking server stopped answering ({str(exc).splitlines()[0][:200]}); training finished "
-                f"({result.epochs_run} epochs) and is kept in {ckpt.folder}/. When the server is back, log the "
+                f"({result.epochs_run} epochs) and is kept in {ckpt.folder}/ (a usable model, post-processing not "
+                f"chosen on val yet: brainseg predict --model {local}). When the server is back, log the "
                 f"rest (epochs, evaluation, model) with: {resume_command(ckpt)}") from exc
         if ckpt is not None:
             ckpt.remove()

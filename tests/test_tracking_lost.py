@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import mlflow
+import numpy as np
 import pytest
 
 from conftest import make_project
@@ -79,6 +80,11 @@ def test_a_lost_tracking_server_costs_no_training_and_one_command_logs_the_rest(
         run_id = command.split()[-1]
         state = (project / "checkpoints" / run_id / "state.json")
         assert state.is_file() and '"trained": true' in state.read_text()  # the trained network, kept locally
+        local = project / "checkpoints" / run_id / "model"
+        assert f"brainseg predict --model checkpoints/{run_id}/model" in output
+        from brainseg.registry import load_segmenter  # a model that loads and predicts without the server
+
+        assert load_segmenter(str(local)).segment([np.zeros((32, 32, 3), np.uint8)]).masks[0].shape == (32, 32)
 
         server = _server(store, port)  # the server is back, on the same store
         done = subprocess.run([sys.executable, "-m", "brainseg", *command.split()[1:]], cwd=project, env=env,
