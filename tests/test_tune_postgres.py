@@ -158,3 +158,141 @@ def test_a_killed_worker_loses_nothing_and_the_study_resumes(cluster):
     killed = client.get_run(killed_run)
     assert killed.info.status == "FAILED"  # not RUNNING forever
     assert killed.data.tags["state"] == "FAIL"
+
+
+# ------------------------------------------------------------------ the database restarts mid-study
+def _pg_bin() -> str | None:
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[-3]))
+    return os.path.dirname(found[-1]) if found else None
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL cluster of this test's own on a free port (the shared one on 5432 is never
+    restarted): its URL and functions that stop and start it."""
+    import pwd
+    import shutil
+    import tempfile
+
+    bindir = _pg_bin()
+    if bindir is None:
+        if os.environ.get("BRAINSEG_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are required here but not under /usr/lib/postgresql")
+        pytest.skip("no PostgreSQL binaries (initdb, pg_ctl) under /usr/lib/postgresql/*/bin")
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+    top = tempfile.mkdtemp(prefix="pg-")  # short: the socket's path must stay under 107 bytes
+    if as_user:
+        os.chown(top, pwd.getpwnam("postgres").pw_uid, -1)
+    port, data = _free_port(), os.path.join(top, "data")
+
+    def pg_ctl(*args):
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, *args], check=True, capture_output=True, timeout=60)
+
+    subprocess.run([*as_user, f"{bindir}/initdb", "-D", data, "--auth=trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    start = ["-o", f"-p {port} -k {top} -c fsync=off", "-l", os.path.join(top, "log"), "start", "-w"]
+    pg_ctl(*start)
+
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", lambda: pg_ctl("stop", "-m", "fast", "-w"), \
+            lambda: pg_ctl(*start)
+    finally:
+        subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "stop", "-m", "immediate"],
+                       check=False, capture_output=True)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+UNREACHABLE = "study database unreachable"  # a worker's warning while it waits for the database
+
+
+def _running_with_run(url: str) -> tuple[list[int], int]:
+    """Numbers of the RUNNING trials that started training (have an MLflow run), and how many trials
+    are finished; ([], 0) while the study's tables do not exist yet."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            running = [n for (n,) in conn.execute(
+                "SELECT t.number FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND a.key = 'mlflow_run_id'")]
+            (done,) = conn.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()
+            return running, done
+    except psycopg.Error:
+        return [], 0
+
+
+def _plant_dead_trial(url: str, study_name: str, params: dict) -> int:
+    """A new study whose first trial (``params``) a worker claimed and left silent: its heartbeat is
+    an hour old, as a worker killed long ago leaves it. Returns the trial's number."""
+    import psycopg
+
+    study = optuna.create_study(study_name=study_name, storage=url.replace("postgresql://", "postgresql+psycopg://"),
+                                direction="maximize")
+    study.enqueue_trial(params)
+    dead = study.ask()
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO trial_heartbeats (trial_id, heartbeat) VALUES (%s, now() - interval '1 hour')",
+                     (dead._trial_id,))
+    return dead.number
+
+
+def test_a_database_restart_mid_study_loses_no_trial(cluster, private_postgres, tmp_path):
+    """Two workers; PostgreSQL stops for 3 s while their trials train, then comes back. The workers
+    wait for it (heartbeats, reports and tells included): every completed trial is in the study, none
+    is left RUNNING. A trial whose worker died before (its heartbeat silent) is marked FAIL and
+    retried once with the same parameters, its retry's MLflow run naming it."""
+    root, env, uri = cluster
+    url, stop, start = private_postgres
+    sa_url = url.replace("postgresql://", "postgresql+psycopg://")
+    args = [sys.executable, "-m", "brainseg", "tune", "--profile", "smoke", "--study-name", "restart", "--storage", url,
+            "--set", "tune.workers=2", "--set", "tune.threads=1", "--set", "tune.epochs=2", "--set", "tune.heartbeat=5",
+            "--set", "evaluate.select_postprocessing=false", "--no-refit", "--out", "reports/restart.json"]
+    params = {"arch": "plain_unet", "base_filters": 8, "loss.bce": 0.25, "loss.dice": 1.25, "lr": 0.004}
+    dead = _plant_dead_trial(url, "restart", params)
+    log = tmp_path / "tune.log"
+    with log.open("w") as out:  # a file, not a pipe: two workers' output must never block them
+        tune = subprocess.Popen([*args, "--n-trials", "2"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        started = deadline = time.time()
+        deadline += 240
+        while True:  # both workers' trials are training, or one is and another has finished
+            running, done = _running_with_run(url)
+            if len(running) > 1 or (running and done):
+                break
+            assert tune.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        restart_at = time.time() - started
+        stop()  # down until a worker felt it, at most 3.5 s: a live trial's heartbeat never gets older than the grace
+        down = time.time()
+        while time.time() < down + 1 or (time.time() < down + 3.5 and UNREACHABLE not in log.read_text()):
+            time.sleep(0.2)
+        start()
+        assert tune.wait(300) == 0, log.read_text()[-3000:]
+        print(f"restart after {restart_at:.0f} s, study done after {time.time() - started:.0f} s")
+    text = log.read_text()
+    assert "worker exit codes" not in text, text[-3000:]
+    study = optuna.load_study(study_name="restart", storage=sa_url)
+    trials = {t.number: t for t in study.trials}
+    assert not [n for n, t in trials.items() if t.state.name in ("RUNNING", "WAITING")], text[-3000:]
+    assert all(trials[n].state.is_finished() for n in running)  # the trials training through the restart
+    import re
+
+    printed = {int(n) for n in re.findall(r"\(#(\d+)\) complete:", text)}
+    complete = {n for n, t in trials.items() if t.state.name == "COMPLETE"}
+    assert printed and printed == complete  # every trial a worker saw complete is in the study
+    failed = [n for n, t in trials.items() if t.state.name == "FAIL"]
+    assert failed == [dead], text[-3000:]  # the dead trial only: the restart failed none
+    (retry,) = [t for t in trials.values() if t.user_attrs.get("retry_of_trial") == dead]
+    assert retry.system_attrs["failed_trial"] == dead and retry.state.is_finished()
+    assert retry.params == params  # the dead trial's parameters, run again
+    runs = {int(c.data.tags["optuna.trial"]): c for c in _children(uri, study.user_attrs["mlflow_parent_run_id"])}
+    assert runs[retry.number].data.tags["retry_of_trial"] == str(dead)
+    assert {n for n, c in runs.items() if c.info.status == "FINISHED" and c.data.tags.get("state") == "COMPLETE"} \
+        == complete
+    assert not [n for n, c in runs.items() if c.info.status == "RUNNING"]
+    print(f"restart while trial(s) {running} trained; states "
+          f"{ {n: t.state.name for n, t in sorted(trials.items())} }; waits logged: "
+          f"{text.count(UNREACHABLE)}")

@@ -16,7 +16,9 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
+from brainseg.access import refusal_message, refused_status
 from brainseg.cli import data, outcome, segment, serve
 from brainseg.cli.common import console, quiet_libraries
 
@@ -78,6 +80,12 @@ def main():  # console-script entry with a clean exit for Ctrl-C
     except Terminated:
         console.print("terminated (SIGTERM)")
         sys.exit(143)
+    except Exception as exc:  # the tracking server refused us (401/403): what to set, not a traceback
+        status = refused_status(exc)
+        if status is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(refusal_message(status))}")
+        sys.exit(2)
 
 
 __all__ = ["app", "main"]

@@ -184,8 +184,9 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
 def tune(profile: ProfileOpt = None, set_: SetOpt = None,
          study_name: Annotated[Optional[str], typer.Option(help="Default: tune.study_name + profile + data version "
                                                            "(+ the project run under `mlflow run`).")] = None,
-         storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (sqlite:///optuna.db, postgresql://...) "
-                                                     "or journal:FILE (default: tune.storage).")] = None,
+         storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (sqlite:///optuna.db, postgresql://...), "
+                                                     "journal:FILE, or where a URL with a password is: env:VAR "
+                                                     "(an environment variable) or file:PATH (default: tune.storage).")] = None,
          n_trials: Annotated[Optional[float], typer.Option(help="Trials to add, all workers together (default: the profile's).")] = None,
          timeout: Annotated[Optional[float], typer.Option(help="Seconds for the search (default: the profile's).")] = None,
          create_only: Annotated[bool, typer.Option(help="Create the study and its parent run, then exit "

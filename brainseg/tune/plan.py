@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from pathlib import Path
@@ -119,13 +120,44 @@ def make_storage(url: str, heartbeat: int = 60, on_stale=None):
         return JournalStorage(JournalFileBackend(url.split(":", 1)[1]))
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                                      heartbeat_stale_trial_callback=on_stale)
+    # pre-ping: a pooled connection that a database restart closed is replaced before use, so a
+    # worker carries on after PostgreSQL comes back instead of failing its next query
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat,
+                                      grace_period=2 * heartbeat, heartbeat_stale_trial_callback=on_stale)
 
 
 def redact(url: str) -> str:
     """Storage URL without its password (for logs)."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def resolve_storage(ref: str, environ: typing.Mapping[str, str] = os.environ) -> str:
+    """The storage URL that ``ref`` names: ``env:VAR`` the value of environment variable VAR,
+    ``file:PATH`` the first line of that file (not a comment), anything else itself. A URL holding
+    a password then never sits on a command line (``ps`` shows those to every user) or in params.yaml.
+
+    >>> resolve_storage("env:STUDY_DB", {"STUDY_DB": "postgresql://bob:pw@db/optuna"})
+    'postgresql://bob:pw@db/optuna'
+    >>> resolve_storage("sqlite:///optuna.db")
+    'sqlite:///optuna.db'
+    """
+    kind, _, name = (ref or "").partition(":")
+    if kind == "env":
+        url = environ.get(name, "").strip()
+        if not url:
+            raise ConfigError(f"storage {ref}: the environment variable {name} is not set (or empty)")
+        return url
+    if kind == "file":
+        path = Path(name).expanduser()
+        try:
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+        except OSError as exc:
+            raise ConfigError(f"storage {ref}: cannot read {path} ({exc.strerror or exc})") from exc
+        url = next((ln for ln in lines if ln and not ln.startswith("#")), "")
+        if not url:
+            raise ConfigError(f"storage {ref}: {path} holds no storage URL")
+        return url
+    return ref
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -159,6 +191,7 @@ class StudyPlan:
     recipe: dict = dataclasses.field(default_factory=dict)
     workers: int = 1
     threads: int = 0          # TensorFlow threads per worker (0: TensorFlow decides)
+    storage_ref: str = ""     # env:VAR or file:PATH when storage_url came from one: what a worker's --storage gets
 
     @property
     def tune(self) -> dict:
@@ -185,9 +218,11 @@ def plan_from_settings(settings: dict, study_name: str | None, storage: str | No
     if workers < 1 or threads < 0:
         raise ConfigError(f"tune.workers ({workers}) must be >= 1 and tune.threads ({threads}) >= 0")
     # on a budget the clock decides how many trials run; tune.n_trials (--n-trials) only caps them
-    return StudyPlan(settings, study_name or t["study_name"], storage or t["storage"],
+    ref = storage or t["storage"]
+    url = resolve_storage(ref)
+    return StudyPlan(settings, study_name or t["study_name"], url,
                      int(n_trials or t["n_trials"]), float(timeout or t["timeout"]), space, space_path,
-                     fid, recipe, workers, threads)
+                     fid, recipe, workers, threads, storage_ref=ref if url != ref else "")
 
 
 def open_plan_study(plan: StudyPlan, worker: int = 0, storage=None) -> optuna.Study:

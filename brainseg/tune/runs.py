@@ -10,6 +10,7 @@ as a child of the study's parent.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -24,12 +25,14 @@ from rich.progress import Progress as Bar
 from brainseg import tracking
 from brainseg.run_notes import NOTE_TAG
 from brainseg.tracking import claim_project_run
+from brainseg.tune.outage import wait_for_database
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, make_storage, redact
 from brainseg.tune.space import trial_config
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 HOST_ATTR, PID_ATTR, START_ATTR = "worker_host", "worker_pid", "worker_started"
+RETRY_ATTR = "retry_of_trial"  # a retried trial's user attribute and its MLflow run's tag
 
 
 # ------------------------------------------------------------------------- dead workers
@@ -72,6 +75,16 @@ def fail_trial_run(trial: optuna.trial.FrozenTrial, why: str) -> None:
         tracking.terminate(run_id, "FAILED")
 
 
+def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a dead trial again (WAITING, same parameters), once: Optuna's retry callback, which
+    records ``failed_trial`` and ``retry_history`` in the new trial's system attributes. The new
+    trial's ``retry_of_trial`` user attribute (and its MLflow run's tag) names the dead one."""
+    trial = copy.deepcopy(trial)
+    trial.user_attrs.pop(RUN_ATTR, None)  # the retry gets its own run
+    trial.user_attrs.setdefault(RETRY_ATTR, trial.number)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
 def reap_dead_predecessors(study: optuna.Study) -> list[int]:
     """Mark FAIL the RUNNING trials of dead workers of this host (process gone), at once rather than
     after the heartbeat grace; their MLflow runs end FAILED. Returns the trial numbers."""
@@ -89,12 +102,16 @@ def reap_dead_predecessors(study: optuna.Study) -> list[int]:
 
 
 def _fail_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Heartbeat callback: a silent worker's trial became FAIL, so its MLflow run ends FAILED too."""
+    """Heartbeat callback: a silent worker's trial became FAIL, so its MLflow run ends FAILED too,
+    and the trial is retried once."""
     fail_trial_run(trial, "worker stopped (no heartbeat)")
+    retry_once(study, trial)
 
 
 def study_storage(url: str, heartbeat: int):
-    return make_storage(url, heartbeat, on_stale=_fail_stale_run)
+    """The study's storage: dead trials failed and retried once; a database server that goes away
+    for a while (restart) is waited for (:mod:`brainseg.tune.outage`)."""
+    return wait_for_database(make_storage(url, heartbeat, on_stale=_fail_stale_run))
 
 
 # ----------------------------------------------------------------------------- parent run
@@ -201,8 +218,7 @@ def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None =
         cfg = trial_config(trial, base, plan.space)
         tags = {"mlflow.parentRunId": parent, "optuna.study": plan.study_name, "optuna.trial": str(trial.number),
                 "brainseg.role": "trial", "fidelity": fidelity}
-        if trial.user_attrs.get("recipe"):
-            tags["recipe"] = trial.user_attrs["recipe"]
+        tags.update({k: str(trial.user_attrs[k]) for k in ("recipe", RETRY_ATTR) if k in trial.user_attrs})
         shown = [progress.epochs(trial.number, cfg.epochs)] if progress is not None else []
         report = trial_callbacks(trial, fid.unit, clock.search_end if clock is not None else None)
         try:

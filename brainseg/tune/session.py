@@ -25,8 +25,8 @@ from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optu
 from brainseg.tune.space import apply_params
 from brainseg.tune.budget import refit_minutes
 from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
-from brainseg.tune.runs import (RUN_ATTR, Progress, ensure_parent, objective_for, reap_dead_predecessors,
-                                study_storage)
+from brainseg.tune.runs import (RETRY_ATTR, RUN_ATTR, Progress, ensure_parent, objective_for,
+                                reap_dead_predecessors, study_storage)
 from brainseg import tracking
 from brainseg.config import EPOCH_SIZED, TrainConfig
 from brainseg.progress import choose_mode
@@ -47,7 +47,9 @@ def set_threads(n: int) -> None:
 
 def worker_command(plan: StudyPlan, k: int, study_trials: int, settings_args: list[str], out_dir: Path) -> list[str]:
     return [sys.executable, "-m", "brainseg", "tune", *settings_args, "--study-name", plan.study_name,
-            "--storage", plan.storage_url, "--n-trials", str(plan.n_trials), "--timeout", str(plan.timeout),
+            # env:VAR / file:PATH as given: a password in the URL never goes on a worker's command line
+            "--storage", plan.storage_ref or plan.storage_url, "--n-trials", str(plan.n_trials),
+            "--timeout", str(plan.timeout),
             "--worker", str(k), "--study-trials", str(study_trials), "--no-refit",
             "--out", str(out_dir / f"worker-{k}.json")]
 
@@ -159,13 +161,16 @@ def search(plan: StudyPlan, ctx, study: optuna.Study, parent: str, clock: Clock 
         codes = launch_workers(plan, target, settings_args or [], study)
         if any(codes):
             echo(f"worker exit codes {codes}")
+            reaped = reap_dead_predecessors(study)  # a dead worker's trial is not left RUNNING
+            if reaped:
+                echo(f"trial(s) {reaped} of a dead worker marked FAIL")
         return
     set_threads(plan.threads)
     mode, console = display(echo, is_worker)
     progress = Progress(parent, plan.n_trials, start, echo, mode, console, clock)
     callbacks = [progress]
     if study_trials:
-        callbacks.insert(0, optuna.study.MaxTrialsCallback(study_trials, states=None))
+        callbacks.insert(0, stop_at(study_trials))
     # on a budget Optuna's timeout is the last start (checked before each trial); a running trial
     # is stopped at the end of the search by its TrialReport
     timeout = max(clock.last_start - time.time(), 0.001) if clock else plan.timeout
@@ -174,6 +179,16 @@ def search(plan: StudyPlan, ctx, study: optuna.Study, parent: str, clock: Clock 
                        catch=(ValueError, RuntimeError, MemoryError), gc_after_trial=True, callbacks=callbacks)
     finally:
         progress.close()
+
+
+def stop_at(study_trials: int):
+    """Optuna callback: stop this worker once the study holds ``study_trials`` trials, the retry of a
+    dead trial not counting as one more (it takes the dead trial's place)."""
+    def stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if sum(RETRY_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False)) >= study_trials:
+            study.stop()
+
+    return stop
 
 
 def end_parent(study: optuna.Study, parent: str, session: str | None, status: str, summary: dict | None) -> None:
@@ -218,7 +233,7 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
     summary = {"study": study.study_name, "trials": len(trials), "states": states, "parent_run_id": parent,
                "objective": OBJECTIVE}
     tracking.log_metrics_to(parent, {f"trials_{k.lower()}": v for k, v in states.items()})
-    recipe = [t for t in trials if t.user_attrs.get("recipe")]
+    recipe = [t for t in trials if t.user_attrs.get("recipe") and t.value is not None]  # a retry's value
     if recipe and recipe[0].value is not None:
         summary["recipe_trial"], summary["recipe_value"] = recipe[0].number, recipe[0].value
         tracking.log_metrics_to(parent, {"recipe_val_patient_dice": recipe[0].value})
