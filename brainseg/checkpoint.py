@@ -166,7 +166,9 @@ def interrupted(root: Path | str = DEFAULT_ROOT) -> list[tuple[Checkpoint, dict]
             continue
         ckpt = Checkpoint(folder)
         try:
-            found.append((ckpt, ckpt.state()))
+            state = ckpt.state()
+            ckpt.meta = dict(state.get("meta") or {})
+            found.append((ckpt, state))
         except CheckpointError as exc:
             found.append((ckpt, {"error": str(exc), "written_at": 0.0}))
     return sorted(found, key=lambda item: -float(item[1].get("written_at", 0.0)))

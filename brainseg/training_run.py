@@ -25,7 +25,8 @@ from brainseg.train import save_trained, train, trained_result
 def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
                      verbose: int = 1, finished_on: tuple = (), report_test: bool = False,
-                     checkpoints: Path | None = None, resume: tuple[Checkpoint, dict] | None = None) -> dict:
+                     checkpoints: Path | None = None, checkpoint_meta: dict | None = None,
+                     resume: tuple[Checkpoint, dict] | None = None) -> dict:
     """Train ``cfg`` as one MLflow run: params, per-epoch metrics, the chosen inference settings,
     validation metrics at the original size, the model; test metrics (``test_*``) only if
     ``report_test``, computed after every choice is made and used in none.
@@ -33,7 +34,8 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
     Choices, all on validation patients: the epoch (best ``val_patient_dice`` at network size),
     then TTA and post-processing (``select_postprocessing``), stored with the model.
     ``checkpoints``: a folder where every epoch is saved (:mod:`brainseg.checkpoint`; removed when
-    the run finishes). ``resume`` (a checkpoint and its state): reopen that run and continue it:
+    the run finishes; ``checkpoint_meta``: more for the checkpoint to keep, such as what a tuning
+    refit owes its study). ``resume`` (a checkpoint and its state): reopen that run and continue it:
     the epochs it lacks in MLflow are logged, training goes on after the saved epoch (or not at all
     when it had ended), then everything after training. Ctrl-C / SIGTERM add the resume command to
     the run's description; a tracking server that stops answering raises
@@ -50,7 +52,7 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
             tracking.log_dataset_input(ctx.rows("train"), ctx.root, ctx.version, "training")
             tracking.log_dataset_input(ctx.rows("val"), ctx.root, ctx.version, "validation")
             meta = {"settings": {**settings, "train": cfg.to_dict()}, "run_name": run_name, "report_test": report_test,
-                    "data_version": ctx.version}  # the config that runs (a refit's differs from settings["train"])
+                    "data_version": ctx.version, **(checkpoint_meta or {})}  # the config that runs (a refit's differs)
             ckpt = Checkpoint.of(checkpoints, active.info.run_id, meta) if checkpoints else None
         else:
             tracking.log_missing_epochs(state["history"])  # saved, but killed before they were logged

@@ -91,3 +91,48 @@ def test_sigterm_ends_the_run_killed_with_the_resume_command_in_its_description(
     command = f"brainseg train --resume --run {run.info.run_id}"
     assert "Stopped by SIGTERM after epoch" in note and command in note and command in output
     assert (project / "checkpoints" / run.info.run_id / "state.json").is_file()
+
+
+def test_a_tuning_refit_killed_mid_way_is_finished_by_train_resume(tmp_path, monkeypatch):
+    """The refit is a training run like the others: killed after its first epoch, `brainseg train
+    --resume` continues it in the same run, then registers it and links it to its study as
+    `brainseg tune` would have."""
+    project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "brainseg", "tune", "--profile", "smoke", "--study-name", "killed",
+                             "--n-trials", "1", "--set", "tune.size=32", "--set", "tune.epochs=3",
+                             "--set", "train.size=32", "--refit", "--register"], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("refit  epoch 1/"):
+            break
+    else:
+        raise AssertionError("the refit did not start:\n" + "".join(seen))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    [refit] = [r for r in _runs(project) if r.data.tags.get("brainseg.role") == "refit"]
+    assert refit.info.status == "RUNNING"  # a SIGKILL ends nothing
+    parent_id = refit.data.tags["brainseg.study_parent_run_id"]
+
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    listed = invoke("checkpoints")
+    assert "the refit of trial 0 of study killed" in listed.output and refit.info.run_id in listed.output
+    resumed = invoke("train", "--resume", "--progress", "none")
+    assert resumed.exit_code == 0, resumed.output
+    assert "refit of trial 0 of study killed finished" in resumed.output and "registered version 1" in resumed.output
+    runs = _runs(project)
+    [refit] = [r for r in runs if r.data.tags.get("brainseg.role") == "refit"]  # reopened, not a second one
+    assert refit.info.status == "FINISHED" and "test_patient_dice_mean" in refit.data.metrics  # as the refit reports
+    with Tracking(project / "mlflow.db"):
+        client = mlflow.MlflowClient()
+        epochs = int(refit.data.params["epochs"])
+        steps = sorted(m.step for m in client.get_metric_history(refit.info.run_id, "val_patient_dice") if m.step)
+        assert steps == list(range(1, epochs + 1)) and epochs >= 2
+        parent = client.get_run(parent_id)
+        assert parent.data.tags["refit_run_id"] == refit.info.run_id and parent.data.tags["refit_model_version"] == "1"
+        version = client.get_model_version("brainseg-segmenter", "1")
+        assert version.run_id == refit.info.run_id and version.tags["refit_of_trial"] == "0"
+    assert not (project / "checkpoints").exists()

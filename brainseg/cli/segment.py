@@ -81,6 +81,13 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         fail(str(exc), 2)
     except tracking.TrackingLost as exc:
         fail(str(exc), 75)  # EX_TEMPFAIL: try again later
+    owed = ckpt.meta.get("refit") if state is not None else None
+    if owed:  # a tuning refit: what `brainseg tune` would have done after it
+        from brainseg.tune.refit import finish_refit
+
+        r = finish_refit(owed, settings, ctx, cfg, res)
+        out.print(f"refit of trial {r['trial']} of study {owed['study']} finished; its study run {owed['parent']} "
+                  "links to it" + (f"; registered version {r['registered']['version']}" if r.get("registered") else ""))
     m = res["metrics"]
     out.print(f"run {res['run_id']}: best epoch {res['best_epoch']}; inference settings chosen on val: "
               + ", ".join(f"{k}={v}" for k, v in res["inference"].items() if k != "batch_size"))
@@ -129,7 +136,9 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
             continue
         when = datetime.datetime.fromtimestamp(float(st["written_at"])).strftime("%Y-%m-%d %H:%M")
         done = " (training done, logging not)" if st.get("trained") else ""
-        out.print(f"{ckpt.run_id}: saved {when} after epoch {st['epoch']}{done}; stopped by "
+        owed = ckpt.meta.get("refit")
+        what = f"the refit of trial {owed['trial']} of study {owed['study']}, " if owed else ""
+        out.print(f"{ckpt.run_id}: {what}saved {when} after epoch {st['epoch']}{done}; stopped by "
                   f"{st.get('stopped_by', 'a kill (no clean stop)')}\n  resume with: {resume_command(ckpt)}",
                   markup=False, highlight=False)
 
@@ -197,7 +206,10 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
          worker: Annotated[Optional[int], typer.Option(help="Run as worker K of a shared study: trials only.")] = None,
          study_trials: Annotated[Optional[int], typer.Option(hidden=True)] = None,
          output: Annotated[Path, typer.Option("--out", help="Summary JSON (best trial, run, model).")] = Path("reports/tune.json")):
-    """Optuna search (multi-fidelity, from the hand-set recipe), then a full-fidelity refit; MLflow runs."""
+    """Optuna search (multi-fidelity, from the hand-set recipe), then a full-fidelity refit; MLflow runs.
+
+    The refit is checkpointed every epoch: if it is killed, `brainseg train --resume` finishes it."""
+    from brainseg import tracking
     from brainseg.workflows import TuneRefused, tracked_tuning
 
     settings = settings_or_fail(profile, set_)
@@ -209,6 +221,8 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
                                  echo=out.print)
     except TuneRefused as exc:
         fail(str(exc), 2)
+    except tracking.TrackingLost as exc:  # the refit's: its work is kept in its checkpoint
+        fail(str(exc), 75)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2, default=str))
     name = summary["study"]

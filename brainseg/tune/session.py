@@ -21,16 +21,13 @@ from rich.console import Console
 import matplotlib
 import optuna.visualization as ov
 
-from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optuna, refit_epochs
-from brainseg.tune.space import apply_params
-from brainseg.tune.budget import refit_minutes
+from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optuna
+from brainseg.tune.refit import refit_best
 from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
 from brainseg.tune.runs import (RETRY_ATTR, RUN_ATTR, Progress, ensure_parent, objective_for,
                                 reap_dead_predecessors, study_storage)
 from brainseg import tracking
-from brainseg.config import EPOCH_SIZED, TrainConfig
 from brainseg.progress import choose_mode
-from brainseg.promotion import register_segmenter
 
 
 def set_threads(n: int) -> None:
@@ -130,11 +127,11 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
         search(plan, ctx, study, parent, clock, None, echo, settings_args=settings_args)
         summary = summarize_study(study, parent)
         if refit and summary.get("best_trial") is not None:
-            summary["refit"] = refit_best(plan, ctx, study, parent, register, echo, clock)
+            summary["refit"] = refit_best(plan, ctx, study, parent, register, echo, clock, display(echo))
         if clock is not None:
             summary["minutes"] = (time.time() - started) / 60
             tracking.log_metrics_to(parent, {"study_minutes": summary["minutes"]})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, tracking.Terminated):  # Ctrl-C, SIGTERM
         status = "KILLED"
         raise
     except BaseException:
@@ -262,54 +259,3 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
         path.write_text(html)
         tracking.client().log_artifact(parent, str(path))
     return summary
-
-
-# ------------------------------------------------------------------------------------ refit
-def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float | None = None):
-    """The best trial's parameters at full fidelity (``train`` settings). On a budget (``minutes``)
-    it is the recipe's own run (its resolution schedule) for that many minutes; else it trains for
-    as many batches as the trial did."""
-    train = plan.settings["train"]
-    if minutes is not None:
-        return TrainConfig.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
-    trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
-    epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
-    return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
-
-
-def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print,
-               clock: Clock | None = None) -> dict:
-    """Train the best configuration at full fidelity on the train patients (validation selects the
-    epoch), score it once on the test patients for the report, register it if asked. On a budget it
-    trains for the recipe's ``train.budget_minutes`` (less if the study has less left)."""
-    from brainseg.progress_callbacks import epoch_progress
-    from brainseg.training_run import tracked_training
-
-    settings, best = plan.settings, study.best_trial
-    minutes = None
-    if clock is not None:
-        reserve = float(plan.tune.get("reserve_minutes") or 0) * 60
-        minutes = refit_minutes(settings["train"].get("budget_minutes"), clock.left(), reserve)
-    cfg = refit_config(plan, best, minutes)
-    length = f"{minutes:.1f} min" if minutes is not None else f"{cfg.epochs} epochs"
-    echo(f"refit: trial {best.number}'s configuration at {cfg.size} px for {length}"
-         + (f" ({clock.left() / 60:.1f} min of the study left)" if clock else ""))
-    tags = {"mlflow.parentRunId": parent, "brainseg.study_parent_run_id": parent, "brainseg.role": "refit",
-            "optuna.study": plan.study_name, "refit_of_trial": str(best.number),
-            "fidelity": f"{cfg.size}px, " + (f"{minutes:.1f} min budget" if minutes is not None else f"<= {cfg.epochs} epochs")}
-    mode, console = display(echo)
-    shown = epoch_progress(cfg.epochs, mode, write=echo, console=console, label="refit")
-    res = tracked_training(settings, cfg, ctx, run_name=f"refit-trial-{best.number:03d}", tags=tags, verbose=0,
-                           callbacks=[shown], report_test=True)  # test_*: for the report only; no decision
-    m = res["metrics"]
-    out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": best.number,
-           "epochs": int(res["budget"].get("budget_planned_epochs", cfg.epochs)), "budget_minutes": minutes,
-           "size": cfg.size, "best_epoch": res["best_epoch"], "val_patient_dice_mean": m.get("patient_dice_mean"),
-           "test_patient_dice_mean": m.get("test_patient_dice_mean"), "inference": res.get("inference")}
-    if register:
-        out["registered"] = register_segmenter(settings, ctx, res["run_id"], res["model_uri"], extra_tags={
-            "study_parent_run_id": parent, "study": plan.study_name, "refit_of_trial": str(best.number)})
-    tracking.set_tags(parent, {"refit_run_id": res["run_id"], "refit_model_uri": res["model_uri"],
-                               **({"refit_model_version": out["registered"]["version"]} if register else {})})
-    tracking.log_metrics_to(parent, {"refit_val_patient_dice_mean": out["val_patient_dice_mean"] or float("nan")})
-    return out
