@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from brainseg.config import load_settings
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
-from brainseg.evaluate import score, select_postprocessing
-from brainseg.registry import load_segmenter
+from brainseg.evaluation.evaluate import score, select_postprocessing
+from brainseg.registry.model_registry import load_segmenter
+from brainseg.settings.config import load_settings
 
 
 def main() -> None:

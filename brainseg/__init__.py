@@ -1,5 +1,5 @@
 """brainseg: LGG FLAIR-abnormality segmentation and outcome prediction, tracked in MLflow."""
 
-from brainseg import keras_env as _keras_env  # noqa: F401  (must run before any tf.keras use)
+from brainseg.settings import keras_env as _keras_env
 
 __version__ = "0.1.0"

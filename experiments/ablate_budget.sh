@@ -18,7 +18,7 @@ row E-unet-r18-linear --set train.arch=unet --set train.progressive_size=null
 row F-plain32-prog64-linear --set train.base_filters=32
 python - "$B" <<'PY'
 import sys, mlflow
-from brainseg.budget import parse_budget
+from brainseg.training.budget import parse_budget
 runs = mlflow.search_runs(experiment_names=["brainseg"], filter_string=
                           f"params.budget_minutes = '{parse_budget(sys.argv[1])}' and attributes.status = 'FINISHED'", order_by=["start_time ASC"])
 cols = {"params.arch": "arch", "params.progressive_size": "prog", "params.lr_schedule": "lr",

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import mlflow
 
-from brainseg import tracking
+from brainseg.tracking import run_notes
 
 
 def free_port() -> int:
@@ -78,7 +78,7 @@ def main(store: str = "sqlite:///mlflow.db", out_dir: str = "docs/img") -> None:
     try:
         wait_for(root + "/health", server)
         driver = browser()
-        shoot(driver, tracking.ui_link(exp.experiment_id, root), Path(out_dir) / "mlflow-runs.png")
+        shoot(driver, run_notes.ui_link(exp.experiment_id, root), Path(out_dir) / "mlflow-runs.png")
         studies = mlflow.MlflowClient().search_runs([exp.experiment_id], "tags.`brainseg.role` = 'study'",
                                                     order_by=["attributes.start_time DESC"], max_results=1)
         if studies:

@@ -69,10 +69,10 @@ def model_uri(tmp_path_factory) -> str:
         return os.environ["BRAINSEG_APP_TEST_MODEL"]
     import json
 
-    from brainseg import modelcard
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.registry import modelcard
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64})
     folder = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("tiny-model"))

@@ -400,9 +400,9 @@ def test_survival_backend_joins_clinical_data():
 
 # ------------------------------------------------------------------------ in-process backend
 def tiny_model(path, size: int = 32, **settings):
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": size})
     return save_model(build_model(cfg), cfg, InferenceSettings(**settings), path)
@@ -425,8 +425,8 @@ def test_in_process_backend_with_a_tiny_untrained_model(tmp_path):
 
 def test_page_masks_equal_brainseg_predicts(tmp_path):
     """Same model, same files: the page's masks and patient features are predict's (largest_3d on)."""
-    from brainseg.inference import Segmenter
-    from brainseg.predict import collect_inputs, predict_files
+    from brainseg.inference.segmenter import Segmenter
+    from brainseg.pipeline.predict import collect_inputs, predict_files
 
     tiny_model(tmp_path / "model", threshold=0.45, largest_3d=True, min_component_px=2)
     folder = tmp_path / "in" / FOLDER
@@ -507,7 +507,7 @@ def test_every_feature_column_has_a_unit_and_a_meaning():
 
 
 def test_provenance_of_a_local_folder_reads_its_model_card(tmp_path):
-    from brainseg import modelcard
+    from brainseg.registry import modelcard
 
     (tmp_path / "brainseg.json").write_text(json.dumps({"train": {"size": 64}, "meta": {"run_id": "r1"}}))
     facts = {"data": {"version": "abcdef0123456789", "synthetic": False}, "recipe": {"size": 64},

@@ -7,10 +7,10 @@ import threading
 
 import numpy as np
 
-from brainseg.config import TrainConfig
 from brainseg.data.arrays import load_arrays
 from brainseg.data.manifest import scan
 from brainseg.data.synth import generate
+from brainseg.settings.config import TrainConfig
 
 
 def test_two_workers_build_the_same_cache_at_once(tmp_path):

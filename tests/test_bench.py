@@ -85,9 +85,9 @@ def registered_model(tmp_path):
     import tf_keras as keras
 
     from brainseg.bench import register_champion
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
     from conftest import Tracking
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32, "channels": "flair"})
@@ -100,7 +100,7 @@ def registered_model(tmp_path):
 
 def test_a_model_uri_is_resolved_in_the_users_tracking_store(registered_model, tmp_path):
     from brainseg.bench.report import copy_given_model
-    from brainseg.inference import read_settings
+    from brainseg.inference.segmenter import read_settings
 
     uri, store = registered_model
     dest = copy_given_model(uri, tmp_path / "given")

@@ -10,8 +10,8 @@ from conftest import make_project
 
 
 def test_variants_are_compared_on_the_same_folds_and_never_see_test_patients(tmp_path, monkeypatch):
-    import brainseg.train
-    from brainseg.config import load_settings
+    import brainseg.training.train
+    from brainseg.settings.config import load_settings
 
     root = make_project(tmp_path / "p", patients=12, slices=4, size=32)
     monkeypatch.chdir(root)
@@ -21,9 +21,9 @@ def test_variants_are_compared_on_the_same_folds_and_never_see_test_patients(tmp
     def fake_train(cfg, tr, va, verbose=0):  # records what each run trains and scores on
         seen.append((cfg.base_filters, cfg.budget_minutes, set(tr.patients), set(va.patients)))
         score = 0.5 + 0.01 * cfg.base_filters + 0.001 * len(seen)
-        return brainseg.train.TrainResult(None, {}, 0, score, 1, {"slices_seen": 16})
+        return brainseg.training.train.TrainResult(None, {}, 0, score, 1, {"slices_seen": 16})
 
-    monkeypatch.setattr(brainseg.train, "train", fake_train)
+    monkeypatch.setattr(brainseg.training.train, "train", fake_train)
     table = folds.compare(settings, {"narrow": [], "wide": ["train.base_filters=16"]}, 0.5, echo=lambda *_: None)
     split = pd.read_csv("data/processed/split.csv")
     test = set(split.loc[split.subset == "test", "patient"])

@@ -10,7 +10,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from brainseg.budget import BudgetError, BudgetPlan, Phase, parse_budget
+from brainseg.tracking import run_notes
+from brainseg.training.budget import BudgetError, BudgetPlan, Phase, parse_budget
 from conftest import invoke
 
 
@@ -61,7 +62,7 @@ def test_an_unreachable_budget_says_why():
 
 @pytest.mark.parametrize("kind, final", [("cosine", 1e-5), ("linear", 0.0)])
 def test_schedule_warms_up_then_ends_at_its_final_rate_on_the_planned_last_step(kind, final):
-    from brainseg.train import PlannedSchedule
+    from brainseg.training.train import PlannedSchedule
 
     s = PlannedSchedule(1e-3, total_steps=100, warmup_steps=10, kind=kind)
     assert float(s(0)) == pytest.approx(1e-4) and float(s(10)) == pytest.approx(1e-3)
@@ -85,9 +86,9 @@ class FakeClock:
 
 def _arrays(make_synth):
     """A tiny linear-decay config (epochs 1000: only a budget can end it) and train/val arrays."""
-    from brainseg.config import TrainConfig
     from brainseg.data.arrays import Arrays, load_arrays
     from brainseg.data.manifest import scan
+    from brainseg.settings.config import TrainConfig
 
     m = scan(make_synth(patients=4, slices=6, size=32)).manifest
     cfg = TrainConfig(arch="plain_unet", base_filters=4, size=32, batch_size=4, steps_per_epoch=4, lr=3e-3,
@@ -103,7 +104,7 @@ def _arrays(make_synth):
 
 @pytest.mark.parametrize("progressive", [None, 16])
 def test_a_budgeted_run_spends_its_budget_and_its_schedule_ends_with_it(make_synth, progressive):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
     cfg = dataclasses.replace(cfg, budget_minutes=0.5, progressive_size=progressive)  # 30 s of fake time
@@ -116,7 +117,7 @@ def test_a_budgeted_run_spends_its_budget_and_its_schedule_ends_with_it(make_syn
     assert result.epochs_run == b["budget_planned_epochs"] >= 2  # `epochs` (1000) did not decide
     assert b["slices_seen"] == b["actual_steps"] * cfg.batch_size
     if progressive is None:  # the schedule's decay ends exactly where the steps do
-        from brainseg.train import PlannedSchedule
+        from brainseg.training.train import PlannedSchedule
 
         opt, steps = result.model.optimizer, b["actual_steps"]
         planned = opt.get_config()["learning_rate"]["config"]  # the schedule as the optimizer holds it
@@ -131,7 +132,7 @@ def test_a_budgeted_run_spends_its_budget_and_its_schedule_ends_with_it(make_syn
 
 
 def test_a_later_phase_runs_when_its_guessed_cost_is_too_high_but_its_real_cost_fits(make_synth):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
     # 16 px for half of 30 s, then 32 px: guessed at 4 x the 16-px step (8 steps x 2 s + validation =
@@ -156,7 +157,7 @@ class SlowingClock(FakeClock):
 
 
 def test_a_machine_that_slows_down_is_stopped_at_the_budget_and_its_steps_are_counted(make_synth):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
     clock = SlowingClock(0.5, after=40)
@@ -169,7 +170,7 @@ def test_a_machine_that_slows_down_is_stopped_at_the_budget_and_its_steps_are_co
 
 
 def test_a_real_clock_budget_is_honoured(make_synth):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
     start = time.monotonic()
@@ -187,7 +188,12 @@ def test_a_real_clock_budget_is_honoured(make_synth):
 
 
 def test_confident_components_keep_a_small_sure_tumor_over_a_large_doubtful_one():
-    from brainseg.inference import InferenceSettings, confident_components_3d, final_masks, largest_component_3d
+    from brainseg.inference.segmenter import (
+        InferenceSettings,
+        confident_components_3d,
+        final_masks,
+        largest_component_3d,
+    )
 
     probs = np.zeros((3, 16, 16), np.float32)
     probs[0:3, 0:8, 0:8] = 0.6      # large (192 px over 3 slices), never confident: a false positive
@@ -207,8 +213,8 @@ def test_confident_components_keep_a_small_sure_tumor_over_a_large_doubtful_one(
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 2])
 def test_component_confidence_is_checked(value):
-    from brainseg.config import ConfigError
-    from brainseg.inference import InferenceSettings
+    from brainseg.inference.segmenter import InferenceSettings
+    from brainseg.settings.settings_io import ConfigError
 
     with pytest.raises(ConfigError, match="component_confidence"):
         InferenceSettings(component_confidence=value)
@@ -229,10 +235,10 @@ def test_train_budget_is_logged_to_mlflow_and_an_unreachable_one_exits_2(in_proj
     assert m["slices_per_s"] > 0 and 0 < m["budget_last_step_start_s"] <= float(p["budget_minutes"]) * 60
     assert not any(k.startswith("test_") for k in m)  # --no-test-report: test patients untouched
     assert not set(p) & set(m)
-    from brainseg import tracking  # the printed link opens this experiment on its training runs
+    from brainseg.tracking import mlflow_runs
 
-    assert tracking.ui_link(run.info.experiment_id) in result.output
-    assert mlflow.MlflowClient().get_experiment(run.info.experiment_id).tags[tracking.KIND_TAG] == tracking.KIND
+    assert run_notes.ui_link(run.info.experiment_id) in result.output
+    assert mlflow.MlflowClient().get_experiment(run.info.experiment_id).tags[mlflow_runs.KIND_TAG] == mlflow_runs.KIND
     history = mlflow.MlflowClient().get_metric_history(run_id, "plan_total_steps")
     assert len(history) == int(m["epochs_run"])
     bad = invoke("train", "--profile", "smoke", "--budget", "1s", "--set", "train.steps_per_epoch=400")

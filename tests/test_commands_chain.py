@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from brainseg.config import ConfigError, load_settings, validate_settings
 from brainseg.data.context import DataContext, ensure_prepared, manifest_staleness, stamp_manifest
 from brainseg.data.importer import import_dataset
 from brainseg.data.synth import generate
-from brainseg.predict import collect_inputs
+from brainseg.pipeline.predict import collect_inputs
+from brainseg.settings.config import load_settings, validate_settings
+from brainseg.settings.settings_io import ConfigError
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -171,9 +172,8 @@ def _said(output: str) -> str:
 def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeypatch):
     """`brainseg tune` right after an import: the CLI path up to the study, which is replaced by a
     stub receiving the data context (the study itself is tested in test_tune*)."""
-    from conftest import invoke
-
     import brainseg.tune.session
+    from conftest import invoke
 
     seen = {}
 
@@ -191,11 +191,10 @@ def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeyp
 
 def test_evaluate_builds_the_missing_manifest_and_split_and_says_so(project, tmp_path):
     """`brainseg evaluate --model FOLDER` right after an import, for real (a tiny untrained model)."""
-    from conftest import Tracking, invoke
-
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
+    from conftest import Tracking, invoke
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
     model_dir = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path / "model")
@@ -215,8 +214,9 @@ def test_import_then_train_on_a_fresh_clone(real_sample, tmp_path):
     as a user runs it: two processes in a copy of the checkout (tracked + new files, its own git),
     import with DVC, no manifest or split beforehand; MLflow's default store in the clone."""
     import mlflow
-    from conftest import Tracking
     from test_pipeline import _copy_checkout
+
+    from conftest import Tracking
 
     clone = _copy_checkout(tmp_path / "clone")
     assert not (clone / "data/raw/kaggle_3m").exists() and not (clone / "data/processed/split.csv").exists()

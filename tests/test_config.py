@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainseg.config import (
-    ConfigError, PrepConfig, TrainConfig, apply_overrides, deep_merge, flatten, load_settings, validate_settings,
-    parse_override,
-)
+from brainseg.settings.config import PrepConfig, TrainConfig, flatten, load_settings, validate_settings
+from brainseg.settings.settings_io import ConfigError, apply_overrides, deep_merge, parse_override
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from brainseg import progress, progress_callbacks, quiet
+from brainseg.settings import quiet
+from brainseg.training import progress, progress_callbacks
 from conftest import MAX_LINE, make_project, noise
 
 

@@ -87,7 +87,7 @@ def function_node(mod: str, name: str) -> ast.FunctionDef:
 
 def stage_code(cmd: str) -> set[str]:
     """Files a stage's command runs: the console script imports the cli package (the module-level
-    imports of each cli module it reaches), runs ``main`` (which imports brainseg.tracking), then the
+    imports of each cli module it reaches), runs ``main`` (which imports brainseg.tracking.mlflow_runs), then the
     command's function; every other brainseg module counts with all it imports (:func:`code_of`)."""
     func = command_function(cmd)
     mods: set[str] = set()
@@ -127,13 +127,28 @@ def test_every_stage_lists_the_code_it_runs(stage):
             assert (PROJECT_ROOT / d).exists(), f"dvc.yaml stage {stage!r} lists {d}, which does not exist"
 
 
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_a_stage_depends_on_no_code_it_does_not_run(stage):
+    """A listed package or file holds code the stage runs, so an edit elsewhere re-runs nothing."""
+    code = stage_code(DVC[stage]["cmd"])
+    extra = [d for d in DVC[stage].get("deps", []) if d.startswith("brainseg") and not any(covered(f, [d]) for f in code)]
+    assert not extra, f"dvc.yaml stage {stage!r} lists {extra}, which its command never imports"
+
+
+def test_a_training_edit_re_runs_training_not_data_validation():
+    for edited in ("brainseg/training/train.py", "brainseg/training/training_run.py", "brainseg/models/unets.py",
+                   "brainseg/inference/segmenter.py", "brainseg/tracking/mlflow_runs.py"):
+        assert not covered(edited, DVC["validate"]["deps"]), f"editing {edited} would re-run data validation"
+        assert covered(edited, DVC["tune"]["deps"]), f"editing {edited} must re-run training (the tune stage)"
+
+
 def test_the_code_check_follows_the_cli_package_and_catches_a_missing_dep():
     code = stage_code(DVC["validate"]["cmd"])
     # the package and the modules it imports run; other commands' deferred imports do not
     assert {"brainseg/cli/__init__.py", "brainseg/cli/common.py", "brainseg/cli/data.py",
-            "brainseg/cli/segment.py", "brainseg/profiles.py"} <= code
-    assert "brainseg/workflows.py" not in code
-    assert "brainseg/workflows.py" in stage_code(DVC["tune"]["cmd"])
+            "brainseg/cli/segment.py", "brainseg/settings/profiles.py"} <= code
+    assert "brainseg/pipeline/workflows.py" not in code
+    assert "brainseg/pipeline/workflows.py" in stage_code(DVC["tune"]["cmd"])
     deps = [d for d in DVC["validate"]["deps"] if d != "brainseg/cli"]
     assert sorted(f for f in code if not covered(f, deps)) == sorted(f for f in code if f.startswith("brainseg/cli/"))
 

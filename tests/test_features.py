@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 
 from brainseg.outcome.features import (
-    PATIENT_FEATURE_COLUMNS, SLICE_FEATURE_COLUMNS, angular_std, ellipsoid_volume_ratio,
-    features_for_manifest, margin_fluctuation, patient_features_from_masks, slice_features,
+    PATIENT_FEATURE_COLUMNS,
+    SLICE_FEATURE_COLUMNS,
+    angular_std,
+    ellipsoid_volume_ratio,
+    features_for_manifest,
+    margin_fluctuation,
+    patient_features_from_masks,
+    slice_features,
 )
 
 

@@ -248,10 +248,11 @@ def test_the_suite_has_at_least_25_cases():
 def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, tmp_path, monkeypatch, fault):
     import errno
 
-    from brainseg.config import TrainConfig
-    from brainseg.data import imageio
-    from brainseg.inference import InferenceSettings, save_model
     from test_inference import threshold_net
+
+    from brainseg.data import imageio
+    from brainseg.inference.segmenter import InferenceSettings, save_model
+    from brainseg.settings.config import TrainConfig
 
     model = tmp_path / "model"
     save_model(threshold_net(32), TrainConfig(arch="plain_unet", size=32, channels="flair"),

@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import requests
 import tifffile
-from conftest import Tracking
 
 from brainseg.bench import dataframe_split, experiment_in, register_champion, serve_model
 from brainseg.data import imageio
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.pyfunc import OUTPUT_COLUMNS
+from conftest import Tracking
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -136,9 +136,9 @@ def good_slice(tmp_path_factory) -> bytes:
 def server(tracking, tmp_path_factory, good_slice):
     import tf_keras as keras
 
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64, "channels": "flair"})
     keras.utils.set_random_seed(0)

@@ -9,11 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainseg.config import ConfigError, PrepConfig, TrainConfig
 from brainseg.data.pipeline import area_weights, train_dataset
 from brainseg.data.preprocess import head_box, prepare_image, prepare_mask, probability_to_mask, slice_box
-from brainseg.inference import (InferenceSettings, Segmenter, final_masks, largest_component_3d, load_model_dir,
-                                postprocess_slice, read_settings, save_model)
+from brainseg.inference.segmenter import (
+    InferenceSettings,
+    Segmenter,
+    final_masks,
+    largest_component_3d,
+    load_model_dir,
+    postprocess_slice,
+    read_settings,
+    save_model,
+)
+from brainseg.settings.config import PrepConfig, TrainConfig
+from brainseg.settings.settings_io import ConfigError
 
 
 def head(size=100, rows=(40, 60), cols=(30, 70), value=200):
@@ -202,7 +211,7 @@ def test_bfloat16_masks_agree_with_float32():
 
 
 def test_post_processing_is_chosen_on_the_given_slices_only():
-    from brainseg.evaluate import select_postprocessing
+    from brainseg.evaluation.evaluate import select_postprocessing
 
     cfg = TrainConfig(arch="plain_unet", size=32, channels="flair")
     images = [slice_with([(10, 20, 10, 20), (26, 27, 26, 27)]), slice_with([(12, 20, 12, 20)]),
@@ -243,7 +252,7 @@ class FixedProbs:
 
 
 def test_a_lower_threshold_is_kept_only_where_it_raises_validation_dice():
-    from brainseg.evaluate import select_postprocessing
+    from brainseg.evaluation.evaluate import select_postprocessing
 
     probs = np.zeros((2, 16, 16), np.float32)
     probs[0, 4:8, 4:8] = 0.45  # a tumor the network is unsure of at its edges...

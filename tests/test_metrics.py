@@ -6,9 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainseg.metrics import (
-    confusion, dice_from_counts, empty_baseline, iou_from_counts, patient_table, slice_table,
-    smoothed_slice_dice, summarize,
+from brainseg.evaluation.metrics import (
+    confusion,
+    dice_from_counts,
+    empty_baseline,
+    iou_from_counts,
+    patient_table,
+    slice_table,
+    smoothed_slice_dice,
+    summarize,
 )
 
 

@@ -8,7 +8,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from brainseg import modelcard, registry, run_notes, tracking
+from brainseg.registry import model_registry, modelcard
+from brainseg.tracking import mlflow_runs, run_notes
 from conftest import Tracking
 
 VAL = {"patient_dice_mean": 0.8123, "patient_dice_median": 0.85, "n_patients": 12,
@@ -173,12 +174,12 @@ def test_run_note_says_what_the_run_is_its_data_and_profile(name, tags, expected
 def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
     with Tracking(tmp_path / "mlflow.db"):
         mlflow.set_experiment("cards")
-        with tracking.run("train-unet-resnet18", {"data_version": "0123456789abcdef", "profile": "smoke"}) as r:
+        with mlflow_runs.run("train-unet-resnet18", {"data_version": "0123456789abcdef", "profile": "smoke"}) as r:
             mlflow.log_metrics({"best_val_patient_dice": 0.7, "val_patient_dice_mean": 0.75, "val_n_patients": 3,
                                 "best_epoch": 2, "epochs_run": 4, "test_patient_dice_mean": 0.6})
             mlflow.log_params({"arch": "unet", "encoder": "resnet18", "size": 64, "channels": "flair",
                                "epochs": 4, "loss_weights": json.dumps({"bce": 0.5, "dice": 1.0}), "inference.tta": True})
-            tracking.log_table(pd.DataFrame({"patient": ["p1", "p2"], "volume_dice": [0.9, 0.3],
+            mlflow_runs.log_table(pd.DataFrame({"patient": ["p1", "p2"], "volume_dice": [0.9, 0.3],
                                              "tumor_slices": [4, 2]}), "val_per_patient_metrics.csv")
             mlflow.log_text("weights", "model/weights.txt")
         run_id = r.info.run_id
@@ -186,12 +187,12 @@ def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
         assert "Training of one segmenter" in client.get_run(run_id).data.tags[run_notes.NOTE_TAG]
         client.create_registered_model("seg")
         mv = client.create_model_version("seg", f"runs:/{run_id}/model", run_id=run_id, description="Short text.")
-        card = registry.document_segmenter("seg", mv.version, run_id)
+        card = model_registry.document_segmenter("seg", mv.version, run_id)
         assert "0.5 x bce + 1 x dice" in card and "- p2: volume Dice 0.300, 2 tumor slices" in card
         assert "| Per-patient volume Dice, mean | 0.750 (n=3) | 0.600" in card
         stored = client.get_model_version("seg", mv.version)
         assert stored.description == f"Short text.\n\n{card}"
-        assert registry.document_segmenter("seg", mv.version, run_id) == card  # documented again: one card
+        assert model_registry.document_segmenter("seg", mv.version, run_id) == card  # documented again: one card
         assert client.get_model_version("seg", mv.version).description == f"Short text.\n\n{card}"
         assert stored.tags["card.val_patient_dice_mean"] == "0.7500" and stored.tags["card.size"] == "64"
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=modelcard.CARD_FILE)

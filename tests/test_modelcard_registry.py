@@ -10,11 +10,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from brainseg import modelcard, promotion
-from brainseg.config import load_settings
 from brainseg.data.context import DataContext
 from brainseg.outcome import workflow
 from brainseg.outcome.cv import permutation_importances
+from brainseg.registry import modelcard, promotion
+from brainseg.settings.config import load_settings
 from conftest import invoke
 
 

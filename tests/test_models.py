@@ -1,14 +1,14 @@
 """Architecture factory and losses by name."""
 
-import brainseg.keras_env  # noqa: F401
+import brainseg.settings.keras_env  # noqa: F401
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainseg.config import TrainConfig
 from brainseg.models.factory import build_model, check_names
 from brainseg.models.losses import TverskyLoss, make_loss
+from brainseg.settings.config import TrainConfig
 
 
 @pytest.mark.parametrize("arch,encoder,channels", [

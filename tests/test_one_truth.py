@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from test_serving import strict_json
 
 from brainseg.bench import experiment_in, register_champion, serve_model
 from brainseg.data import imageio
 from brainseg.data.synth import generate
 from conftest import Tracking
-from test_serving import strict_json
 
 SETTINGS = {"threshold": 0.5, "tta": True, "min_component_px": 4, "largest_3d": True, "precision": "auto"}
 REAL_PATIENT_MAX_SLICES = 88  # the largest patient of the real LGG data set
@@ -47,8 +47,8 @@ def decode_png(b64: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "size": 32, "channels": "flair"})
     return save_model(fixed_net(32), cfg, InferenceSettings(**SETTINGS), tmp_path_factory.mktemp("m"))
@@ -92,8 +92,8 @@ def served(model_dir, synthetic_folder, tmp_path_factory):
 @pytest.mark.parametrize("data", ["synthetic", pytest.param("real", marks=pytest.mark.real)])
 def test_predict_pyfunc_rest_and_page_give_the_same_masks(data, model_dir, served, request, tmp_path):
     from brainseg.app import logic
-    from brainseg.inference import Segmenter
-    from brainseg.predict import collect_inputs, predict_files
+    from brainseg.inference.segmenter import Segmenter
+    from brainseg.pipeline.predict import collect_inputs, predict_files
 
     folder = request.getfixturevalue("real_volume" if data == "real" else "synthetic_folder")
     uri, server = served
@@ -139,7 +139,7 @@ def test_predict_pyfunc_rest_and_page_give_the_same_masks(data, model_dir, serve
 def test_the_stored_settings_matter_here(data, step, model_dir, request):
     """Guard: with these images, TTA (and on the real volume the 3-D step) change the masks
     (else the test above proves little)."""
-    from brainseg.inference import Segmenter
+    from brainseg.inference.segmenter import Segmenter
 
     folder = request.getfixturevalue("real_volume" if data == "real" else "synthetic_folder")
     images = [imageio.read_image(f) for f in sorted(folder.glob("*[0-9].tif"))]

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainseg.config import TrainConfig
 from brainseg.data import manifest
 from brainseg.outcome.oof import fold_plan, oof_masks
+from brainseg.settings.config import TrainConfig
 from conftest import invoke, make_project
 
 pytestmark = pytest.mark.timeout(1200)  # TensorFlow on a shared 2-core machine
@@ -40,7 +40,7 @@ def test_fold_plan_refuses(split, message):
 
 
 def test_each_patient_is_predicted_by_a_model_that_never_saw_it(make_synth, monkeypatch):
-    import brainseg.train as train_module
+    import brainseg.training.train as train_module
 
     root = make_synth(patients=6, slices=4, size=32)
     m = manifest.scan(root).manifest

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from brainseg.run_pipeline import pending_promotions, stage_commands
-from conftest import PROJECT_ROOT
 from test_dvc import DVC
+
+from brainseg.pipeline.run_pipeline import pending_promotions, stage_commands
+from conftest import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -227,7 +227,7 @@ def find(node, predicate):
 
 @pytest.mark.parametrize("edited, changed", [
     ("brainseg/outcome/cv.py", {"features", "survival"}),
-    ("brainseg/promotion.py", set()),  # runs in register (and tune), not in this branch
+    ("brainseg/registry/promotion.py", set()),  # runs in register (and tune), not in this branch
 ])
 def test_a_code_edit_shows_in_dvc_status_for_the_stages_that_run_it(clone, edited, changed):
     assert json.loads(sh(clone, "dvc", "status", "features", "survival", "--json").stdout or "{}") == {}

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from brainseg.config import PrepConfig
 from brainseg.data.preprocess import prepare_image, prepare_mask, probability_to_mask, sharpen
+from brainseg.settings.config import PrepConfig
 
 
 def constant_channels(size: int, values=(10, 20, 30)) -> np.ndarray:

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainseg.config import ConfigError, load_settings
-from brainseg.profiles import read_profiles, use_profile
+from brainseg.settings.config import load_settings
+from brainseg.settings.profiles import read_profiles, use_profile
+from brainseg.settings.settings_io import ConfigError
 from conftest import PROJECT_ROOT, invoke
 
 

@@ -22,7 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 from brainseg.data.importer import ensure_dataset
-from brainseg.run_pipeline import FINAL_WORDS  # what `brainseg run` prints at the end
+from brainseg.pipeline.run_pipeline import FINAL_WORDS
 
 PROJECT = Path(__file__).resolve().parents[1]
 # the README and its docs pages: every example in either is checked here
@@ -58,9 +58,9 @@ def quickstart(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
     return save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("model") / "m")
@@ -109,12 +109,12 @@ def champions(quickstart, tiny_model):
     import os
 
     import mlflow
-    from conftest import Tracking
 
     from brainseg.bench.server import experiment_in, register_champion
     from brainseg.data.clinical import CLINICAL_COLUMNS, TARGET, read_clinical
     from brainseg.outcome import model, pyfunc
     from brainseg.outcome.validate import build_spec
+    from conftest import Tracking
 
     names = yaml.safe_load((PROJECT / "params.yaml").read_text())["register"]
     clinical = read_clinical(quickstart / "data/raw/kaggle_3m/data.csv")
@@ -138,9 +138,8 @@ def champions(quickstart, tiny_model):
 
 
 def test_the_predict_example_runs_as_written_twice_without_reading_its_outputs(champions, monkeypatch):
-    from conftest import Tracking
-
     from brainseg.cli import app
+    from conftest import Tracking
 
     command = next(c for c in inline_commands(README, "brainseg predict") if "kaggle_3m/" in c)
     args = shlex.split(command)[1:]

@@ -7,7 +7,8 @@ import math
 import mlflow
 import pytest
 
-from brainseg.registry import decide, decide_preregistered
+from brainseg.registry.model_registry import decide, decide_preregistered
+from brainseg.tracking import run_metrics
 from conftest import invoke
 
 VAL = "val_patient_dice_mean"
@@ -57,9 +58,9 @@ def constant_run(settings: dict) -> str:
 
     import tf_keras as keras
 
-    from brainseg import tracking
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
+    from brainseg.settings.config import TrainConfig
+    from brainseg.tracking import mlflow_runs
 
     cfg = TrainConfig.from_dict(settings["train"])
     model = keras.Sequential([keras.layers.Input((cfg.size, cfg.size, cfg.prep.n_channels)),
@@ -67,9 +68,9 @@ def constant_run(settings: dict) -> str:
                                                   bias_initializer=keras.initializers.Constant(-10.0))])
     mlflow.set_experiment("brainseg")
     with mlflow.start_run(run_name="constant-empty") as run, tempfile.TemporaryDirectory() as tmp:
-        tracking.log_params(tracking.train_config_params(cfg))
+        mlflow_runs.log_params(run_metrics.train_config_params(cfg))
         save_model(model, cfg, InferenceSettings(threshold=cfg.threshold), Path(tmp))
-        tracking.log_segmenter_model(Path(tmp))
+        mlflow_runs.log_segmenter_model(Path(tmp))
     return run.info.run_id
 
 
@@ -107,7 +108,7 @@ def test_register_tags_the_version_by_split_and_moves_no_alias(in_project):
 
 
 def test_the_gate_promotes_a_better_challenger_and_refuses_a_worse_one(in_project):
-    from brainseg.config import load_settings
+    from brainseg.settings.config import load_settings
 
     name = "seg-gate"
     settings = load_settings("smoke")
@@ -136,7 +137,7 @@ def test_the_register_stage_alone_never_moves_an_existing_champion(in_project):
     a better version is registered and tagged, the champion stays where it was."""
     import yaml
 
-    from brainseg.config import load_settings
+    from brainseg.settings.config import load_settings
     from conftest import PROJECT_ROOT
 
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["register"]["cmd"]

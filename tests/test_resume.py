@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-
-from brainseg.checkpoint import Checkpoint, CheckpointError, interrupted, resume_command
 from test_budget import FakeClock, _arrays
+
+from brainseg.training.checkpoint import Checkpoint, CheckpointError, interrupted, resume_command
 
 
 class Killed(BaseException):
@@ -29,7 +29,7 @@ def killer(after: int):
 
 
 def _interrupted_then_resumed(cfg, tr, va, tmp_path, after: int, clock=None):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     ckpt = Checkpoint(tmp_path / "ck" / "run1")
     kw = {"clock": clock} if clock else {}
@@ -41,7 +41,7 @@ def _interrupted_then_resumed(cfg, tr, va, tmp_path, after: int, clock=None):
 
 
 def test_a_run_killed_after_its_second_of_four_epochs_resumes_to_four(make_synth, tmp_path):
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
     cfg = dataclasses.replace(cfg, epochs=4, patience=10, lr_schedule="cosine", warmup_epochs=1)
@@ -73,7 +73,7 @@ def test_a_budgeted_run_resumes_with_its_plan_and_the_budget_it_had_spent(make_s
 def test_early_stopping_counts_its_patience_across_the_interruption(make_synth, tmp_path, monkeypatch):
     import tf_keras as keras
 
-    import brainseg.train
+    import brainseg.training.train
 
     class Flat(keras.callbacks.Callback):  # validation Dice that never improves after epoch 1
         def __init__(self, *args):
@@ -82,7 +82,7 @@ def test_early_stopping_counts_its_patience_across_the_interruption(make_synth, 
         def on_epoch_end(self, epoch, logs=None):
             logs["val_patient_dice"] = 0.5
 
-    monkeypatch.setattr(brainseg.train, "PatientDice", Flat)
+    monkeypatch.setattr(brainseg.training.train, "PatientDice", Flat)
     cfg, tr, va = _arrays(make_synth)
     cfg = dataclasses.replace(cfg, epochs=8, patience=2, lr_schedule="cosine")
     resumed, state = _interrupted_then_resumed(cfg, tr, va, tmp_path, after=2)
@@ -93,7 +93,7 @@ def test_early_stopping_counts_its_patience_across_the_interruption(make_synth, 
 
 
 def test_a_save_that_dies_half_way_leaves_the_last_complete_epoch(tmp_path, monkeypatch):
-    import brainseg.checkpoint as checkpoint
+    import brainseg.training.checkpoint as checkpoint
 
     ckpt = Checkpoint(tmp_path / "run2")
     ckpt.save({"epoch": 1, "history": {"loss": [1.0]}}, {"weights": [np.ones(3)], "best": []})

@@ -66,7 +66,7 @@ def test_a_training_killed_after_two_of_four_epochs_resumes_in_the_same_run(tmp_
         # the best epoch over all four (1-based) is the one restored and logged
         assert run.data.metrics["best_epoch"] == int(np.argmax(dice)) + 1
         [logged] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
-        from brainseg.registry import load_segmenter
+        from brainseg.registry.model_registry import load_segmenter
 
         segmenter = load_segmenter(f"models:/{logged.model_id}")
     image = np.zeros((32, 32, 3), np.uint8)

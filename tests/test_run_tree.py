@@ -9,7 +9,8 @@ import os
 
 import mlflow
 
-from brainseg import run_pipeline, tracking
+from brainseg.pipeline import run_pipeline
+from brainseg.tracking import mlflow_runs, run_context
 from conftest import Tracking
 
 
@@ -17,21 +18,21 @@ def test_the_pipeline_under_mlflow_run_is_one_tree_in_brainseg(tmp_path, monkeyp
     with Tracking(tmp_path / "mlflow.db"):
         c = mlflow.MlflowClient()
         launcher = c.create_run("0", run_name="mlflow-run-launcher")  # what `mlflow run` makes in Default
-        monkeypatch.setenv(tracking.PROJECT_ENV, launcher.info.run_id)
-        monkeypatch.delenv(tracking.PIPELINE_ENV, raising=False)
+        monkeypatch.setenv(run_context.PROJECT_ENV, launcher.info.run_id)
+        monkeypatch.delenv(run_context.PIPELINE_ENV, raising=False)
         run_id, moved = run_pipeline.claim_launcher("abc123", {"profile": "smoke"})
-        assert moved and os.environ[tracking.PROJECT_ENV] == run_id
+        assert moved and os.environ[run_context.PROJECT_ENV] == run_id
         pipeline = c.get_run(run_id)
         assert c.get_experiment(pipeline.info.experiment_id).name == "brainseg"
         assert pipeline.data.tags["brainseg.pipeline_run"] == "abc123" and pipeline.data.params["profile"] == "smoke"
         assert c.get_run(launcher.info.run_id).data.tags["brainseg.moved_to_run"] == run_id
-        tracking.set_experiment("brainseg")
-        with tracking.run("evaluate-val", {}) as stage:
+        mlflow_runs.set_experiment("brainseg")
+        with mlflow_runs.run("evaluate-val", {}) as stage:
             pass
-        tracking.set_experiment("brainseg-survival")
-        with tracking.run("survival", {}) as survival:
+        mlflow_runs.set_experiment("brainseg-survival")
+        with mlflow_runs.run("survival", {}) as survival:
             pass
-        parent = tracking.create_parent_run("brainseg-survival", "survival-parent", {}, {})
+        parent = mlflow_runs.create_parent_run("brainseg-survival", "survival-parent", {}, {})
         assert c.get_run(stage.info.run_id).data.tags["mlflow.parentRunId"] == run_id
         for other in (survival.info.run_id, parent):  # the root of its own experiment's tree
             assert "mlflow.parentRunId" not in c.get_run(other).data.tags
@@ -39,8 +40,8 @@ def test_the_pipeline_under_mlflow_run_is_one_tree_in_brainseg(tmp_path, monkeyp
 
 
 def test_without_mlflow_run_nothing_is_claimed(monkeypatch):
-    monkeypatch.delenv(tracking.PROJECT_ENV, raising=False)
+    monkeypatch.delenv(run_context.PROJECT_ENV, raising=False)
     assert run_pipeline.claim_launcher("abc", {"profile": "smoke"}) == (None, False)
-    monkeypatch.setenv(tracking.PROJECT_ENV, "r1")
-    monkeypatch.setenv(tracking.PIPELINE_ENV, "p1")  # a stage inside a pipeline: its launcher claims
+    monkeypatch.setenv(run_context.PROJECT_ENV, "r1")
+    monkeypatch.setenv(run_context.PIPELINE_ENV, "p1")  # a stage inside a pipeline: its launcher claims
     assert run_pipeline.claim_launcher("abc", {"profile": "smoke"}) == (None, False)

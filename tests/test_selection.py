@@ -75,12 +75,12 @@ def test_tuning_registration_and_promotion_need_no_test_mask(project):
 def test_the_handed_on_model_stores_the_settings_chosen_on_val(project):
     """Without a refit, the model the study hands on (registered, reported) is the best trial's
     network with the candidate that scores best on the validation patients stored with it."""
-    from brainseg.config import load_settings
     from brainseg.data.arrays import load_full_images
     from brainseg.data.context import DataContext
-    from brainseg.evaluate import select_postprocessing
-    from brainseg.inference import InferenceSettings
-    from brainseg.registry import load_segmenter
+    from brainseg.evaluation.evaluate import select_postprocessing
+    from brainseg.inference.segmenter import InferenceSettings
+    from brainseg.registry.model_registry import load_segmenter
+    from brainseg.settings.config import load_settings
 
     summary = json.loads(Path("reports/tune.json").read_text())
     chosen = summary["postprocessing"]

@@ -3,7 +3,7 @@
 
 The model is a tiny untrained U-Net (seeded): its masks are arbitrary but deterministic, which is
 all an equality test between paths needs. The REST tests start the MLflow scoring server once
-for the module, on 127.0.0.1 only, behind the body limit of :mod:`brainseg.serving.app`
+for the module, on 127.0.0.1 only, behind the body limit of :mod:`brainseg.serving.scoring_app`
 (test_hostile_server.py and test_one_truth.py serve with plain ``mlflow models serve``). Hostile
 input is in test_hostile_server.py.
 """
@@ -27,12 +27,12 @@ import pytest
 import requests
 from PIL import Image
 
-from brainseg import registry
 from brainseg.bench import dataframe_split, experiment_in, serve_model
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
-from brainseg.serving.pyfunc import OUTPUT_COLUMNS
+from brainseg.registry import model_registry
 from brainseg.serving.limits import RequestLimits
+from brainseg.serving.pyfunc import OUTPUT_COLUMNS
 from conftest import PROJECT_ROOT, Tracking, invoke, noise
 
 BODY_TIMEOUT = RequestLimits.ENV["body_timeout_s"]
@@ -40,7 +40,7 @@ BODY_TIMEOUT = RequestLimits.ENV["body_timeout_s"]
 pytestmark = pytest.mark.timeout(600)
 
 MODEL_NAME = "brainseg-segmenter"
-CHAMPION_URI = f"models:/{MODEL_NAME}@{registry.CHAMPION}"
+CHAMPION_URI = f"models:/{MODEL_NAME}@{model_registry.CHAMPION}"
 SERVER_READY_S = 90
 HTTP_TIMEOUT_S = 60
 MiB = 2**20
@@ -88,9 +88,9 @@ def tracking(tmp_path_factory):
 def tiny_model_dir(tmp_path_factory) -> Path:
     import tf_keras as keras
 
-    from brainseg.config import TrainConfig
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
+    from brainseg.settings.config import TrainConfig
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64, "channels": "flair"})
     keras.utils.set_random_seed(0)
@@ -105,18 +105,18 @@ def champion(tracking, tiny_model_dir) -> str:
     experiment_in("serving-test", tracking.artifacts)  # the evaluation run below logs here too
     with mlflow.start_run(run_name="tiny-segmenter") as run:
         model_uri = log_pyfunc_segmenter(tiny_model_dir, meta={"data_version": "test-data"})
-    mv, created = registry.register(MODEL_NAME, model_uri, run.info.run_id, {"source_run_id": run.info.run_id},
+    mv, created = model_registry.register(MODEL_NAME, model_uri, run.info.run_id, {"source_run_id": run.info.run_id},
                                     "Tiny untrained test model. Not for use.")
     assert created
-    registry.apply(registry.decide(MODEL_NAME, mv.version, "val_patient_dice_mean", 0.0, None, None, force=False))
-    assert registry.champion(MODEL_NAME).version == mv.version
+    model_registry.apply(model_registry.decide(MODEL_NAME, mv.version, "val_patient_dice_mean", 0.0, None, None, force=False))
+    assert model_registry.champion(MODEL_NAME).version == mv.version
     return run.info.run_id
 
 
 @pytest.fixture(scope="module")
 def server(champion, tracking, tmp_path_factory):
     """MLflow's scoring server for ``models:/brainseg-segmenter@champion`` behind the body limit
-    (:mod:`brainseg.serving.app`), default limits but a 3 s body timeout; always stopped afterwards."""
+    (:mod:`brainseg.serving.scoring_app`), default limits but a 3 s body timeout; always stopped afterwards."""
     try:
         with serve_model(CHAMPION_URI, tracking.uri, tmp_path_factory.mktemp("serve"),
                          timeout_s=SERVER_READY_S, body_limit=True, env={BODY_TIMEOUT: "3"}) as s:
@@ -204,7 +204,7 @@ def test_an_empty_mask_answers_null_geometry_and_python_types():
 ])
 def test_the_pyfunc_applies_the_stored_inference_settings(tracking, tiny_model_dir, synth_images, tmp_path, stored):
     """Served masks = ``Segmenter.from_dir(model).segment(images, groups)``, stored settings and all."""
-    from brainseg.inference import SETTINGS_FILE, Segmenter
+    from brainseg.inference.segmenter import SETTINGS_FILE, Segmenter
     from brainseg.serving.pyfunc import log_pyfunc_segmenter
 
     model_dir = tmp_path / "model"
@@ -238,7 +238,7 @@ def real_slice(real_sample) -> Path:
 @pytest.mark.real
 def test_champion_by_alias_gives_the_masks_and_features_of_evaluate(champion, real_sample, monkeypatch):
     from brainseg.data.context import DataContext
-    from brainseg.evaluate_run import tracked_evaluation
+    from brainseg.evaluation.evaluate_run import tracked_evaluation
 
     ctx = DataContext.from_folder(real_sample)
     rows = ctx.rows("test")
@@ -324,7 +324,7 @@ def call_asgi(headers: dict, chunks: list[bytes], max_bytes: int = 10, guard=Non
     """One POST through ``guard`` (default ``BodyLimit``) around an app that echoes the body's length.
 
     Returns (status, answer body, the bodies the app saw, messages left unread)."""
-    from brainseg.serving.app import BodyLimit
+    from brainseg.serving.scoring_app import BodyLimit
 
     inbox = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent, seen = [], []
@@ -374,7 +374,7 @@ def test_the_body_limit_refuses_a_body_over_the_limit_before_the_app_reads_it(he
     ({"content-type": " ", "content-length": "2"}, 415),
 ])
 def test_a_post_without_a_content_type_gets_a_415_naming_the_header(headers, status):
-    from brainseg.serving.app import BodyLimit, ContentTypeRequired
+    from brainseg.serving.scoring_app import BodyLimit, ContentTypeRequired
 
     got, answer, app_saw, left = call_asgi(headers, [b"{}"],
                                            guard=lambda echo: ContentTypeRequired(BodyLimit(echo, 10)))
@@ -385,7 +385,7 @@ def test_a_post_without_a_content_type_gets_a_415_naming_the_header(headers, sta
 
 
 def test_a_body_that_stops_arriving_gets_a_408_and_the_app_never_sees_it():
-    from brainseg.serving.app import BodyLimit
+    from brainseg.serving.scoring_app import BodyLimit
 
     seen = []
 
@@ -543,8 +543,8 @@ def test_predict_writes_masks_overlays_and_features_and_names_a_corrupt_file(
         real_sample, tiny_model_dir, tmp_path, monkeypatch):
     from brainseg.data.arrays import load_full_images
     from brainseg.data.context import DataContext
-    from brainseg.evaluate import evaluate
-    from brainseg.inference import Segmenter
+    from brainseg.evaluation.evaluate import evaluate
+    from brainseg.inference.segmenter import Segmenter
 
     patient_dir = min(p for p in real_sample.iterdir() if p.is_dir())
     inputs = tmp_path / "in" / patient_dir.name

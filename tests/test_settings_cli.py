@@ -72,7 +72,7 @@ def test_an_unknown_key_in_params_yaml_is_refused_naming_it(project):
 
 def test_a_good_override_reaches_the_training_as_a_number(project, monkeypatch):
     import brainseg.data.context
-    import brainseg.training_run
+    import brainseg.training.training_run
 
     seen = {}
 
@@ -84,7 +84,7 @@ def test_a_good_override_reaches_the_training_as_a_number(project, monkeypatch):
         raise Started
 
     monkeypatch.setattr(brainseg.data.context.DataContext, "from_settings", classmethod(lambda cls, s: None))
-    monkeypatch.setattr(brainseg.training_run, "tracked_training", record)
+    monkeypatch.setattr(brainseg.training.training_run, "tracked_training", record)
     result = CliRunner().invoke(app, ["train", "--set", "train.lr=1e-3", "--set", "train.epochs=2.0"])
     assert isinstance(result.exception, Started), result.output  # YAML reads 1e-3 as text: still a number
     assert seen["settings"]["train"]["lr"] == 0.001 and seen["cfg"].lr == 0.001

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brainseg import slices
+from brainseg.pipeline import slices
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import Tracking
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
@@ -21,6 +20,7 @@ from brainseg.bench.server import serve_model
 from brainseg.data.clinical import CLINICAL_COLUMNS
 from brainseg.outcome import client, model, pyfunc
 from brainseg.outcome.validate import InputSpec, InvalidInput, build_spec, check_frame
+from conftest import Tracking
 
 CLIN = list(CLINICAL_COLUMNS)
 IMG = ["tumor_volume_px", "tumor_slices", "centroid_x"]

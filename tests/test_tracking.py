@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from brainseg import tracking
+from brainseg.tracking import mlflow_runs, run_notes
 
 ROWS = pd.DataFrame({"patient": ["TCGA_AA_0001"], "slice": [1], "tumor_px": [10]})
 
@@ -19,8 +19,8 @@ def test_dataset_input_retries_a_concurrent_insert_race(monkeypatch, tmp_path):
                                   'violates unique constraint "dataset_pk"')
 
     monkeypatch.setattr(mlflow, "log_input", flaky)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda s: None)
+    mlflow_runs.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
     assert calls == ["train", "train"]
 
 
@@ -32,9 +32,9 @@ def test_dataset_input_gives_up_on_a_persistent_race(monkeypatch, tmp_path):
         raise MlflowException("unique constraint dataset_pk")
 
     monkeypatch.setattr(mlflow, "log_input", always)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(mlflow_runs.time, "sleep", lambda s: None)
     with pytest.raises(MlflowException):
-        tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+        mlflow_runs.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
     assert len(calls) == 4
 
 
@@ -47,7 +47,7 @@ def test_dataset_input_does_not_retry_other_errors(monkeypatch, tmp_path):
 
     monkeypatch.setattr(mlflow, "log_input", broken)
     with pytest.raises(MlflowException, match="permission denied"):
-        tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+        mlflow_runs.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
     assert calls == ["train"]
 
 
@@ -57,8 +57,8 @@ def test_dataset_input_is_linked_to_the_run(tmp_path):
         # An explicit experiment: earlier tests may leave another store's experiment id active.
         experiment_id = mlflow.create_experiment("tracking-glue")
         with mlflow.start_run(experiment_id=experiment_id) as run:
-            tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
-            tracking.log_dataset_input(ROWS, tmp_path, "files-abc", "val")
+            mlflow_runs.log_dataset_input(ROWS, tmp_path, "files-abc", "train")
+            mlflow_runs.log_dataset_input(ROWS, tmp_path, "files-abc", "val")
         inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
         assert {i.dataset.name for i in inputs} == {"kaggle_3m@files-abc"}
         assert len(inputs) >= 1
@@ -70,13 +70,13 @@ def test_experiments_are_tagged_for_training_and_the_link_opens_runs_not_traces(
     from conftest import Tracking
 
     with Tracking(tmp_path / "mlflow.db"):
-        exp = tracking.set_experiment("kind-check")
-        again = tracking.set_experiment("kind-check")  # once set, left alone
+        exp = mlflow_runs.set_experiment("kind-check")
+        again = mlflow_runs.set_experiment("kind-check")  # once set, left alone
         stored = mlflow.MlflowClient().get_experiment(exp.experiment_id)
         assert again.experiment_id == exp.experiment_id
-        assert stored.tags[tracking.KIND_TAG] == "custom_model_development"
-        parent = tracking.create_parent_run("kind-parent", "study", {}, {})  # the study's experiment too
+        assert stored.tags[mlflow_runs.KIND_TAG] == "custom_model_development"
+        parent = mlflow_runs.create_parent_run("kind-parent", "study", {}, {})  # the study's experiment too
         parent_exp = mlflow.MlflowClient().get_run(parent).info.experiment_id
-        assert mlflow.MlflowClient().get_experiment(parent_exp).tags[tracking.KIND_TAG] == tracking.KIND
-    assert tracking.ui_link(exp.experiment_id, "http://h:9/") == (
+        assert mlflow.MlflowClient().get_experiment(parent_exp).tags[mlflow_runs.KIND_TAG] == mlflow_runs.KIND
+    assert run_notes.ui_link(exp.experiment_id, "http://h:9/") == (
         f"http://h:9/#/experiments/{exp.experiment_id}?workflowType=machine_learning")

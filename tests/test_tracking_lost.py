@@ -82,7 +82,7 @@ def test_a_lost_tracking_server_costs_no_training_and_one_command_logs_the_rest(
         assert state.is_file() and '"trained": true' in state.read_text()  # the trained network, kept locally
         local = project / "checkpoints" / run_id / "model"
         assert f"brainseg predict --model checkpoints/{run_id}/model" in output
-        from brainseg.registry import load_segmenter  # a model that loads and predicts without the server
+        from brainseg.registry.model_registry import load_segmenter
 
         assert load_segmenter(str(local)).segment([np.zeros((32, 32, 3), np.uint8)]).masks[0].shape == (32, 32)
 

@@ -6,7 +6,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from brainseg.budget import COMPUTE_METRICS
+from brainseg.registry.modelcard import COMPUTE_METRICS
 from conftest import invoke
 
 

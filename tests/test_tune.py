@@ -8,11 +8,11 @@ import mlflow
 import optuna
 import pytest
 
-from brainseg.config import ConfigError
+from brainseg.settings.settings_io import ConfigError
 from brainseg.tune.plan import Fidelity, make_pruner, redact, refit_epochs
-from brainseg.tune.space import apply_params, load_search_space, recipe_params, trial_config
-from brainseg.tune.sampler import TrialSeededSampler, derive_seed
 from brainseg.tune.runs import Progress
+from brainseg.tune.sampler import TrialSeededSampler, derive_seed
+from brainseg.tune.space import apply_params, load_search_space, recipe_params, trial_config
 from conftest import MAX_LINE, invoke
 
 TrialState = optuna.trial.TrialState
@@ -203,7 +203,7 @@ def test_trial_progress_on_a_terminal_is_a_rich_display_with_the_current_trials_
 
 
 def test_a_new_study_starts_with_the_recipe_once(in_project, tmp_path):
-    from brainseg.config import load_settings
+    from brainseg.settings.config import load_settings
     from brainseg.tune.plan import open_plan_study, plan_from_settings
 
     plan = plan_from_settings(load_settings("smoke"), "recipe-once", f"sqlite:///{tmp_path}/o.db", 1, 60)

@@ -11,10 +11,10 @@ import mlflow
 import optuna
 import pytest
 
-from brainseg.budget import BudgetError
-from brainseg.tune.plan import Fidelity
-from brainseg.tune.budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
+from brainseg.training.budget import BudgetError
 from brainseg.tune.clock import Clock, session_clock
+from brainseg.tune.plan import Fidelity
+from brainseg.tune.study_budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
 from conftest import Tracking, invoke, prepared_project
 
 
@@ -141,10 +141,10 @@ def test_a_budgeted_refit_needs_the_recipes_budget(project, monkeypatch):
 def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tmp_path, monkeypatch):
     """The plan and the session's deadlines are kept in the study, so a worker process (or a resumed
     session) uses the same rungs in seconds and the same last start as the launcher planned."""
-    from brainseg.config import load_settings
-    from brainseg.tune.budget import TrialPlan
+    from brainseg.settings.config import load_settings
     from brainseg.tune.clock import CLOCK_ATTR, PLAN_ATTR, worker_clock
     from brainseg.tune.plan import open_plan_study, plan_from_settings
+    from brainseg.tune.study_budget import TrialPlan
     from conftest import PROJECT_ROOT
 
     monkeypatch.chdir(PROJECT_ROOT)

@@ -18,7 +18,6 @@ import pytest
 from brainseg.tune.runs import process_started, reap_dead_predecessors
 from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise, prepared_project
 
-
 # MLflow's store, alembic and Optuna log lines (not in conftest.NOISE; `mlflow.projects` lines may stay)
 LIBRARY_INFO = re.compile(r"INFO\s+(\[alembic|mlflow\.(?!projects))|^\[[IW] \d{4}-\d\d-\d\d ")
 EPOCH_LINE = re.compile(r"(trial #\d+|refit)  epoch \d+/\d+  ")

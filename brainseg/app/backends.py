@@ -5,7 +5,7 @@ Segmenter backends::
     segment([(name, image), ...], groups=None) -> [(mask, features), ...]   # image (H, W, 3) or (H, W) uint8
     describe() -> provenance dict (see :func:`model_provenance`)
 
-``InProcessBackend`` runs :class:`brainseg.inference.Segmenter` with the model's stored inference
+``InProcessBackend`` runs :class:`brainseg.inference.segmenter.Segmenter` with the model's stored inference
 settings (the code path of ``brainseg predict`` and the served model, so the masks are the same);
 ``RestBackend`` posts the slices to a ``mlflow models serve`` endpoint of the same model.
 ``groups`` (a patient id per slice, slices in order) lets the stored 3-D post-processing see a
@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainseg.data import imageio
-from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.app.provenance import card_fields, empty_provenance, model_provenance
-from brainseg.serving.limits import RequestLimits
+from brainseg.data import imageio
 from brainseg.outcome.client import load, model_inputs
-
+from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
+from brainseg.serving.limits import RequestLimits
 
 
 class SegmentError(RuntimeError):
@@ -55,7 +54,7 @@ def _check_channels(name: str, image: np.ndarray, channels: str) -> np.ndarray:
 
 
 class InProcessBackend:
-    """A :class:`brainseg.inference.Segmenter` in this process (predict's and serving's code path)."""
+    """A :class:`brainseg.inference.segmenter.Segmenter` in this process (predict's and serving's code path)."""
 
     limits = None
 
@@ -65,7 +64,7 @@ class InProcessBackend:
     @classmethod
     def load(cls, model_uri: str) -> InProcessBackend:
         """Load ``model_uri`` (a ``models:/NAME@ALIAS`` loads the version the alias names now)."""
-        from brainseg.registry import load_segmenter
+        from brainseg.registry.model_registry import load_segmenter
 
         provenance = model_provenance(model_uri)
         segmenter = load_segmenter(provenance["resolved_uri"])
@@ -155,9 +154,9 @@ def registered_version(run_id: str) -> dict:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return {}
     try:
-        from brainseg import registry  # deferred: MLflow loads only when a version is looked up
+        from brainseg.registry import model_registry
 
-        versions = registry.versions_of_run(run_id)
+        versions = model_registry.versions_of_run(run_id)
     except Exception:  # noqa: BLE001 - best effort: the version is extra information
         return {}
     if not versions:

@@ -5,11 +5,11 @@ Split along the page's sections; this module holds the page's settings and is it
 - :mod:`brainseg.app.uploads`: uploaded files and zips -> slices with truth masks, data.csv;
   the bundled synthetic examples;
 - :mod:`brainseg.app.backends`: the segmenter backends (in-process
-  :class:`brainseg.inference.Segmenter`, or a served endpoint), the survival model, provenance
+  :class:`brainseg.inference.segmenter.Segmenter`, or a served endpoint), the survival model, provenance
   and the model card's facts;
 - :mod:`brainseg.app.results`: segmenting a patient volume at a time, tables with units and a
   glossary, per-patient volume features (shared with ``brainseg predict`` through
-  :mod:`brainseg.slices`), pictures and downloads.
+  :mod:`brainseg.pipeline.slices`), pictures and downloads.
 """
 
 from __future__ import annotations
@@ -18,14 +18,43 @@ import dataclasses
 import os
 
 from brainseg.app.backends import (  # noqa: F401  (re-exported for the page)
-    InProcessBackend, RestBackend, SegmentError, SurvivalBackend, make_segmenter, registered_version, survival_context)
+    InProcessBackend,
+    RestBackend,
+    SegmentError,
+    SurvivalBackend,
+    make_segmenter,
+    registered_version,
+    survival_context,
+)
 from brainseg.app.provenance import card_lines, model_provenance, provenance_line  # noqa: F401
 from brainseg.app.results import (  # noqa: F401
-    PATIENT_GLOSSARY, SLICE_GLOSSARY, SliceResult, analyse, area_by_slice, by_patient, column_label, csv_bytes,
-    default_slice, glossary_table, masks_zip, patient_table, slice_table, slice_views, with_provenance)
+    PATIENT_GLOSSARY,
+    SLICE_GLOSSARY,
+    SliceResult,
+    analyse,
+    area_by_slice,
+    by_patient,
+    column_label,
+    csv_bytes,
+    default_slice,
+    glossary_table,
+    masks_zip,
+    patient_table,
+    slice_table,
+    slice_views,
+    with_provenance,
+)
 from brainseg.app.uploads import (  # noqa: F401
-    EXAMPLES, MIN_SIDE, UPLOAD_TYPES, SliceInput, Upload, decode_slice, example_upload, parse_uploads)
-from brainseg.slices import identify  # noqa: F401
+    EXAMPLES,
+    MIN_SIDE,
+    UPLOAD_TYPES,
+    SliceInput,
+    Upload,
+    decode_slice,
+    example_upload,
+    parse_uploads,
+)
+from brainseg.pipeline.slices import identify  # noqa: F401  (re-exported for the page)
 
 DEFAULT_MODEL = "models:/brainseg-segmenter@champion"
 DEFAULT_SURVIVAL = "models:/brainseg-survival@champion"

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from brainseg import modelcard
+from brainseg.registry import modelcard
 
 SMOKE_MAX_SIZE = 64  # a network input this small is the smoke profile's test model
 
@@ -31,7 +31,7 @@ def _int_or_none(value):
 
 
 def card_fields(tags: dict) -> dict:
-    """Provenance fields from a model version's ``card.*`` tags (see :mod:`brainseg.modelcard`)."""
+    """Provenance fields from a model version's ``card.*`` tags (see :mod:`brainseg.registry.modelcard`)."""
     return {"data_kind": tags.get("card.data_kind", ""),
             "val_dice": tags.get("card.val_patient_dice_mean") or tags.get("val_patient_dice_mean", ""),
             "val_n_patients": tags.get("card.val_n_patients") or tags.get("val_n_patients", ""),
@@ -50,9 +50,9 @@ def model_provenance(uri: str) -> dict:
         out.update(local_provenance(path))
         return out
     try:
-        from brainseg import registry  # deferred: MLflow loads only for a registry URI
+        from brainseg.registry import model_registry
 
-        client = registry.client()
+        client = model_registry.client()
         if m := _MODELS_URI.match(uri):
             mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
                   else client.get_model_version(m["name"], m["version"]))

@@ -21,9 +21,9 @@ import pandas as pd
 from brainseg.app.backends import SegmentError
 from brainseg.app.uploads import SliceInput
 from brainseg.data import imageio
-from brainseg.metrics import confusion, dice_from_counts
+from brainseg.evaluation.metrics import confusion, dice_from_counts
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS
-from brainseg.slices import patient_rows, volume_chunks
+from brainseg.pipeline.slices import patient_rows, volume_chunks
 
 MAX_VOLUME = 256  # slices of one patient sent together (predict's chunk), so the 3-D post-processing sees the volume
 
@@ -221,7 +221,7 @@ def by_patient(results: list[SliceResult]) -> dict[str, list[SliceResult]]:
 
 
 def patient_table(results: list[SliceResult]) -> tuple[pd.DataFrame, list[str]]:
-    """Per patient: slices, volume features of the predicted masks (:func:`brainseg.slices.patient_rows`,
+    """Per patient: slices, volume features of the predicted masks (:func:`brainseg.pipeline.slices.patient_rows`,
     as ``brainseg predict`` computes them), and the volume Dice against the truth when every slice
     has one. Patients whose volume cannot be assembled get a problem line instead."""
     rows, problems = patient_rows((r.item.patient, r.item.slice, r.mask) for r in results)
@@ -265,7 +265,7 @@ def default_slice(group: list[SliceResult]) -> int:
 
 def slice_views(r: SliceResult) -> list[tuple[str, np.ndarray]]:
     """(caption, picture) to show for a slice: FLAIR, predicted overlay, truth overlay if known."""
-    from brainseg.plots import overlay
+    from brainseg.evaluation.plots import overlay
 
     views = [(f"{r.item.name}: FLAIR", r.item.image[:, :, 1]),
              (f"predicted tumor (red): {int(r.mask.sum())} px", overlay(r.item.image, r.mask))]

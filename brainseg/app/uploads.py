@@ -15,7 +15,7 @@ import numpy as np
 
 from brainseg.data import imageio
 from brainseg.data.synth import synth_patient
-from brainseg.slices import IMAGE_SUFFIXES, identify
+from brainseg.pipeline.slices import IMAGE_SUFFIXES, identify
 
 UPLOAD_TYPES = ["tif", "tiff", "png", "zip", "csv"]  # what the file picker offers
 MIN_SIDE = 32                   # smaller images are refused: the network needs at least 32x32

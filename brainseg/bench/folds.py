@@ -23,9 +23,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from brainseg.config import TrainConfig, apply_overrides, load_settings, validate_settings
-from brainseg.budget import parse_budget
 from brainseg.data.context import DataContext
+from brainseg.settings.config import TrainConfig, load_settings, validate_settings
+from brainseg.settings.settings_io import apply_overrides
+from brainseg.training.budget import parse_budget
 
 
 def fold_patients(split: pd.DataFrame) -> list[tuple[int, list[str], list[str]]]:
@@ -66,7 +67,7 @@ def paired_summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: float, echo=print) -> pd.DataFrame:
     """Train every variant (``--set`` overrides on ``settings``) on every fold; one row per run."""
-    from brainseg.train import train
+    from brainseg.training.train import train
 
     ctx = DataContext.from_settings(settings, echo=echo)
     rows = []

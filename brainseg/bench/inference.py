@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
-
-from brainseg.data import imageio
 import pandas as pd
 import requests
+
+from brainseg.data import imageio
 
 NETWORK, SEGMENT, PYFUNC, REST, REST_REQUESTS, KERAS = (
     "network (compiled)", "Segmenter.segment", "pyfunc (base64 PNG)", "REST /invocations",
@@ -111,7 +111,7 @@ def path_calls(segmenter, pyfunc, session, plain: PlainClient, url: str, images:
     """One callable per path; round ``r`` handles slices ``r*batch ... r*batch+batch-1`` (cycled)."""
     import tensorflow as tf
 
-    from brainseg.inference import compiled_forward
+    from brainseg.inference.segmenter import compiled_forward
 
     n = len(images)
     cache: dict[int, dict] = {}

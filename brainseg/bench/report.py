@@ -2,34 +2,35 @@
 
 from __future__ import annotations
 
+import brainseg.settings.keras_env  # noqa: F401
+
+import base64
 import contextlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from importlib.metadata import version
-import base64
-import platform
+from pathlib import Path
 
 import numpy as np
+import requests
 from rich.console import Console
 from rich.table import Table
-import requests
 
 from brainseg.bench import inference as inf
 from brainseg.bench.server import dataframe_split, load_test, register_champion, serve_model
 from brainseg.bench.training import PIPELINE_TARGET, run_training_child
 from brainseg.bench.tuning import project_file, tuning_comparison
-from brainseg.config import TrainConfig, load_settings
 from brainseg.data import imageio
 from brainseg.data.arrays import load_full_images
 from brainseg.data.manifest import scan
 from brainseg.data.synth import generate
-import brainseg.keras_env  # noqa: F401
+from brainseg.settings.config import TrainConfig, load_settings
 
 OVERHEAD_TARGET = 1.3
 CLIENT = ("REST: http.client.HTTPConnection (keep-alive, one connection, headers and body in one send), "
@@ -115,8 +116,8 @@ def bench_config(profile: str, arch: str | None, encoder: str | None, size: int 
 def copy_given_model(uri: str, dest: Path) -> Path:
     """Resolve ``uri`` (folder, ``runs:/``, ``models:/``) in the user's tracking store (before the
     bench switches to its scratch store) and copy its model.h5 + brainseg.json folder to ``dest``."""
-    from brainseg.inference import MODEL_FILE
-    from brainseg.registry import resolve_model_dir
+    from brainseg.inference.segmenter import MODEL_FILE
+    from brainseg.registry.model_registry import resolve_model_dir
 
     found = resolve_model_dir(uri)
     h5 = found if found.suffix == ".h5" else next(iter(sorted(found.rglob(MODEL_FILE))), None)
@@ -193,7 +194,7 @@ def _load_average():
 
 
 def _run_all(work: Path, s: dict, cfg, log) -> dict:
-    from brainseg import registry  # MLflow loads with the run, not with `brainseg bench --help`
+    from brainseg.registry import model_registry
 
     report: dict = {"settings": s, "environment": {
         "cpus": os.cpu_count(), "python": platform.python_version(), "mlflow": version("mlflow"),
@@ -212,7 +213,7 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
     else:
         report["training"] = {"skipped": True}
     images = load_full_images(manifest.head(max(32, max(s["batch_sizes"]))))
-    with registry.temporary_store(f"sqlite:///{work / 'mlflow.db'}") as store:
+    with model_registry.temporary_store(f"sqlite:///{work / 'mlflow.db'}") as store:
         report.update(_serving_sections(work, s, images, log, store))
         if s["tuning"]:
             log(f"tuning: {s['trials']} trials x {s['tuning_epochs']} epochs, {s['pruner']} vs none")
@@ -227,12 +228,12 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
 
 
 def _serving_sections(work: Path, s: dict, images: list[np.ndarray], log, store: str) -> dict:
-    from brainseg import registry
+    from brainseg.registry import model_registry
 
     model_dir = work / "given-model" if s["model"] else work / "model"
     log("logging and registering the pyfunc model (the current serving code)")
     uri = register_champion(model_dir, images[0], work / "artifacts")
-    pyfunc = registry.load_pyfunc(uri)
+    pyfunc = model_registry.load_pyfunc(uri)
     served = pyfunc.unwrap_python_model()  # the SegmenterModel the server runs, loaded the same way
     seg = served.segmenter
     log("starting mlflow models serve")

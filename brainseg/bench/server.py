@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from brainseg.serving.app import MODEL_ENV
+from brainseg.serving.scoring_app import MODEL_ENV
 
 SEGMENTER_NAME = "brainseg-segmenter"
 
@@ -100,7 +100,7 @@ def _stop(process: subprocess.Popen) -> None:
 def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: float = 90.0,
                 workers: int = 1, env: dict | None = None, body_limit: bool = False):
     """Start ``mlflow models serve -m MODEL_URI --env-manager local`` on a free 127.0.0.1 port
-    (``body_limit``: the same MLflow app behind the request-body limit, :mod:`brainseg.serving.app`).
+    (``body_limit``: the same MLflow app behind the request-body limit, :mod:`brainseg.serving.scoring_app`).
 
     Yields a :class:`ModelServer` once ``/ping`` answers 200; raises RuntimeError (with the
     server's log tail) if it exits or is not ready within ``timeout_s``. Always stopped on exit.
@@ -115,7 +115,7 @@ def serve_model(model_uri: str, tracking_uri: str, workdir: Path, timeout_s: flo
             "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
     if body_limit:
         env[MODEL_ENV] = model_uri
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving.app:create_app",
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "brainseg.serving.scoring_app:create_app",
                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     start = time.monotonic()
     with log_path.open("w") as log:
@@ -151,23 +151,24 @@ def experiment_in(name: str, artifact_root: Path) -> str:
     """Create (or find) experiment ``name`` with its artifacts under ``artifact_root`` and make it
     the active one. Without this, a new SQLite store puts artifacts in ``./mlruns`` of the
     working folder."""
-    from brainseg import tracking
+    from brainseg.tracking import mlflow_runs
 
-    return tracking.set_experiment(name, artifact_root).experiment_id
+    return mlflow_runs.set_experiment(name, artifact_root).experiment_id
 
 
 def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
                       artifact_root: Path | None = None) -> str:
     """Log ``model_dir`` as the pyfunc segmenter in a run, register it, make it champion."""
-    from brainseg import registry, tracking
+    from brainseg.registry import model_registry
+    from brainseg.tracking import mlflow_runs
 
-    tracking.set_experiment("brainseg-bench", artifact_root)
-    with tracking.run("bench-model", {"data_version": "bench"}) as run:
-        uri = tracking.log_segmenter_model(Path(model_dir), example_image, {"data_version": "bench"})
-    mv, _ = registry.register(SEGMENTER_NAME, uri, run.info.run_id, {"source_run_id": run.info.run_id},
+    mlflow_runs.set_experiment("brainseg-bench", artifact_root)
+    with mlflow_runs.run("bench-model", {"data_version": "bench"}) as run:
+        uri = mlflow_runs.log_segmenter_model(Path(model_dir), example_image, {"data_version": "bench"})
+    mv, _ = model_registry.register(SEGMENTER_NAME, uri, run.info.run_id, {"source_run_id": run.info.run_id},
                               "Benchmark model. Not for use.")
-    registry.client().set_registered_model_alias(SEGMENTER_NAME, registry.CHAMPION, mv.version)
-    return f"models:/{SEGMENTER_NAME}@{registry.CHAMPION}"
+    model_registry.client().set_registered_model_alias(SEGMENTER_NAME, model_registry.CHAMPION, mv.version)
+    return f"models:/{SEGMENTER_NAME}@{model_registry.CHAMPION}"
 
 
 def load_test(url: str, payload: str, clients: int, seconds: float) -> dict:

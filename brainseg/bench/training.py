@@ -6,21 +6,20 @@ training memory and TensorFlow's state does not leak into the serving measuremen
 
 from __future__ import annotations
 
+import brainseg.settings.keras_env  # noqa: F401
+
 import json
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
-import resource
 
 import numpy as np
-
-from brainseg.config import TrainConfig
+import pandas as pd
 
 from brainseg.data.arrays import load_arrays
-
-import brainseg.keras_env  # noqa: F401
-import pandas as pd
+from brainseg.settings.config import TrainConfig
 
 PIPELINE_TARGET = 0.95
 
@@ -35,9 +34,9 @@ def train_throughput(spec: dict) -> dict:
     import tf_keras as keras
 
     from brainseg.data.pipeline import train_dataset
-    from brainseg.inference import InferenceSettings, save_model
+    from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.train import _compile  # the exact compile step training uses
+    from brainseg.training.train import _compile
 
     cfg = TrainConfig.from_dict(spec["train"])
     steps, rounds = int(spec["steps"]), int(spec["rounds"])

@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 
 from brainseg.bench.server import experiment_in
-from brainseg.config import load_settings
 from brainseg.data.context import DataContext
 from brainseg.data.manifest import patients_table, scan
 from brainseg.data.split import split_patients
 from brainseg.data.synth import generate
+from brainseg.settings.config import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ One module per noun: :mod:`~brainseg.cli.data` (``data ...``, ``profile use``),
 
 from __future__ import annotations
 
-import brainseg.keras_env  # noqa: F401  (first: Keras variables before anything imports TF)
+import brainseg.settings.keras_env  # noqa: F401  (first: Keras variables before anything imports TF)
 
 import signal
 import sys
@@ -18,11 +18,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from brainseg.access import refusal_message, refused_status
 from brainseg.cli import data, outcome, segment, serve
 from brainseg.cli.common import console, quiet_libraries
+from brainseg.tracking.access import refusal_message, refused_status
+from brainseg.tracking.run_context import Terminated, adopt_project_run
 
-# brainseg.tracking (MLflow) is deferred into main(), after the libraries are quieted.
+# brainseg.tracking.mlflow_runs (MLflow) is deferred into main(), after the libraries are quieted.
 
 app = typer.Typer(help="LGG FLAIR-abnormality segmentation and outcome prediction, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -65,7 +66,6 @@ def root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the
 def main():  # console-script entry with a clean exit for Ctrl-C
     quiet_libraries(bool({"--verbose", "-v"} & set(sys.argv[1:2])))  # before MLflow and TF load
 
-    from brainseg.tracking import Terminated, adopt_project_run
 
     def terminated(signum, frame):  # SIGTERM (a scheduler, `kill`): end runs KILLED, not RUNNING forever
         raise Terminated()

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from brainseg import quiet
-from brainseg.config import ConfigError, load_settings, validate_settings
+from brainseg.settings import quiet
+from brainseg.settings.config import load_settings, validate_settings
+from brainseg.settings.settings_io import ConfigError
 
 # soft_wrap: messages and BAD lines name long paths; never break them across lines
 console = Console(stderr=True, soft_wrap=True)
@@ -78,5 +79,5 @@ def print_metrics(m: dict, title: str) -> None:
 
 
 def quiet_libraries(verbose: bool = False) -> None:
-    """Library start-up noise and known-harmless warnings off (:mod:`brainseg.quiet`), unless ``verbose``."""
+    """Library start-up noise and known-harmless warnings off (:mod:`brainseg.settings.quiet`), unless ``verbose``."""
     quiet.configure(verbose or quiet.verbose_requested())

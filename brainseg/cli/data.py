@@ -11,9 +11,9 @@ import typer
 from rich.table import Table
 
 from brainseg.cli.common import ProfileOpt, SetOpt, console, fail, out, settings_or_fail
-from brainseg.config import ConfigError
 from brainseg.data.layout import open_dataset
-from brainseg.profiles import use_profile
+from brainseg.settings.profiles import use_profile
+from brainseg.settings.settings_io import ConfigError
 
 # brainseg.data.{synth,manifest,split,importer,context} import pandas: deferred into the commands
 # that use them, so `brainseg --help` and the other commands start fast.

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, console, fail, out, settings_or_fail
-from brainseg.config import ConfigError
+from brainseg.settings.settings_io import ConfigError
 
 # brainseg.outcome.workflow and brainseg.data.clinical pull in MLflow, scikit-learn and pandas:
 # deferred into the commands, so `brainseg --help` stays fast.

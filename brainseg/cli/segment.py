@@ -11,14 +11,25 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import Progress
 
-from brainseg.cli.common import (EXPERIMENT, ProfileOpt, SetOpt, console, fail, out, print_metrics,
-                                 settings_or_fail, writable_folder_or_fail)
-from brainseg.budget import BudgetError, parse_budget
-from brainseg.checkpoint import DEFAULT_ROOT, Checkpoint, CheckpointError, interrupted, resume_command
-from brainseg.config import ConfigError, TrainConfig
+from brainseg.cli.common import (
+    EXPERIMENT,
+    ProfileOpt,
+    SetOpt,
+    console,
+    fail,
+    out,
+    print_metrics,
+    settings_or_fail,
+    writable_folder_or_fail,
+)
+from brainseg.settings.config import TrainConfig
+from brainseg.settings.settings_io import ConfigError
+from brainseg.tracking import run_notes
+from brainseg.training.budget import BudgetError, parse_budget
+from brainseg.training.checkpoint import DEFAULT_ROOT, Checkpoint, CheckpointError, interrupted, resume_command
 
 # Deferred into the commands: brainseg.{tracking,workflows,evaluate_run,promotion,predict,models,data.context}
-# pull in TensorFlow, MLflow, Optuna or pandas (`brainseg --help` stays fast), and brainseg.progress
+# pull in TensorFlow, MLflow, Optuna or pandas (`brainseg --help` stays fast), and brainseg.training.progress
 # is train's alone (at module level it would become code of every DVC stage).
 
 
@@ -39,11 +50,11 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
           checkpoint_dir: Annotated[Path, typer.Option(help="Where every epoch is saved while the run lasts "
                                                        "(removed when it finishes).")] = DEFAULT_ROOT):
     """Train one segmenter on the train patients, select the best epoch on val, log it all to MLflow."""
-    from brainseg import tracking
     from brainseg.data.context import DataContext
     from brainseg.models.factory import check_names
-    from brainseg.progress_callbacks import epoch_progress
-    from brainseg.training_run import tracked_training
+    from brainseg.tracking import mlflow_runs
+    from brainseg.training.progress_callbacks import epoch_progress
+    from brainseg.training.training_run import tracked_training
 
     state = None
     if resume:
@@ -61,7 +72,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         ctx = DataContext.from_settings(settings)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
-    experiment = tracking.set_experiment(EXPERIMENT)
+    experiment = mlflow_runs.set_experiment(EXPERIMENT)
     try:
         if keras_verbose is not None:  # `train --verbose N` (before --progress existed)
             progress = {0: "none", 1: "bar"}.get(keras_verbose, "lines")
@@ -79,7 +90,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
                                checkpoints=checkpoint_dir, resume=(ckpt, state) if state is not None else None)
     except BudgetError as exc:
         fail(str(exc), 2)
-    except tracking.TrackingLost as exc:
+    except mlflow_runs.TrackingLost as exc:
         fail(str(exc), 75)  # EX_TEMPFAIL: try again later
     owed = ckpt.meta.get("refit") if state is not None else None
     if owed:  # a tuning refit: what `brainseg tune` would have done after it
@@ -105,7 +116,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
                   f"steps, {b['slices_seen']} slices seen at {b['slices_per_s']:.1f} slices/s, training took "
                   f"{b['train_minutes']:.1f} min")
     out.print(f"model: {res['model_uri']}")
-    out.print(f"in the MLflow UI (`mlflow ui` on this store): {tracking.ui_link(experiment.experiment_id)}",
+    out.print(f"in the MLflow UI (`mlflow ui` on this store): {run_notes.ui_link(experiment.experiment_id)}",
               markup=False, highlight=False)
 
 
@@ -157,9 +168,14 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
                                                            "exit 0 (the pipeline's test report).")] = False,
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Per-patient volume Dice (mean, median), IoU, tumor-slice Dice, empty-slice FP rate, baseline."""
-    from brainseg import tracking
     from brainseg.data.context import DataContext
-    from brainseg.evaluate_run import MasksUnavailable, scored_name, tracked_evaluation, write_unavailable_report
+    from brainseg.evaluation.evaluate_run import (
+        MasksUnavailable,
+        scored_name,
+        tracked_evaluation,
+        write_unavailable_report,
+    )
+    from brainseg.tracking import mlflow_runs
 
     settings = settings_or_fail(profile, set_)
     subset = "test" if folder else subset or settings["evaluate"]["subset"]  # a folder's patients: its "test"
@@ -173,7 +189,7 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
     try:
         ctx = (DataContext.from_folder(folder, Path(settings["data"]["cache_dir"])) if folder
                else DataContext.from_settings(settings))
-        tracking.set_experiment(EXPERIMENT)
+        mlflow_runs.set_experiment(EXPERIMENT)
         res = tracked_evaluation(settings, model, ctx, subset, out_dir=output, folder=folder)
     except MasksUnavailable as exc:
         if not skip_unlabelled:
@@ -209,8 +225,8 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
     """Optuna search (multi-fidelity, from the hand-set recipe), then a full-fidelity refit; MLflow runs.
 
     The refit is checkpointed every epoch: if it is killed, `brainseg train --resume` finishes it."""
-    from brainseg import tracking
-    from brainseg.workflows import TuneRefused, tracked_tuning
+    from brainseg.pipeline.workflows import TuneRefused, tracked_tuning
+    from brainseg.tracking import mlflow_runs
 
     settings = settings_or_fail(profile, set_)
     settings_args = [*(["--profile", profile] if profile else []), *[a for s in set_ or [] for a in ("--set", s)]]
@@ -221,7 +237,7 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
                                  echo=out.print)
     except TuneRefused as exc:
         fail(str(exc), 2)
-    except tracking.TrackingLost as exc:  # the refit's: its work is kept in its checkpoint
+    except mlflow_runs.TrackingLost as exc:  # the refit's: its work is kept in its checkpoint
         fail(str(exc), 75)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2, default=str))
@@ -261,11 +277,11 @@ def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Register the best trial's segmenter and the survival model, tagged with their validation / CV
     figures. `@champion` moves only with --promote (or register.promote: true), through the gate."""
-    from brainseg import tracking
-    from brainseg.workflows import register_models
+    from brainseg.pipeline.workflows import register_models
+    from brainseg.tracking import mlflow_runs
 
     settings = settings_or_fail(profile, set_)
-    tracking.set_experiment(EXPERIMENT)
+    mlflow_runs.set_experiment(EXPERIMENT)
     try:
         results = register_models(settings, tune_summary=tune_summary, run_id=run_id,
                                   survival_summary=survival_summary, promote=promote, force=force, echo=out.print)
@@ -294,7 +310,7 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
             threshold: Optional[float] = None,
             profile: ProfileOpt = None, set_: SetOpt = None):
     """Segment slices: <stem>_pred.png masks, overlays, features.csv (per slice), patients.csv (per patient)."""
-    from brainseg.predict import ModelNotFound, collect_inputs, predict_to_folder
+    from brainseg.pipeline.predict import ModelNotFound, collect_inputs, predict_to_folder
 
     settings_or_fail(profile, set_)
     if threshold is not None and not 0.0 < threshold < 1.0:  # NaN fails this too
@@ -332,11 +348,11 @@ def promote(name: Annotated[str, typer.Argument(help="Registered model: register
     Segmenter: challenger vs champion on the validation patients of the current data version.
     Survival: the version fitted with the pre-registered survival.final (no AUC comparison).
     """
-    from brainseg import tracking
-    from brainseg.promotion import promote as gate
+    from brainseg.registry.promotion import promote as gate
+    from brainseg.tracking import mlflow_runs
 
     settings = settings_or_fail(profile, set_)
-    tracking.set_experiment(EXPERIMENT)
+    mlflow_runs.set_experiment(EXPERIMENT)
     try:
         result = gate(settings, name, version, force=force)
     except (FileNotFoundError, ValueError) as exc:

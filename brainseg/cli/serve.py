@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, fail, out
-from brainseg.config import ConfigError
+from brainseg.settings.settings_io import ConfigError
+from brainseg.tracking import run_notes
 
-# brainseg.run_pipeline (MLflow), brainseg.app.launch (pandas, Streamlit) and brainseg.bench
+# brainseg.pipeline.run_pipeline (MLflow), brainseg.app.launch (pandas, Streamlit) and brainseg.bench
 # (numpy and the benchmark) are deferred into the commands, so `brainseg --help` stays fast.
 
 
@@ -27,7 +28,7 @@ def run_pipeline(profile: ProfileOpt = None,
     cpu profile's values into params.yaml (`brainseg profile use cpu`; DVC then re-runs what they
     change). `dvc repro` / `dvc exp run` alone never move `@champion` (register.promote: false).
     """
-    from brainseg.run_pipeline import FINAL_WORDS, run
+    from brainseg.pipeline.run_pipeline import FINAL_WORDS, run
 
     try:
         run(profile, use_dvc=dvc, promote=promote, echo=out.print)
@@ -36,9 +37,9 @@ def run_pipeline(profile: ProfileOpt = None,
     except subprocess.CalledProcessError as exc:
         fail(f"pipeline stage failed: {' '.join(map(str, exc.cmd))} (exit {exc.returncode})", exc.returncode or 1)
     out.print(FINAL_WORDS, markup=False, highlight=False)
-    from brainseg import tracking
+    from brainseg.tracking import mlflow_runs
 
-    link = tracking.ui_link(tracking.set_experiment(EXPERIMENT).experiment_id)
+    link = run_notes.ui_link(mlflow_runs.set_experiment(EXPERIMENT).experiment_id)
     out.print(f"The pipeline's runs in the MLflow UI (after `mlflow ui` above): {link}", markup=False, highlight=False)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainseg.config import PrepConfig
 from brainseg.data import imageio
 from brainseg.data.preprocess import prepare_image, prepare_mask, slice_box
+from brainseg.settings.config import PrepConfig
 
 
 @dataclasses.dataclass

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainseg.config import TrainConfig
 from brainseg.data.arrays import Arrays, load_arrays, load_full_masks
 from brainseg.data.layout import find_root
 from brainseg.data.manifest import patients_table, read_manifest, scan
 from brainseg.data.split import patients_in, split_patients
 from brainseg.data.version import data_version
+from brainseg.settings.config import TrainConfig
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from brainseg.config import PrepConfig
+from brainseg.settings.config import PrepConfig
 
 FLAIR = 1  # channel order in kaggle_3m: pre-contrast, FLAIR, post-contrast
 

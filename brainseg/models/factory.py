@@ -1,16 +1,17 @@
-"""Build a segmentation model by name from a :class:`~brainseg.config.TrainConfig`."""
+"""Build a segmentation model by name from a :class:`~brainseg.settings.config.TrainConfig`."""
 
 from __future__ import annotations
 
+import brainseg.settings.keras_env  # noqa: F401
+
 from pathlib import Path
 
-import brainseg.keras_env  # noqa: F401
 import segmentation_models as sm
 import tf_keras as keras
 from segmentation_models.models._utils import freeze_model
 
-from brainseg.config import TrainConfig
 from brainseg.models.unets import plain_unet, unet_plus_plus
+from brainseg.settings.config import TrainConfig
 
 SM_ARCHS = {"unet": sm.Unet, "linknet": sm.Linknet, "fpn": sm.FPN, "pspnet": sm.PSPNet}
 OWN_ARCHS = ("unetpp", "plain_unet")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import brainseg.keras_env  # noqa: F401
+import brainseg.settings.keras_env  # noqa: F401
+
 import tf_keras as keras
 from tf_keras import layers
 

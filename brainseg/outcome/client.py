@@ -50,10 +50,10 @@ def model_inputs(model, patients: pd.DataFrame, clinical_csv: Path | None) -> pd
 
 def load(model_uri: str):
     """Load a survival pyfunc, or FileNotFoundError naming the URI."""
-    from brainseg import registry  # deferred: the page and predict import this module before they need MLflow
+    from brainseg.registry import model_registry
 
     try:
-        return registry.load_pyfunc(model_uri)
+        return model_registry.load_pyfunc(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for an unknown model
         raise FileNotFoundError(f"survival model {model_uri!r}: cannot be loaded ({exc})") from exc
 

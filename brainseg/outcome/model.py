@@ -31,9 +31,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from brainseg.config import Classifier, FeatureSet
 from brainseg.data.clinical import CLINICAL_COLUMNS, CONTINUOUS_COLUMNS, TARGET
 from brainseg.outcome.features import PATIENT_FEATURE_COLUMNS
+from brainseg.settings.config import Classifier, FeatureSet
 
 ORDINAL_COLUMNS = ["neoplasm_histologic_grade"]
 NOMINAL_COLUMNS = [c for c in CLINICAL_COLUMNS if c not in CONTINUOUS_COLUMNS + ORDINAL_COLUMNS]

@@ -2,7 +2,7 @@
 
 The split's ``fold`` column (brainseg.data.split: k folds over all patients) drives it. For fold
 ``k`` a cheap segmenter is trained on the other folds except ``k + 1`` (its validation fold, for
-epoch selection) and predicts fold ``k`` through :class:`brainseg.inference.Segmenter`, the same
+epoch selection) and predicts fold ``k`` through :class:`brainseg.inference.segmenter.Segmenter`, the same
 path predict, the served model and the page use. The outcome model fitted on features of these
 masks sees in training the kind of features it is served.
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from brainseg.config import TrainConfig
 from brainseg.data.arrays import load_arrays, load_full_images
+from brainseg.settings.config import TrainConfig
 
 
 @dataclasses.dataclass
@@ -65,8 +65,8 @@ def oof_masks(manifest: pd.DataFrame, split: pd.DataFrame, cfg: TrainConfig, inf
     (threshold defaults to ``cfg.threshold``). Patients of ``manifest`` missing from the split
     are refused. Models are discarded after predicting their fold.
     """
-    from brainseg.inference import InferenceSettings, Segmenter  # TensorFlow only when masks are made
-    from brainseg.train import Arrays, train
+    from brainseg.inference.segmenter import InferenceSettings, Segmenter
+    from brainseg.training.train import Arrays, train
 
     missing = sorted(set(manifest["patient"]) - set(split["patient"].astype(str)))
     if missing:

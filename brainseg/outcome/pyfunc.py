@@ -46,10 +46,10 @@ from mlflow.types import ColSpec, DataType, Schema
 from sklearn.pipeline import Pipeline
 
 import brainseg
-from brainseg import tracking
 from brainseg.data.clinical import TARGET
 from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame, unknown_fields
 from brainseg.serving.pyfunc import BadRequest
+from brainseg.tracking import run_notes
 
 PROBABILITY, CLASS = f"{TARGET}_probability", f"{TARGET}_class"
 EVIDENCE = ("cv_roc_auc", "cv_n_patients", "data_version", "fitted_on", "features_from")
@@ -140,7 +140,7 @@ def log_final_model(pipeline: Pipeline, X: pd.DataFrame, spec: InputSpec, eviden
     """Log the fitted pipeline as pyfunc ``model``; returns (run_id, model_uri).
 
     Logs into ``run_id`` when given, else a new run "survival-final" (nested when a run is active)
-    with its description (the run note, :func:`brainseg.tracking.with_note`).
+    with its description (the run note, :func:`brainseg.tracking.mlflow_runs.with_note`).
     The brainseg package goes in ``code_paths`` so the pickled pipeline loads without it installed.
     ``survival_model.json`` holds the spec, the evidence and ``extra_json`` (importances, notes).
     """
@@ -148,7 +148,7 @@ def log_final_model(pipeline: Pipeline, X: pd.DataFrame, spec: InputSpec, eviden
     tags = {k: str(v) for k, v in (tags or {}).items()}
     kwargs = ({"run_id": run_id} if run_id else
               {"run_name": "survival-final", "nested": mlflow.active_run() is not None})
-    with mlflow.start_run(**kwargs, tags=tags if run_id else tracking.with_note("survival-final", tags)) as run:
+    with mlflow.start_run(**kwargs, tags=tags if run_id else run_notes.with_note("survival-final", tags)) as run:
         if params:
             mlflow.log_params(params)
         doc = {"spec": spec.to_dict(), "evidence": evidence, "threshold": pipeline[-1].threshold_,

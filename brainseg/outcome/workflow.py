@@ -15,21 +15,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from brainseg.config import EPOCH_SIZED, TrainConfig
+from brainseg.data.arrays import load_full_images, load_full_masks
 from brainseg.data.clinical import read_clinical
+from brainseg.data.context import DataContext
+from brainseg.data.layout import find_root
+from brainseg.data.manifest import scan
 from brainseg.data.synth import is_synthetic
 from brainseg.data.version import data_version
-from brainseg.modelcard import survival_failures
 from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
-from brainseg.outcome.runs import log_fit, summary_row
-from brainseg.data.arrays import load_full_images, load_full_masks
-from brainseg.data.layout import find_root
-from brainseg.data.manifest import scan
-from brainseg.data.context import DataContext
 from brainseg.outcome.oof import oof_masks
-from brainseg.registry import load_segmenter
+from brainseg.outcome.runs import log_fit, summary_row
+from brainseg.registry.model_registry import load_segmenter
+from brainseg.registry.modelcard import survival_failures
+from brainseg.settings.config import EPOCH_SIZED, TrainConfig
 
 SOURCE_FILE = "source.json"
 # ------------------------------------------------------------------------------------ features

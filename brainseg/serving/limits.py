@@ -4,7 +4,7 @@ The defaults let one whole patient volume through in one request (the largest re
 88 slices; ``max_rows`` 128), so the stored per-patient 3-D step sees the volume over
 REST as it does in ``evaluate`` and ``brainseg predict``, while ``max_pixels`` bounds the memory of
 a request (128 slices of 256x256). ``max_body_bytes`` bounds the HTTP body before MLflow's scoring
-server reads it; only the server of :mod:`brainseg.serving.app` applies it (``mlflow models
+server reads it; only the server of :mod:`brainseg.serving.scoring_app` applies it (``mlflow models
 serve`` has no such setting).
 """
 

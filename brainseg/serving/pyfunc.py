@@ -1,5 +1,5 @@
 """The served segmenter: a custom ``mlflow.pyfunc`` model, a thin wrapper over
-:class:`brainseg.inference.Segmenter`.
+:class:`brainseg.inference.segmenter.Segmenter`.
 
 Request: a table with a column ``image`` of base64-encoded TIFF or PNG bytes, one slice per row
 (``dataframe_split`` or ``dataframe_records``), and optionally a column ``patient``: rows with the
@@ -26,7 +26,7 @@ the environment of the serving process when the model loads
   all slices of a request (each image also obeys the decoder's own per-image limit);
 - ``BRAINSEG_SERVE_MAX_IMAGE_BYTES`` (default 16 MiB): encoded size of one image;
 - ``BRAINSEG_SERVE_MAX_BODY_BYTES`` (default 64 MiB): the HTTP body, refused with a 413 before
-  MLflow reads it, by the server of :mod:`brainseg.serving.app` only.
+  MLflow reads it, by the server of :mod:`brainseg.serving.scoring_app` only.
 
 The signature declares the params and the answer's columns but no input schema: the model checks
 the table itself, so a missing or extra column is refused by name, and MLflow's per-request
@@ -37,6 +37,8 @@ warning); the answer's ``threshold`` and ``return_mask`` columns show what was a
 
 from __future__ import annotations
 
+import brainseg.settings.keras_env  # noqa: F401
+
 import base64
 import io
 import json
@@ -46,7 +48,6 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import brainseg.keras_env  # noqa: F401
 import mlflow
 import numpy as np
 import pandas as pd
@@ -60,8 +61,18 @@ from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.request import (  # noqa: F401  (re-exported: the served model's request side)
-    IMAGE_COLUMN, MIN_SIDE_PX, PARAMS, PATIENT_COLUMN, RequestError, bad_request, check_params, decode_cell,
-    decode_image, decode_request, patient_groups)
+    IMAGE_COLUMN,
+    MIN_SIDE_PX,
+    PARAMS,
+    PATIENT_COLUMN,
+    RequestError,
+    bad_request,
+    check_params,
+    decode_cell,
+    decode_image,
+    decode_request,
+    patient_groups,
+)
 
 
 class BadRequest(MlflowException):
@@ -148,27 +159,27 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     (batches of the stored ``batch_size``)."""
 
     def load_context(self, context):
-        from brainseg import inference
+        from brainseg.inference import segmenter
 
         model_dir = Path(context.artifacts[MODEL_DIR_ARTIFACT])
-        model, cfg, settings = inference.load_model_dir(model_dir)
-        _, _, meta = inference.read_settings(next(model_dir.rglob(inference.SETTINGS_FILE)))
+        model, cfg, settings = segmenter.load_model_dir(model_dir)
+        _, _, meta = segmenter.read_settings(next(model_dir.rglob(segmenter.SETTINGS_FILE)))
         self.meta = {k: str(v) for k, v in meta.items()}
         self.limits = RequestLimits.from_env()
-        self.segmenter = inference.Segmenter(model, cfg, settings)
+        self.segmenter = segmenter.Segmenter(model, cfg, settings)
         self.segmenter.warm_up()  # trace the graph before the first request
 
     def segment(self, images: list[np.ndarray], threshold: float, groups: list[str] | None = None
                 ) -> list[np.ndarray]:
         """Masks under the stored settings; another ``threshold`` reuses the same network and
         probabilities (``Segmenter.with_settings`` would rebuild a bfloat16 network per value)."""
-        from brainseg import inference
+        from brainseg.inference import segmenter
 
         seg = self.segmenter
         if threshold == seg.settings.threshold:
             return seg.segment(images, groups).masks
         X, boxes = seg.prepare(images)
-        return inference.final_masks(seg.probs(X), [im.shape[:2] for im in images], boxes,
+        return segmenter.final_masks(seg.probs(X), [im.shape[:2] for im in images], boxes,
                                      seg.settings.replace(threshold=threshold), groups)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -219,18 +230,18 @@ def log_pyfunc_segmenter(model_dir: Path, example_image: np.ndarray | None = Non
     """Log ``model_dir`` (model.h5 + brainseg.json) as the pyfunc model ``model`` of the active run.
 
     The folder is logged whole as artifact ``model_dir``, with ``meta`` (run id, data version)
-    added to its brainseg.json; the served model loads it with ``inference.load_model_dir``, so it
+    added to its brainseg.json; the served model loads it with ``segmenter.load_model_dir``, so it
     uses exactly the stored InferenceSettings.
     """
-    from brainseg import inference
+    from brainseg.inference import segmenter
 
     model_dir = Path(model_dir)
-    cfg, settings, _ = inference.read_settings(next(model_dir.rglob(inference.SETTINGS_FILE)))
+    cfg, settings, _ = segmenter.read_settings(next(model_dir.rglob(segmenter.SETTINGS_FILE)))
     active = mlflow.active_run()
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / MODEL_DIR_ARTIFACT
         shutil.copytree(model_dir, staged)
-        settings_path = next(staged.rglob(inference.SETTINGS_FILE))
+        settings_path = next(staged.rglob(segmenter.SETTINGS_FILE))
         stored = json.loads(settings_path.read_text())
         stored["meta"] = {**stored.get("meta", {}), **(meta or {}), "run_id": active.info.run_id if active else ""}
         settings_path.write_text(json.dumps(stored, indent=2))

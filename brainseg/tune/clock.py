@@ -1,7 +1,7 @@
 """The clock of a study on a budget: the throughput probe, the plan kept with the study, deadlines.
 
 The launcher measures what a trial epoch costs (the hand-set recipe at the search fidelity, on the
-real arrays: :func:`brainseg.throughput.measure`), plans the trials (:func:`brainseg.tune.budget.plan_trials`)
+real arrays: :func:`brainseg.training.throughput.measure`), plans the trials (:func:`brainseg.tune.study_budget.plan_trials`)
 and keeps the plan in the study (user attribute ``trial_plan``), so that every worker and every
 resumed session trains its trials at the same fidelity. Each session has its own deadlines (the
 study's budget counts from the session's start): they are study user attributes too, read by the
@@ -15,9 +15,9 @@ import time
 
 import optuna
 
-from brainseg.config import TrainConfig
+from brainseg.settings.config import TrainConfig
 from brainseg.tune.plan import StudyPlan, make_pruner, study_budget
-from brainseg.tune.budget import StudyBudget, TrialPlan, plan_trials
+from brainseg.tune.study_budget import StudyBudget, TrialPlan, plan_trials
 
 PLAN_ATTR, CLOCK_ATTR = "trial_plan", "session_clock"
 
@@ -68,7 +68,7 @@ def start_clock(plan: StudyPlan, ctx, study: optuna.Study, refit: bool, started:
 
 
 def probe_and_plan(plan: StudyPlan, ctx, budget: StudyBudget, started: float, echo=print) -> TrialPlan:
-    from brainseg.throughput import measure
+    from brainseg.training.throughput import measure
 
     cfg = TrainConfig.from_dict(plan.fidelity.trial_settings(plan.settings["train"]))
     cost = measure(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg))

@@ -4,7 +4,7 @@ Multi-fidelity: trials train at the search fidelity (``tune.size`` px, ``tune.st
 steps). Without a budget the resource is the epoch (at most ``tune.epochs``), reported to Optuna
 after each epoch, so successive halving / Hyperband stop the weak trials at the rungs
 ``min_resource * reduction_factor**k``. On a budget (``tune.budget_minutes``,
-:mod:`brainseg.tune.budget`) the resource is seconds of training of a time-budgeted trial. The
+:mod:`brainseg.tune.study_budget`) the resource is seconds of training of a time-budgeted trial. The
 refit (:mod:`brainseg.tune.session`) trains the best configuration at full fidelity.
 No MLflow here; the study's runs are :mod:`brainseg.tune.runs`.
 """
@@ -21,11 +21,12 @@ from pathlib import Path
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-from brainseg import quiet
-from brainseg.config import EPOCH_SIZED, ConfigError, Pruner, TrainConfig
-from brainseg.tune.budget import StudyBudget
+from brainseg.settings import quiet
+from brainseg.settings.config import EPOCH_SIZED, Pruner, TrainConfig
+from brainseg.settings.settings_io import ConfigError
 from brainseg.tune.sampler import TrialSeededSampler
 from brainseg.tune.space import Param, load_search_space, recipe_params
+from brainseg.tune.study_budget import StudyBudget
 
 PRUNERS = typing.get_args(Pruner)  # ("hyperband", "sha", "median", "none")
 OBJECTIVE = "val_patient_dice"
@@ -67,7 +68,7 @@ class Fidelity:
 
     def on_budget(self, trial_s: float, first_rung_s: float) -> Fidelity:
         """This fidelity with the resource in seconds of training: trials of ``trial_s`` seconds,
-        the first rung at ``first_rung_s`` (the planned rungs, :mod:`brainseg.tune.budget`).
+        the first rung at ``first_rung_s`` (the planned rungs, :mod:`brainseg.tune.study_budget`).
 
         >>> Fidelity(64, 60, 2, 18, 3).on_budget(521.4, 57.9).rungs()
         [57, 171, 513]
@@ -106,7 +107,7 @@ def make_pruner(name: str, fid: Fidelity) -> optuna.pruners.BasePruner:
 def quiet_optuna() -> None:
     """Optuna's own INFO lines (study created, each trial's value and parameters) off unless
     ``--verbose``: the study's progress lines say the same. Optuna sets its logger to INFO when it
-    loads, after :mod:`brainseg.quiet` set the level."""
+    loads, after :mod:`brainseg.settings.quiet` set the level."""
     if not quiet.verbose_requested():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -162,7 +163,7 @@ def resolve_storage(ref: str, environ: typing.Mapping[str, str] = os.environ) ->
 
 # ---------------------------------------------------------------------------------- plan
 def study_budget(plan: StudyPlan, refit: bool) -> StudyBudget | None:
-    """``tune.budget_minutes`` as a :class:`~brainseg.tune.budget.StudyBudget` (None: no budget).
+    """``tune.budget_minutes`` as a :class:`~brainseg.tune.study_budget.StudyBudget` (None: no budget).
 
     The refit trains with the recipe's ``train.budget_minutes``, so a budgeted study that refits
     needs one."""

@@ -1,5 +1,5 @@
 """The refit: the study's best configuration trained again at full fidelity as one training run
-(:func:`brainseg.training_run.tracked_training`), scored once on the test patients for the report,
+(:func:`brainseg.training.training_run.tracked_training`), scored once on the test patients for the report,
 registered if asked and linked to the study's run.
 
 Every refit epoch is checkpointed like ``brainseg train``'s (``checkpoints/RUN_ID/``), with what
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import optuna
 
-from brainseg import tracking
-from brainseg.checkpoint import DEFAULT_ROOT
-from brainseg.config import EPOCH_SIZED, TrainConfig
-from brainseg.promotion import register_segmenter
-from brainseg.tune.budget import refit_minutes
+from brainseg.registry.promotion import register_segmenter
+from brainseg.settings.config import EPOCH_SIZED, TrainConfig
+from brainseg.tracking import mlflow_runs
+from brainseg.training.checkpoint import DEFAULT_ROOT
 from brainseg.tune.clock import Clock
 from brainseg.tune.plan import StudyPlan, refit_epochs
 from brainseg.tune.space import apply_params
+from brainseg.tune.study_budget import refit_minutes
 
 
 def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float | None = None):
@@ -40,8 +40,8 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     epoch), score it once on the test patients for the report, register it if asked. On a budget it
     trains for the recipe's ``train.budget_minutes`` (less if the study has less left).
     ``display``: the progress mode and console (:func:`brainseg.tune.session.display`)."""
-    from brainseg.progress_callbacks import epoch_progress
-    from brainseg.training_run import tracked_training
+    from brainseg.training.progress_callbacks import epoch_progress
+    from brainseg.training.training_run import tracked_training
 
     settings, best = plan.settings, study.best_trial
     minutes = None
@@ -77,7 +77,7 @@ def finish_refit(owed: dict, settings: dict, ctx, cfg: TrainConfig, res: dict) -
     if owed.get("register"):
         out["registered"] = register_segmenter(settings, ctx, res["run_id"], res["model_uri"], extra_tags={
             "study_parent_run_id": parent, "study": owed["study"], "refit_of_trial": str(trial)})
-    tracking.set_tags(parent, {"refit_run_id": res["run_id"], "refit_model_uri": res["model_uri"],
+    mlflow_runs.set_tags(parent, {"refit_run_id": res["run_id"], "refit_model_uri": res["model_uri"],
                                **({"refit_model_version": out["registered"]["version"]} if "registered" in out else {})})
-    tracking.log_metrics_to(parent, {"refit_val_patient_dice_mean": out["val_patient_dice_mean"] or float("nan")})
+    mlflow_runs.log_metrics_to(parent, {"refit_val_patient_dice_mean": out["val_patient_dice_mean"] or float("nan")})
     return out

@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as Bar
 
-from brainseg import tracking
-from brainseg.run_notes import NOTE_TAG
-from brainseg.tracking import claim_project_run
+from brainseg.tracking import mlflow_runs, run_context
+from brainseg.tracking.mlflow_runs import claim_project_run
+from brainseg.tracking.run_notes import NOTE_TAG
 from brainseg.tune.outage import wait_for_database
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, make_storage, redact
 from brainseg.tune.space import trial_config
@@ -71,8 +71,8 @@ def mark_worker(trial: optuna.Trial) -> None:
 def fail_trial_run(trial: optuna.trial.FrozenTrial, why: str) -> None:
     run_id = trial.user_attrs.get(RUN_ATTR)
     if run_id:
-        tracking.set_tags(run_id, {"state": "FAIL", "failure": why})
-        tracking.terminate(run_id, "FAILED")
+        mlflow_runs.set_tags(run_id, {"state": "FAIL", "failure": why})
+        mlflow_runs.terminate(run_id, "FAILED")
 
 
 def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -133,7 +133,7 @@ def _usable(run_id: str | None) -> bool:
     if not run_id:
         return False
     try:
-        return tracking.client().get_run(run_id).info.lifecycle_stage == "active"
+        return mlflow_runs.client().get_run(run_id).info.lifecycle_stage == "active"
     except Exception:  # noqa: BLE001 - missing run (another tracking store)
         return False
 
@@ -142,14 +142,14 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
                   claim: bool = True) -> tuple[str, str | None]:
     """The study's parent run (created once per study) and this session's claimed project run, if
     it is another run that this process must end (a resumed study under ``mlflow run``)."""
-    project = os.environ.get(tracking.PROJECT_ENV) if claim and not os.environ.get(tracking.PIPELINE_ENV) else None
+    project = os.environ.get(run_context.PROJECT_ENV) if claim and not os.environ.get(run_context.PIPELINE_ENV) else None
     parent = study.user_attrs.get(PARENT_ATTR)
-    tags = {**tracking.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
+    tags = {**run_context.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
             "brainseg.role": "study", "state": "RUNNING"}
     if _usable(parent):
-        tracking.set_tags(parent, {"state": "RUNNING"})
-        if claim and tracking.run_status(parent) != "RUNNING":
-            tracking.client().update_run(parent, status="RUNNING")  # resumed: running again
+        mlflow_runs.set_tags(parent, {"state": "RUNNING"})
+        if claim and mlflow_runs.run_status(parent) != "RUNNING":
+            mlflow_runs.client().update_run(parent, status="RUNNING")  # resumed: running again
         if project and project != parent:
             note = (f"Session resuming Optuna study {plan.study_name}: its trials are children of the "
                     f"study's run {parent}.")
@@ -161,7 +161,7 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
     if project:
         parent, _ = claim_project_run(project, experiment, f"study-{plan.study_name}", tags, parent_params(plan))
     else:
-        parent = tracking.create_parent_run(experiment, f"study-{plan.study_name}", tags, parent_params(plan))
+        parent = mlflow_runs.create_parent_run(experiment, f"study-{plan.study_name}", tags, parent_params(plan))
     study.set_user_attr(PARENT_ATTR, parent)
     return parent, None
 
@@ -175,13 +175,13 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
     import tf_keras as keras
 
     def prune(why: str, step: int):
-        tracking.set_active_tags({"state": "PRUNED", "pruned_by": why})
-        tracking.log_active_metrics({"pruned_after_epochs" if unit == "epochs" else "pruned_after_s": step})
+        mlflow_runs.set_active_tags({"state": "PRUNED", "pruned_by": why})
+        mlflow_runs.log_active_metrics({"pruned_after_epochs" if unit == "epochs" else "pruned_after_s": step})
         raise optuna.TrialPruned(f"{why} after {step} {unit}")
 
     class TrialReport(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            trial.set_user_attr(RUN_ATTR, tracking.active_run_id())
+            trial.set_user_attr(RUN_ATTR, mlflow_runs.active_run_id())
             self.step = 0
 
         def on_train_batch_end(self, batch, logs=None):
@@ -204,7 +204,7 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
 def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None = None, clock=None):
     """The objective: train one trial as a child run of ``parent``; ``progress`` shows its epochs;
     ``clock`` (a study on a budget): its ``search_end`` stops a trial still running then."""
-    from brainseg.training_run import tracked_training
+    from brainseg.training.training_run import tracked_training
 
     fid = plan.fidelity
     base = fid.trial_settings(plan.settings["train"])
@@ -230,7 +230,7 @@ def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None =
         except Exception as exc:
             fail_trial_run(trial, f"{type(exc).__name__}: {exc}"[:500])
             raise
-        tracking.set_tags(res["run_id"], {"state": "COMPLETE"})
+        mlflow_runs.set_tags(res["run_id"], {"state": "COMPLETE"})
         trial.set_user_attr("model_uri", res["model_uri"])
         trial.set_user_attr("best_epoch", int(res["best_epoch"]))
         return res["val_patient_dice"]
@@ -261,7 +261,7 @@ class Progress:
 
     def epochs(self, trial: int, epochs: int):
         """The Keras callback showing trial ``trial``'s epochs (lines or rows of the display)."""
-        from brainseg.progress_callbacks import epoch_progress
+        from brainseg.training.progress_callbacks import epoch_progress
 
         if self.bar is not None:
             return epoch_progress(epochs, "bar", label=f"trial #{trial}", bar=self.bar)
@@ -306,9 +306,9 @@ class Progress:
         if best:
             metrics["best_val_patient_dice_so_far"] = best[0]
         try:
-            tracking.log_metrics_to(self.parent, metrics, step=finished)
+            mlflow_runs.log_metrics_to(self.parent, metrics, step=finished)
             left = f", {max(self.clock.left(), 0) / 60:.0f} min of the study left" if self.clock is not None else ""
-            tracking.set_tags(self.parent, {"progress": f"{finished} trials finished, {pruned} pruned, best "
+            mlflow_runs.set_tags(self.parent, {"progress": f"{finished} trials finished, {pruned} pruned, best "
                                                         + (f"{best[0]:.4f} (trial {best[1]})" if best else "-") + left})
         except Exception:  # noqa: BLE001 - progress must never stop the study
             pass

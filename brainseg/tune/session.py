@@ -15,19 +15,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib
 import optuna
+import optuna.visualization as ov
 from optuna.visualization import matplotlib as ovm
 from rich.console import Console
-import matplotlib
-import optuna.visualization as ov
 
+from brainseg.tracking import mlflow_runs, run_context
+from brainseg.training.progress import choose_mode
+from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
 from brainseg.tune.plan import OBJECTIVE, StudyPlan, open_plan_study, quiet_optuna
 from brainseg.tune.refit import refit_best
-from brainseg.tune.clock import PLAN_ATTR, Clock, start_clock, worker_clock
-from brainseg.tune.runs import (RETRY_ATTR, RUN_ATTR, Progress, ensure_parent, objective_for,
-                                reap_dead_predecessors, study_storage)
-from brainseg import tracking
-from brainseg.progress import choose_mode
+from brainseg.tune.runs import (
+    RETRY_ATTR,
+    RUN_ATTR,
+    Progress,
+    ensure_parent,
+    objective_for,
+    reap_dead_predecessors,
+    study_storage,
+)
 
 
 def set_threads(n: int) -> None:
@@ -113,7 +120,7 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
         set_threads(plan.threads)  # before the probe starts TensorFlow
         clock = start_clock(plan, ctx, study, refit, started, echo)
     parent, session = ensure_parent(study, plan, experiment, ctx.version, claim=worker is None)
-    tracking.use_experiment_of(parent)  # trials and the refit go where the study's run is
+    mlflow_runs.use_experiment_of(parent)  # trials and the refit go where the study's run is
     if create_only:
         return {"study": plan.study_name, "parent_run_id": parent, "created": True, "trials": len(study.trials)}
     if worker is not None:
@@ -122,7 +129,7 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     summary, status = None, "FINISHED"
     try:
         if clock is not None:
-            tracking.log_params_to(parent, {"study.budget_minutes": plan.tune["budget_minutes"],
+            mlflow_runs.log_params_to(parent, {"study.budget_minutes": plan.tune["budget_minutes"],
                                             **{f"study.plan.{k}": v for k, v in study.user_attrs[PLAN_ATTR].items()}})
         search(plan, ctx, study, parent, clock, None, echo, settings_args=settings_args)
         summary = summarize_study(study, parent)
@@ -130,8 +137,8 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
             summary["refit"] = refit_best(plan, ctx, study, parent, register, echo, clock, display(echo))
         if clock is not None:
             summary["minutes"] = (time.time() - started) / 60
-            tracking.log_metrics_to(parent, {"study_minutes": summary["minutes"]})
-    except (KeyboardInterrupt, tracking.Terminated):  # Ctrl-C, SIGTERM
+            mlflow_runs.log_metrics_to(parent, {"study_minutes": summary["minutes"]})
+    except (KeyboardInterrupt, run_context.Terminated):  # Ctrl-C, SIGTERM
         status = "KILLED"
         raise
     except BaseException:
@@ -198,8 +205,8 @@ def end_parent(study: optuna.Study, parent: str, session: str | None, status: st
             pass
     for run_id in (parent, session):
         if run_id:
-            tracking.set_tags(run_id, {"state": status})
-            tracking.terminate(run_id, status)
+            mlflow_runs.set_tags(run_id, {"state": status})
+            mlflow_runs.terminate(run_id, status)
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -229,19 +236,19 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
     states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     summary = {"study": study.study_name, "trials": len(trials), "states": states, "parent_run_id": parent,
                "objective": OBJECTIVE}
-    tracking.log_metrics_to(parent, {f"trials_{k.lower()}": v for k, v in states.items()})
+    mlflow_runs.log_metrics_to(parent, {f"trials_{k.lower()}": v for k, v in states.items()})
     recipe = [t for t in trials if t.user_attrs.get("recipe") and t.value is not None]  # a retry's value
     if recipe and recipe[0].value is not None:
         summary["recipe_trial"], summary["recipe_value"] = recipe[0].number, recipe[0].value
-        tracking.log_metrics_to(parent, {"recipe_val_patient_dice": recipe[0].value})
+        mlflow_runs.log_metrics_to(parent, {"recipe_val_patient_dice": recipe[0].value})
     if not complete:
         return summary
     best = study.best_trial
     summary.update({"best_trial": best.number, "best_value": best.value,
                     "best_run_id": best.user_attrs.get(RUN_ATTR), "best_params": best.params,
                     "best_model_uri": best.user_attrs.get("model_uri")})
-    tracking.set_tags(parent, {"best_trial_number": best.number, "best_run_id": summary["best_run_id"]})
-    tracking.log_metrics_to(parent, {"best_val_patient_dice": best.value, "best_trial_number": best.number})
+    mlflow_runs.set_tags(parent, {"best_trial_number": best.number, "best_run_id": summary["best_run_id"]})
+    mlflow_runs.log_metrics_to(parent, {"best_val_patient_dice": best.value, "best_trial_number": best.number})
 
     matplotlib.use("Agg")
 
@@ -249,7 +256,7 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
         try:
             ax = getattr(ovm, f"plot_{name}")(study)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            tracking.log_figure_to(parent, fig, f"{name}.png")
+            mlflow_runs.log_figure_to(parent, fig, f"{name}.png")
         except Exception as exc:  # noqa: BLE001
             summary.setdefault("plots_skipped", {})[f"{name}.png"] = str(exc)[:200]
     html, skipped = study_html(study)
@@ -257,5 +264,5 @@ def summarize_study(study: optuna.Study, parent: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optuna_study.html"
         path.write_text(html)
-        tracking.client().log_artifact(parent, str(path))
+        mlflow_runs.client().log_artifact(parent, str(path))
     return summary

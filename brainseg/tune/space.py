@@ -22,7 +22,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from brainseg.config import ConfigError, TrainConfig
+from brainseg.settings.config import TrainConfig
+from brainseg.settings.settings_io import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

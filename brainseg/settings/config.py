@@ -1,0 +1,307 @@
+"""Settings: params.yaml (the values DVC records), then --set overrides; profiles in brainseg.settings.profiles.
+
+The merged settings are a plain nested dict (what DVC and MLflow log), checked by :class:`Settings`
+(one pydantic model per section: types, ranges, fixed value sets); :class:`TrainConfig` is the
+typed view the training code takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from brainseg.settings.profiles import overlay
+from brainseg.settings.settings_io import (
+    PARAMS_FILE,
+    PROFILES_FILE,
+    ConfigError,
+    Flag,
+    Float,
+    Int,
+    Number,
+    Section,
+    apply_overrides,
+    check,
+    read_yaml,
+)
+
+
+def load_settings(
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    params_file: Path = PARAMS_FILE,
+    profiles_file: Path = PROFILES_FILE,
+) -> dict:
+    """params.yaml as written, then ``--set`` overrides: what DVC records is what runs.
+
+    ``profile=None`` (every pipeline stage) reads params.yaml only; its ``profile:`` key just names
+    the profile its values were last copied from (``brainseg profile use NAME``). An explicit
+    ``profile`` (``--profile NAME`` on a single command) applies that profile in memory first.
+    """
+    params = read_yaml(Path(params_file))
+    if profile:
+        params = overlay(params, profile, Path(profiles_file))
+    params.setdefault("profile", "custom")
+    return apply_overrides(params, overrides or [])
+
+
+# ------------------------------------------------------------------ the settings, typed and range-checked
+# One model per section of params.yaml (see settings_io.Section: every key optional, none unknown).
+# The value sets that code elsewhere checks against are named here (tune.plan, inference, outcome).
+Pruner = Literal["hyperband", "sha", "median", "none"]
+Precision = Literal["auto", "float32", "bfloat16"]
+Classifier = Literal["logreg", "rf", "gb"]
+FeatureSet = Literal["clinical", "imaging", "both"]
+
+
+class Synth(Section):
+    patients: Int = Field(None, ge=1)
+    slices: Int = Field(None, ge=4)
+    size: Int = Field(None, ge=16)
+    seed: Int = None
+
+
+class Data(Section):
+    root: str = None
+    manifest: str = None
+    split: str = None
+    cache_dir: str = None
+    synth: Synth = None
+
+
+class Split(Section):
+    seed: Int = None
+    val_fraction: Float = Field(None, ge=0, lt=1)
+    test_fraction: Float = Field(None, ge=0, lt=1)
+    folds: Int = Field(None, ge=1)
+    burden_bins: Int = Field(None, ge=1)
+
+
+class Train(Section):
+    arch: str = None  # checked against the builders when the network is built (models.factory)
+    encoder: str = None
+    encoder_weights: str | None = None
+    freeze_encoder_epochs: Int = Field(None, ge=0)
+    deep_supervision: Flag = None
+    base_filters: Int = Field(None, ge=1)
+    channels: Literal["flair", "all"] = None
+    size: Int = Field(None, ge=32, le=1024, multiple_of=32, description="a multiple of 32 in 32..1024")
+    normalize: Literal["zscore", "unit"] = None
+    sharpen: Flag = None
+    crop: Literal["none", "head"] = None
+    loss: dict = Field(None, min_length=1, description="a mapping of loss name to weight")
+    tversky_alpha: Float = Field(None, ge=0, le=1)
+    tversky_beta: Float = Field(None, ge=0, le=1)
+    lr: Float = Field(None, gt=0, le=1)
+    batch_size: Int = Field(None, ge=1, le=4096)  # more would not fit in memory at 128 px; issue 27
+    epochs: Int = Field(None, ge=1)
+    patience: Int = Field(None, ge=0)
+    lr_patience: Int = Field(None, ge=0)
+    lr_schedule: Literal["plateau", "cosine", "linear"] = None
+    warmup_epochs: Int = Field(None, ge=0)
+    budget_minutes: Float | None = Field(None, gt=0)
+    progressive_size: Int | None = None  # checked against size in TrainConfig.from_dict
+    progressive_share: Float = Field(None, gt=0, lt=1)
+    sampling: Literal["balanced", "area"] = None
+    uniform_share: Float = Field(None, ge=0, le=1)
+    tumor_fraction: Float = Field(None, ge=0, le=1)
+    augment: Float = Field(None, ge=0, le=1)
+    steps_per_epoch: Int | None = Field(None, ge=1)
+    threshold: Float = Field(None, gt=0, lt=1)
+    seed: Int = None
+
+
+class Evaluate(Section):
+    subset: str = None  # train, val, test, all or e.g. train+val (data.split.patients_in)
+    threshold: Float = Field(None, gt=0, lt=1)
+    min_component_px: Int = Field(None, ge=0)
+    keep_largest: Flag = None
+    tta: Flag = None
+    batch_size: Int = Field(None, ge=1)
+    precision: Precision = None
+    select_postprocessing: Flag = None
+
+
+class Tune(Section):
+    study_name: str = None
+    storage: str = None
+    search_space: str = None
+    sampler_seed: Int = None
+    pruner: Pruner = None
+    n_trials: Int = Field(None, ge=1)
+    timeout: Number = Field(None, gt=0)
+    epochs: Int = Field(None, ge=1)
+    min_resource: Int = None
+    reduction_factor: Int = None
+    size: Int | None = None
+    steps_per_epoch: Int | None = None
+    n_startup_trials: Int = None
+    enqueue_recipe: Flag = None
+    workers: Int = None
+    threads: Int = None
+    refit: Flag = None
+    register_: Flag = Field(None, alias="register")  # (`register` would shadow BaseModel.register)
+    heartbeat: Number = Field(None, gt=0)
+    budget_minutes: Number | None = Field(None, gt=0)
+    target_trials: Int = Field(None, ge=1)
+    rungs: Int = Field(None, ge=1)
+    reserve_minutes: Number = Field(None, ge=0)
+
+
+class Final(Section):
+    classifier: Classifier = None
+    feature_set: FeatureSet = None
+    features_from: str = None  # truth, oof_predicted or model:URI
+
+
+class Oof(Section):
+    train: Train = None  # train settings of the fold segmenters, on top of `train`
+
+
+class Survival(Section):
+    classifiers: list[Classifier] = None
+    feature_sets: list[FeatureSet] = None
+    folds: Int = Field(None, ge=2)
+    repeats: Int = Field(None, ge=1)
+    seed: Int = None
+    inner_folds: Int = Field(None, ge=2)
+    min_frequency: Int = Field(None, ge=1)
+    min_known_fraction: Float = Field(None, ge=0, le=1)
+    final: Final = None
+    oof: Oof = None
+
+
+class Register(Section):
+    segmenter_name: str = None
+    survival_name: str = None
+    subset: str = None  # the promotion gate says which subsets can choose models (promotion.GATE_SUBSETS)
+    promote: Flag = None
+
+
+class Settings(Section):
+    profile: str = None
+    data: Data = None
+    split: Split = None
+    train: Train = None
+    evaluate: Evaluate = None
+    tune: Tune = None
+    survival: Survival = None
+    register_: Register = Field(None, alias="register")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepConfig:
+    """How a slice becomes a network input; shared by training, evaluation, predict and serving."""
+
+    channels: str = "flair"
+    size: int = 128
+    normalize: str = "zscore"
+    sharpen: bool = False
+    crop: str = "none"  # none | head (crop each slice to its head's square box before resizing)
+
+    def __post_init__(self):
+        check(Train, dataclasses.asdict(self), "train")
+
+    @property
+    def n_channels(self) -> int:
+        return 1 if self.channels == "flair" else 3
+
+    def key(self) -> str:
+        crop = "" if self.crop == "none" else f"-crop{self.crop}"
+        return f"{self.channels}-{self.size}-{self.normalize}-{'sharp' if self.sharpen else 'plain'}{crop}"
+
+
+# train settings of runs sized in epochs, not minutes (tuning trials and their refit, the survival
+# fold segmenters): the recipe's time budget and resolution schedule do not apply to them
+EPOCH_SIZED = {"budget_minutes": None, "progressive_size": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None
+    freeze_encoder_epochs: int = 0
+    deep_supervision: bool = False
+    base_filters: int = 16
+    channels: str = "flair"
+    size: int = 128
+    normalize: str = "zscore"
+    sharpen: bool = False
+    crop: str = "none"
+    loss: dict = dataclasses.field(default_factory=lambda: {"bce": 0.5, "dice": 1.0})
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    lr: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 30
+    patience: int = 8
+    lr_patience: int = 3
+    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | cosine | linear (warm-up, then decay)
+    warmup_epochs: int = 0
+    budget_minutes: float | None = None  # wall-clock budget of the training (overrides epochs)
+    progressive_size: int | None = None  # train the first steps at this size (progressive resizing)
+    progressive_share: float = 0.5  # share of the training time (or epochs) at progressive_size
+    sampling: str = "balanced"  # balanced (tumor_fraction) | area (tumor area + uniform_share)
+    uniform_share: float = 0.5
+    tumor_fraction: float = 0.5
+    augment: float = 0.5
+    steps_per_epoch: int | None = None
+    threshold: float = 0.5
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """``d`` (train settings, any subset of the keys) checked by :class:`Train`, defaults for the rest."""
+        cfg = cls(**check(Train, d, "train"))
+        if cfg.budget_minutes is not None and cfg.freeze_encoder_epochs:
+            raise ConfigError("train.budget_minutes: a budgeted run cannot also freeze the encoder for "
+                              "freeze_encoder_epochs (set one of them)")
+        if cfg.progressive_size is not None and (int(cfg.progressive_size) % 32 or
+                                                 not 32 <= int(cfg.progressive_size) < int(cfg.size)):
+            raise ConfigError(f"train.progressive_size: {cfg.progressive_size} must be a multiple of 32 "
+                              f"below train.size ({cfg.size}), or null")
+        return cfg
+
+    @property
+    def prep(self) -> PrepConfig:
+        return PrepConfig(self.channels, int(self.size), self.normalize, bool(self.sharpen), self.crop)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------ checking settings before a run
+def validate_settings(settings: dict) -> dict:
+    """Check the merged settings' types and ranges (:class:`Settings`) before any run starts.
+
+    Returns a copy with values converted to their setting's type (``"1e-3"`` -> 0.001, ``5.0`` -> 5
+    for an integer); raises :class:`ConfigError` naming the key, in one line.
+
+    >>> validate_settings({"train": {"lr": "1e-3"}})["train"]["lr"]
+    0.001
+    >>> try:
+    ...     validate_settings({"train": {"epochs": 0}})
+    ... except ConfigError as exc:
+    ...     print(exc)
+    train.epochs: 0 is not an integer >= 1
+    """
+    out = check(Settings, settings)
+    if isinstance(out.get("train"), dict):
+        TrainConfig.from_dict(out["train"])  # what one key cannot say alone (progressive_size < size, ...)
+    return out
