@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from brainseg.cli import data, outcome, segment, serve
+from brainseg.cli import data, outcome, segment, serve, training
 from brainseg.cli.common import console, quiet_libraries
 from brainseg.tracking.access import refusal_message, refused_status
 from brainseg.tracking.run_context import Terminated, adopt_project_run
@@ -41,8 +41,8 @@ data_app.command("split")(data.data_split)
 data_app.command("prepare")(data.data_prepare)
 profile_app.command("use")(data.profile_use)
 
-app.command()(segment.train)
-app.command()(segment.checkpoints)
+app.command()(training.train)
+app.command()(training.checkpoints)
 app.command()(segment.evaluate)
 app.command()(segment.tune)
 app.command()(outcome.features)

@@ -20,7 +20,7 @@ from brainseg.pipeline.predict import collect_inputs
 from brainseg.settings.config import load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------ settings checks

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from brainseg.cli import app
 from brainseg.data.manifest import scan
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -29,7 +29,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,1700"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app_screenshot.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "app_screenshot.png"
 WAIT_S = 240  # the page's process imports TensorFlow and loads the model on first use
 
 HAVE_BROWSER = Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()

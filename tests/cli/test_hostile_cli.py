@@ -18,7 +18,7 @@ from brainseg.cli import app
 from brainseg.data.importer import import_dataset
 from brainseg.data.synth import generate
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 DATA = Path("data/raw/kaggle_3m")
 
 

@@ -9,7 +9,7 @@ import yaml
 from brainseg.settings.config import PrepConfig, TrainConfig, flatten, load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError, apply_overrides, deep_merge, parse_override
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 PARAMS = {
     "profile": "small",
