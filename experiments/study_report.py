@@ -44,9 +44,12 @@ def main(summary_path: str, storage: str = "sqlite:///optuna.db") -> None:
         run = mlflow.MlflowClient().get_run(refit["run_id"])
         m = run.data.metrics
         print(f"refit of trial {refit['trial']} ({refit.get('budget_minutes')} min budget): "
-              f"val {m.get('val_patient_dice_mean', float('nan')):.3f} / {m.get('val_patient_dice_median', float('nan')):.3f}, "
-              f"FP {m.get('val_empty_slice_fp_rate', float('nan')):.3f}; test {m.get('test_patient_dice_mean', float('nan')):.3f} / "
-              f"{m.get('test_patient_dice_median', float('nan')):.3f}, FP {m.get('test_empty_slice_fp_rate', float('nan')):.3f} "
+              f"val {m.get('val_patient_dice_mean', float('nan')):.3f} / "
+              f"{m.get('val_patient_dice_median', float('nan')):.3f}, "
+              f"FP {m.get('val_empty_slice_fp_rate', float('nan')):.3f}; "
+              f"test {m.get('test_patient_dice_mean', float('nan')):.3f} / "
+              f"{m.get('test_patient_dice_median', float('nan')):.3f}, "
+              f"FP {m.get('test_empty_slice_fp_rate', float('nan')):.3f} "
               f"(report only); {m.get('slices_seen', 0):.0f} slices at {m.get('slices_per_s', 0):.1f}/s; "
               f"version {(refit.get('registered') or {}).get('version')}")
     if "minutes" in summary:

@@ -61,7 +61,8 @@ PATIENT_GLOSSARY = {
     "centroid_y": ("px", "tumor centre over the volume, row"),
     "centroid_z": ("slice", "tumor centre over the volume, slice number"),
     "extent_z": ("slices", "from the first to the last tumor slice, both counted"),
-    "bounding_ellipsoid_volume_ratio": ("0-1", "tumor volume / its moment ellipsoid: ~1 solid, lower elongated or split"),
+    "bounding_ellipsoid_volume_ratio": ("0-1", "tumor volume / its moment ellipsoid: ~1 solid, lower elongated "
+                                               "or split"),
     "margin_fluctuation": ("ratio", "std / mean of the outline's distance to the centre (largest slice): 0 round"),
     "angular_std": ("ratio", "irregularity of the outline by angle sector (largest slice): 0 round"),
     "truth_volume_px": ("px", "tumor pixels in the uploaded masks, all slices"),

@@ -123,7 +123,8 @@ def path_calls(segmenter, pyfunc, session, plain: PlainClient, url: str, images:
             idx = [(start + j) % n for j in range(batch)]
             ims = [images[i] for i in idx]
             X, _ = segmenter.prepare(ims)
-            cache[start] = {"images": ims, "X": X, "Xt": tf.constant(X), "body": request_body([encoded[i] for i in idx]),
+            cache[start] = {"images": ims, "X": X, "Xt": tf.constant(X),
+                            "body": request_body([encoded[i] for i in idx]),
                             "frame": pd.DataFrame({"image": [encoded[i] for i in idx]})}
         return cache[start]
 

@@ -47,7 +47,8 @@ def bench_table(report: dict):
     c = m["train_config"]
     name = c["arch"] + (f"/{c['encoder']}" if c["arch"] not in ("plain_unet", "unetpp") else "")
     table = Table(title=f"brainseg bench: {name}, {c['size']} px, {c['channels']} channels, {m['precision']}, "
-                        f"{report['environment']['cpus']} CPUs (load {_f(report['environment']['load_average_1m'], '.2f')})")
+                        f"{report['environment']['cpus']} CPUs "
+                        f"(load {_f(report['environment']['load_average_1m'], '.2f')})")
     for col in ("section", "measurement", "value", "p90 / spread / note"):
         table.add_column(col)
     tr = report["training"]
@@ -161,7 +162,8 @@ def run_bench(*, profile: str = "cpu", arch: str | None = None, encoder: str | N
     settings["train_config"] = cfg.to_dict()
     console = console or Console()
     with contextlib.ExitStack() as stack:
-        work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="brainseg-bench-")))
+        work = Path(workdir) if workdir else Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="brainseg-bench-")))
         work.mkdir(parents=True, exist_ok=True)
         if model:
             console.log(f"resolving {model} in the tracking store")

@@ -31,8 +31,10 @@ def data_synth(out_dir: Annotated[Path, typer.Argument(help="Folder to write (th
     out.print(f"wrote {patients} synthetic patients x {slices} slices ({size}x{size}) to {out_dir}")
 
 
-def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a parent of it, or the .zip/.tar.* archive.")],
-                  json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON.")] = None):
+def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a parent of it, or the .zip/.tar.* "
+                                                            "archive.")],
+                  json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as "
+                                                                   "JSON.")] = None):
     """Check every image/mask pair and data.csv; exit 1 if anything is bad."""
     from brainseg.data.manifest import scan
 
@@ -60,7 +62,8 @@ def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a
         raise typer.Exit(1)
 
 
-def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download: kaggle_3m folder, a parent, or the archive.")],
+def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download: kaggle_3m folder, a parent, or the "
+                                                         "archive.")],
                 dest: Path = Path("data/raw/kaggle_3m"),
                 dvc: Annotated[bool, typer.Option(help="Track the copy with DVC (dvc add).")] = True):
     """Copy or unpack a dataset into data/raw/kaggle_3m and track it with DVC (switches the pipeline to it)."""

@@ -16,8 +16,10 @@ from brainseg.settings.settings_io import ConfigError
 
 
 def features(root: Annotated[Optional[Path], typer.Argument(help="Dataset folder (default: data.root).")] = None,
-             model: Annotated[Optional[str], typer.Option(help="Segment with this model (folder, runs:/, models:/).")] = None,
-             truth: Annotated[bool, typer.Option("--truth", help="Use the ground-truth masks instead of a model.")] = False,
+             model: Annotated[Optional[str], typer.Option(help="Segment with this model (folder, runs:/, "
+                                                          "models:/).")] = None,
+             truth: Annotated[bool, typer.Option("--truth", help="Use the ground-truth masks instead of a "
+                                                 "model.")] = False,
              oof: Annotated[bool, typer.Option("--oof", help="Out-of-fold predicted masks: one cheap segmenter per "
                                                "split fold (survival.oof), each predicting the patients it never saw.")]
              = False,
@@ -41,8 +43,10 @@ def survival(features_csv: Annotated[Path, typer.Option("--features", help="Per-
                                                         "fitted on (brainseg features --oof).")]
              = Path("reports/features/patients.csv"),
              compare_csv: Annotated[Optional[list[Path]], typer.Option("--compare", help="More per-patient feature "
-                                                                       "tables to compare (e.g. --truth ones).")] = None,
-             clinical_csv: Annotated[Optional[Path], typer.Option("--clinical", help="data.csv (default: data.root/data.csv).")] = None,
+                                                                       "tables to compare (e.g. --truth ones).")]
+             = None,
+             clinical_csv: Annotated[Optional[Path], typer.Option("--clinical", help="data.csv (default: "
+                                                                  "data.root/data.csv).")] = None,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/survival"),
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Repeated-CV comparison of death01 candidates, then the final pipeline of params.yaml, in MLflow."""
@@ -64,8 +68,8 @@ def survival(features_csv: Annotated[Path, typer.Option("--features", help="Per-
               f"imaging {j['imaging_patients']}, excluded for missing death01 {j['excluded_missing_target']}); "
               f"{s['fitted_on']} data {s['data_version'][:12]}")
     r0 = s["results"][0]
-    table = Table(title=f"death01: repeated stratified CV over patients; mean (2.5-97.5% of {int(r0.get('patients', 0))}"
-                        "-patient folds)")
+    table = Table(title="death01: repeated stratified CV over patients; mean (2.5-97.5% of "
+                        f"{int(r0.get('patients', 0))}-patient folds)")
     for col in ("candidate", "ROC-AUC", "balanced acc.", "Brier", "prevalence Brier"):
         table.add_column(col)
     for r in s["results"]:

@@ -33,9 +33,11 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
                                                            "val). Metrics are logged as SUBSET_*.")] = None,
              folder: Annotated[Optional[Path], typer.Option(help="Evaluate on all patients of this folder "
                                                             "(public layout) instead of the split.")] = None,
-             output: Annotated[Path, typer.Option("--out", help="Where metrics.json and CSVs go.")] = Path("reports/evaluate"),
+             output: Annotated[Path, typer.Option("--out", help="Where metrics.json and CSVs go.")]
+             = Path("reports/evaluate"),
              tune_summary: Annotated[Optional[Path], typer.Option("--tune", help="Evaluate the best trial of this "
-                                                                  "`brainseg tune` summary instead of --model.")] = None,
+                                                                  "`brainseg tune` summary instead of --model.")]
+             = None,
              skip_unlabelled: Annotated[bool, typer.Option("--skip-unlabelled", help="If the subset's masks are "
                                                            "missing or unreadable, write a report saying so and "
                                                            "exit 0 (the pipeline's test report).")] = False,
@@ -84,17 +86,22 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
                                                            "(+ the project run under `mlflow run`).")] = None,
          storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL (sqlite:///optuna.db, postgresql://...), "
                                                      "journal:FILE, or where a URL with a password is: env:VAR "
-                                                     "(an environment variable) or file:PATH (default: tune.storage).")] = None,
-         n_trials: Annotated[Optional[float], typer.Option(help="Trials to add, all workers together (default: the profile's).")] = None,
-         timeout: Annotated[Optional[float], typer.Option(help="Seconds for the search (default: the profile's).")] = None,
+                                                     "(an environment variable) or file:PATH (default: "
+                                                     "tune.storage).")] = None,
+         n_trials: Annotated[Optional[float], typer.Option(help="Trials to add, all workers together (default: the "
+                                                           "profile's).")] = None,
+         timeout: Annotated[Optional[float], typer.Option(help="Seconds for the search (default: the "
+                                                          "profile's).")] = None,
          create_only: Annotated[bool, typer.Option(help="Create the study and its parent run, then exit "
                                                    "(run once before starting several workers).")] = False,
          refit: Annotated[Optional[bool], typer.Option(help="Train the best configuration at full fidelity "
                                                        "afterwards (default: tune.refit).")] = None,
-         register: Annotated[Optional[bool], typer.Option(help="Register the refit model (default: tune.register).")] = None,
+         register: Annotated[Optional[bool], typer.Option(help="Register the refit model (default: "
+                                                          "tune.register).")] = None,
          worker: Annotated[Optional[int], typer.Option(help="Run as worker K of a shared study: trials only.")] = None,
          study_trials: Annotated[Optional[int], typer.Option(hidden=True)] = None,
-         output: Annotated[Path, typer.Option("--out", help="Summary JSON (best trial, run, model).")] = Path("reports/tune.json")):
+         output: Annotated[Path, typer.Option("--out", help="Summary JSON (best trial, run, model).")]
+         = Path("reports/tune.json")):
     """Optuna search (multi-fidelity, from the hand-set recipe), then a full-fidelity refit; MLflow runs.
 
     The refit is checkpointed every epoch: if it is killed, `brainseg train --resume` finishes it."""
@@ -140,8 +147,9 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
 def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help="Summary of `brainseg tune`.")]
              = Path("reports/tune.json"),
              run_id: Annotated[Optional[str], typer.Option("--run", help="Register this training run instead.")] = None,
-             survival_summary: Annotated[Optional[Path], typer.Option("--survival", help="Summary of `brainseg survival` "
-                                                                     "(skipped when missing).")] = Path("reports/survival/cv.json"),
+             survival_summary: Annotated[Optional[Path], typer.Option("--survival", help="Summary of `brainseg "
+                                                                     "survival` (skipped when missing).")]
+             = Path("reports/survival/cv.json"),
              promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote", help="Put the new versions "
                                                              "through the promotion gate (default: register.promote).")]
              = None,
@@ -176,9 +184,11 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
             output: Annotated[Path, typer.Option("--out", help="Folder for masks, overlays and CSVs.")],
             model: Annotated[str, typer.Option(help="Folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
             = "models:/brainseg-segmenter@champion",
-            survival_model: Annotated[Optional[str], typer.Option("--survival-model")] = "models:/brainseg-survival@champion",
+            survival_model: Annotated[Optional[str], typer.Option("--survival-model")]
+            = "models:/brainseg-survival@champion",
             with_survival: Annotated[bool, typer.Option("--survival", help="Add each patient's predicted death01 "
-                                                        "probability (needs data.csv beside the slices or --clinical).")] = False,
+                                                        "probability (needs data.csv beside the slices or "
+                                                        "--clinical).")] = False,
             clinical_csv: Annotated[Optional[Path], typer.Option("--clinical")] = None,
             threshold: Optional[float] = None,
             profile: ProfileOpt = None, set_: SetOpt = None):

@@ -46,10 +46,12 @@ def run_pipeline(profile: ProfileOpt = None,
 def app_page(host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
              port: int = 8501,
              endpoint: Annotated[Optional[str], typer.Option(help="URL of a `mlflow models serve` endpoint of the "
-                                                             "segmenter; without it the model runs in-process.")] = None,
+                                                             "segmenter; without it the model runs in-process.")]
+             = None,
              model: Annotated[str, typer.Option(help="Folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
              = "models:/brainseg-segmenter@champion",
-             survival_model: Annotated[Optional[str], typer.Option("--survival-model", help="Empty: no survival model.")]
+             survival_model: Annotated[Optional[str], typer.Option("--survival-model",
+                                                                   help="Empty: no survival model.")]
              = "models:/brainseg-survival@champion",
              headless: bool = True):
     """Web page for clinicians: upload slices or a patient zip, see the tumor, its features and the survival model."""

@@ -36,7 +36,8 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     model, cfg = trial.model, trial.cfg
     tags = {**run_context.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
             "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
-            "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri}
+            "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"],
+            "trial_model_uri": trial_uri}
     # its description comes from brainseg.tracking.run_notes, as for every run
     echo(f"trial {number}'s model: choosing TTA and post-processing on the validation patients")
     with mlflow_runs.run(f"postprocessing-trial-{number:03d}", tags) as active:
@@ -45,8 +46,9 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
         model_uri = log_model(model, cfg, segmenter, example, ctx)
     echo(f"chosen on val: {segmenter.settings.to_dict()}; val per-patient Dice "
          f"{metrics.get('patient_dice_mean', float('nan')):.3f}")
-    return {"run_id": active.info.run_id, "model_uri": model_uri, "trial": number, "trial_run_id": summary["best_run_id"],
-            "trial_model_uri": trial_uri, "inference": segmenter.settings.to_dict(),
+    return {"run_id": active.info.run_id, "model_uri": model_uri, "trial": number,
+            "trial_run_id": summary["best_run_id"], "trial_model_uri": trial_uri,
+            "inference": segmenter.settings.to_dict(),
             "val_patient_dice_mean": metrics.get("patient_dice_mean")}
 
 
@@ -89,7 +91,8 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
     except BudgetError as exc:  # a budget that cannot hold the plan on this machine: before any trial
         raise TuneRefused(str(exc)) from exc
     except Exception as exc:  # storage unreachable, bad URL: before any trial started
-        if "sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__ or isinstance(exc, ImportError):
+        if ("sqlalchemy" in type(exc).__module__ or "OperationalError" in type(exc).__name__
+                or isinstance(exc, ImportError)):
             raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]})") from exc
         raise
@@ -105,9 +108,10 @@ def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | 
                     survival_summary: Path | None = None, promote: bool | None = None, force: bool = False,
                     echo=print) -> dict:
     """``brainseg register``: the segmenter of run ``run_id`` (else the model ``tune_summary`` hands
-    on: the full-fidelity refit, or the best trial with TTA and post-processing chosen on val) and the survival model of ``survival_summary`` (skipped when
-    missing), each tagged with its validation / CV figures and gated if ``promote`` (default:
-    register.promote). Returns each model's result; echoes each decision.
+    on: the full-fidelity refit, or the best trial with TTA and post-processing chosen on val) and the
+    survival model of ``survival_summary`` (skipped when missing), each tagged with its validation / CV
+    figures and gated if ``promote`` (default: register.promote). Returns each model's result; echoes
+    each decision.
     FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
 
     promote = bool(settings["register"].get("promote", False)) if promote is None else promote

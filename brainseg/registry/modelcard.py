@@ -2,8 +2,9 @@
 
 :func:`segmenter_card` and :func:`survival_card` are pure: dicts in, markdown out (tested as
 such); :func:`segmenter_facts` reads them from a run object. No MLflow import here:
-:func:`brainseg.registry.model_registry.document_segmenter` / :func:`~brainseg.registry.model_registry.document_survival` gather
-the facts from the training run and log the card (markdown + JSON artifacts of the source run, the
+:func:`brainseg.registry.model_registry.document_segmenter` /
+:func:`~brainseg.registry.model_registry.document_survival` gather the facts from the training run and log the card
+(markdown + JSON artifacts of the source run, the
 version's description and ``card.*`` version tags, which the page reads for its provenance line).
 """
 

@@ -47,8 +47,8 @@ HARMLESS_WARNINGS = (
     ("You are saving your model as an HDF5 file", UserWarning),
     ("Hint: Inferred schema contains integer", UserWarning),
     (".*is experimental", Warning),
-    (".*is an experimental feature", Warning),
-    ("Attempting to set identical", UserWarning),  # matplotlib, optuna plots of one-point studies  # optuna: heartbeat_interval, JournalStorage, ...
+    (".*is an experimental feature", Warning),  # optuna: heartbeat_interval, JournalStorage, ...
+    ("Attempting to set identical", UserWarning),  # matplotlib, optuna plots of one-point studies
     ("Some regimes for parameter", Warning),
     (".*Passing a Python object as", Warning),
     (".*`input_example` ", Warning),

@@ -311,8 +311,8 @@ def claim_project_run(project: str, experiment: str, name: str, tags: dict, para
     """Make ``mlflow run``'s run (``project``) this command's run in ``experiment``.
 
     Returns (run id, moved). Either way the run gets its description (``mlflow.note.content``,
-    :func:`brainseg.tracking.mlflow_runs.with_note`). In ``experiment`` (or another experiment the user chose) it is used
-    as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
+    :func:`brainseg.tracking.mlflow_runs.with_note`). In ``experiment`` (or another experiment the user chose) it is
+    used as is. In Default, a new run in ``experiment`` gets its tags and params and the empty original
     is ended with a note pointing at the new run (not deleted: ``mlflow run`` sets its status when
     the command ends).
     """

@@ -34,8 +34,10 @@ _RUN_KINDS = (  # run-name prefix -> what the run is
 def run_note(name: str, tags: dict) -> str:
     """The run's description: what it is, its data version (and kind) and budget profile.
 
-    >>> run_note("evaluate-val", {"data_version": "0123456789abcdef", "profile": "smoke"})
-    'Evaluation of a segmenter on the val patients (`val_*` metrics, with the all-empty baseline).\\n\\nData version `0123456789ab`; profile `smoke`.'
+    >>> run_note("evaluate-val", {"data_version": "0123456789abcdef", "profile": "smoke"}).split("\\n\\n")
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['Evaluation of a segmenter on the val patients (`val_*` metrics, with the all-empty baseline).',
+     'Data version `0123456789ab`; profile `smoke`.']
     """
     what = f"Run {name}."
     for prefix, template in _RUN_KINDS:

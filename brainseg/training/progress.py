@@ -4,8 +4,8 @@ Keras' own bar (``verbose=1``) written to a file (DVC, CI, ``mlflow run``) becom
 1,200-2,100 backspace-separated characters per epoch. ``brainseg train`` therefore runs Keras with
 ``verbose=0`` and adds :func:`epoch_progress`'s callback:
 
-- output is not a terminal: :func:`epoch_line` per epoch, e.g.
-  ``epoch 3/30  loss 0.512  dice 0.408  val_loss 0.611  val_patient_dice 0.532 (best 0.540, epoch 2)  lr 0.001  12.3 s``;
+- output is not a terminal: :func:`epoch_line` per epoch, e.g. ``epoch 3/30  loss 0.512  dice 0.408  val_loss 0.611
+  val_patient_dice 0.532 (best 0.540, epoch 2)  lr 0.001  12.3 s``;
 - a terminal: a rich bar over the epochs with the last epoch's figures (the same as its line) and a
   second row with the steps of the current epoch.
 """

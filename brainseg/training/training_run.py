@@ -63,8 +63,8 @@ def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_
             if state and state.get("trained"):
                 result = trained_result(cfg, ckpt, state)
             else:
-                result = train(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg), callbacks=[logger, *(callbacks or [])],
-                               verbose=verbose, checkpoint=ckpt, resume=state)
+                result = train(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg),
+                               callbacks=[logger, *(callbacks or [])], verbose=verbose, checkpoint=ckpt, resume=state)
         except (KeyboardInterrupt, run_context.Terminated) as exc:
             if ckpt is not None and ckpt.exists():
                 stopped(ckpt, "SIGTERM" if isinstance(exc, run_context.Terminated) else "Ctrl-C")

@@ -1,8 +1,9 @@
 """The clock of a study on a budget: the throughput probe, the plan kept with the study, deadlines.
 
 The launcher measures what a trial epoch costs (the hand-set recipe at the search fidelity, on the
-real arrays: :func:`brainseg.training.throughput.measure`), plans the trials (:func:`brainseg.tune.study_budget.plan_trials`)
-and keeps the plan in the study (user attribute ``trial_plan``), so that every worker and every
+real arrays: :func:`brainseg.training.throughput.measure`), plans the trials
+(:func:`brainseg.tune.study_budget.plan_trials`) and keeps the plan in the study (user attribute ``trial_plan``), so
+that every worker and every
 resumed session trains its trials at the same fidelity. Each session has its own deadlines (the
 study's budget counts from the session's start): they are study user attributes too, read by the
 workers.

@@ -54,7 +54,8 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
          + (f" ({clock.left() / 60:.1f} min of the study left)" if clock else ""))
     tags = {"mlflow.parentRunId": parent, "brainseg.study_parent_run_id": parent, "brainseg.role": "refit",
             "optuna.study": plan.study_name, "refit_of_trial": str(best.number),
-            "fidelity": f"{cfg.size}px, " + (f"{minutes:.1f} min budget" if minutes is not None else f"<= {cfg.epochs} epochs")}
+            "fidelity": f"{cfg.size}px, " + (f"{minutes:.1f} min budget" if minutes is not None
+                                              else f"<= {cfg.epochs} epochs")}
     owed = {"study": plan.study_name, "parent": parent, "trial": best.number, "register": register,
             "budget_minutes": minutes}
     mode, console = display
@@ -72,12 +73,14 @@ def finish_refit(owed: dict, settings: dict, ctx, cfg: TrainConfig, res: dict) -
     out = {"run_id": res["run_id"], "model_uri": res["model_uri"], "trial": trial,
            "epochs": int(res["budget"].get("budget_planned_epochs", cfg.epochs)),
            "budget_minutes": owed.get("budget_minutes"), "size": cfg.size, "best_epoch": res["best_epoch"],
-           "val_patient_dice_mean": m.get("patient_dice_mean"), "test_patient_dice_mean": m.get("test_patient_dice_mean"),
+           "val_patient_dice_mean": m.get("patient_dice_mean"),
+           "test_patient_dice_mean": m.get("test_patient_dice_mean"),
            "inference": res.get("inference")}
     if owed.get("register"):
         out["registered"] = register_segmenter(settings, ctx, res["run_id"], res["model_uri"], extra_tags={
             "study_parent_run_id": parent, "study": owed["study"], "refit_of_trial": str(trial)})
     mlflow_runs.set_tags(parent, {"refit_run_id": res["run_id"], "refit_model_uri": res["model_uri"],
-                               **({"refit_model_version": out["registered"]["version"]} if "registered" in out else {})})
+                                  **({"refit_model_version": out["registered"]["version"]}
+                                     if "registered" in out else {})})
     mlflow_runs.log_metrics_to(parent, {"refit_val_patient_dice_mean": out["val_patient_dice_mean"] or float("nan")})
     return out

@@ -142,7 +142,8 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
                   claim: bool = True) -> tuple[str, str | None]:
     """The study's parent run (created once per study) and this session's claimed project run, if
     it is another run that this process must end (a resumed study under ``mlflow run``)."""
-    project = os.environ.get(run_context.PROJECT_ENV) if claim and not os.environ.get(run_context.PIPELINE_ENV) else None
+    project = (os.environ.get(run_context.PROJECT_ENV) if claim and not os.environ.get(run_context.PIPELINE_ENV)
+               else None)
     parent = study.user_attrs.get(PARENT_ATTR)
     tags = {**run_context.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
             "brainseg.role": "study", "state": "RUNNING"}

@@ -36,7 +36,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     def _for(self, trial) -> optuna.samplers.TPESampler:
         if self._current is None or self._current[0] != trial.number:
             seed = derive_seed(self.seed, self.study_name, trial.number, self.worker)
-            self._current = (trial.number, optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials))
+            self._current = (trial.number,
+                             optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials))
         return self._current[1]
 
     def infer_relative_search_space(self, study, trial):
