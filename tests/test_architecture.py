@@ -242,8 +242,8 @@ def test_the_cycle_finder_follows_every_kind_of_import(tmp_path):
 # the module itself does not load, so that `brainseg --help` and light commands start fast; every
 # other import belongs at the top of the module. Imports in a `try:` body (an optional or
 # platform-specific dependency: psutil, ctypes) are exempt.
-HEAVY = ("pandas", "tensorflow", "tf_keras", "segmentation_models", "mlflow", "optuna", "optuna_integration", "matplotlib",
-         "sklearn", "skimage", "streamlit")
+HEAVY = ("pandas", "tensorflow", "tf_keras", "segmentation_models", "mlflow", "optuna", "optuna_integration",
+         "matplotlib", "sklearn", "skimage", "streamlit")
 
 
 def _targets(node: ast.AST, module: str, path: Path, modules: dict[str, Path]) -> list[str]:
@@ -291,7 +291,8 @@ def needless_deferrals(package: Path = PACKAGE) -> list[str]:
                     loads = set()
                     for target in _targets(node, module, path, modules):
                         root = target.split(".")[0]
-                        loads |= {root} if root in HEAVY else heavy.get(target, heavy.get(target.rpartition(".")[0], set()))
+                        loads |= ({root} if root in HEAVY
+                                  else heavy.get(target, heavy.get(target.rpartition(".")[0], set())))
                     if not loads - heavy[module]:
                         out.append(f"{path.relative_to(package.parent)}:{node.lineno} {ast.unparse(node)}")
     return sorted(set(out))

@@ -131,7 +131,8 @@ def test_every_stage_lists_the_code_it_runs(stage):
 def test_a_stage_depends_on_no_code_it_does_not_run(stage):
     """A listed package or file holds code the stage runs, so an edit elsewhere re-runs nothing."""
     code = stage_code(DVC[stage]["cmd"])
-    extra = [d for d in DVC[stage].get("deps", []) if d.startswith("brainseg") and not any(covered(f, [d]) for f in code)]
+    extra = [d for d in DVC[stage].get("deps", [])
+             if d.startswith("brainseg") and not any(covered(f, [d]) for f in code)]
     assert not extra, f"dvc.yaml stage {stage!r} lists {extra}, which its command never imports"
 
 

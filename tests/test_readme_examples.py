@@ -124,7 +124,8 @@ def champions(quickstart, tiny_model):
     os.chdir(quickstart)
     try:
         with Tracking(quickstart / "mlflow.db"):
-            assert names["segmenter_name"] == register_champion(tiny_model, None, quickstart / "mlruns").split("/")[1].split("@")[0]
+            champion_uri = register_champion(tiny_model, None, quickstart / "mlruns")
+            assert names["segmenter_name"] == champion_uri.split("/")[1].split("@")[0]
             experiment_in("survival", quickstart / "mlruns")
             pipe = model.make_pipeline("logreg", columns, inner_folds=3).fit(X, y)
             evidence = {"cv_roc_auc": 0.5, "cv_n_patients": len(X), "data_version": "quickstart",

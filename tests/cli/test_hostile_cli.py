@@ -109,7 +109,8 @@ CASES = {
         ["data", "import", dataset(t, "a"), "--dest", ".", "--no-dvc"], 2, ["not a dataset", "params.yaml"]),
     "import --dest at an unrelated folder": lambda t: (
         (t / "mine").mkdir() or (t / "mine" / "thesis.tex").write_text("x") and
-        ["data", "import", dataset(t, "a"), "--dest", t / "mine", "--no-dvc"], 2, ["thesis.tex", "nothing was changed"]),
+        ["data", "import", dataset(t, "a"), "--dest", t / "mine", "--no-dvc"], 2,
+        ["thesis.tex", "nothing was changed"]),
     "import --dest holding the source": lambda t: (
         ["data", "import", dataset(t, "a"), "--dest", t / "a", "--no-dvc"], 2, ["contains the source"]),
     "import --dest is a file": lambda t: (
@@ -170,7 +171,8 @@ CASES = {
         1, ["_2_mask.tif", "mask is 16x16 but its image is 32x32"]),
     # ---- settings: checked before any run
     "train.lr=abc": lambda t: (["train", "--set", "train.lr=abc"], 2, ["train.lr", "'abc'", "not a number"]),
-    "train.batch_size=0": lambda t: (["train", "--set", "train.batch_size=0"], 2, ["train.batch_size: 0", "in [1, 4096]"]),
+    "train.batch_size=0": lambda t: (["train", "--set", "train.batch_size=0"], 2,
+                                     ["train.batch_size: 0", "in [1, 4096]"]),
     "train=5": lambda t: (["train", "--set", "train=5"], 2, ["train: 5", "whole section"]),
     "train.epochs=0": lambda t: (["train", "--set", "train.epochs=0"], 2, ["train.epochs: 0", ">= 1"]),
     "train.size=-64": lambda t: (["train", "--set", "train.size=-64"], 2, ["train.size: -64"]),

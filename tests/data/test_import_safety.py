@@ -86,7 +86,8 @@ def bad_masks(make_synth) -> Path:
 def test_dest_at_the_project_root_changes_nothing(good, tmp_path, monkeypatch):
     project = tmp_path / "project"
     for rel, text in {"params.yaml": "profile: smoke\n", ".git/HEAD": "ref: refs/heads/main\n",
-                      "brainseg/cli/__init__.py": "print()\n", "mlflow.db": "sqlite", "mlruns/1/meta.yaml": "x"}.items():
+                      "brainseg/cli/__init__.py": "print()\n", "mlflow.db": "sqlite",
+                      "mlruns/1/meta.yaml": "x"}.items():
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text(text)
     before = tree(project), listing(tmp_path)

@@ -259,7 +259,8 @@ def test_a_lower_threshold_is_kept_only_where_it_raises_validation_dice():
     probs[0, 5:7, 5:7] = 0.9   # ...and sure of at its core
     truths = [np.zeros((16, 16), bool), np.zeros((16, 16), bool)]
     truths[0][4:8, 4:8] = True
-    manifest = pd.DataFrame({"patient": ["p", "q"], "patient_dir": ["p", "q"], "slice": [1, 1], "image_path": ["a", "b"]})
+    manifest = pd.DataFrame({"patient": ["p", "q"], "patient_dir": ["p", "q"], "slice": [1, 1],
+                             "image_path": ["a", "b"]})
     images = [np.zeros((16, 16, 3), np.uint8)] * 2
     best, table = select_postprocessing(FixedProbs(probs), manifest, images, truths)
     at = {t: table[(table.threshold == t) & ~table.tta & (table.min_component_px == 0)

@@ -250,7 +250,8 @@ def test_features_and_survival_commands_on_a_synthetic_project(tmp_path, monkeyp
         assert {"feature", "auc_drop_mean"} <= set(importances.columns) and len(importances) >= 10
         client = mlflow.MlflowClient()
         note = client.get_run(summary["final_run_id"]).data.tags["mlflow.note.content"]
-        assert note.startswith("Final death01 survival model") and f"`{summary['data_version'][:12]}` (synthetic)" in note
+        assert (note.startswith("Final death01 survival model")
+                and f"`{summary['data_version'][:12]}` (synthetic)" in note)
         candidate = client.get_run(summary["parent_run_id"]).data.tags["final_run_id"]  # the final's CV run
         oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=candidate, artifact_path="oof_probability.csv"),
                           index_col=0)

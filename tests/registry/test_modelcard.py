@@ -20,7 +20,8 @@ TEST = {"patient_dice_mean": 0.79, "patient_dice_median": 0.81, "n_patients": 13
 
 def segmenter_info(**changes) -> dict:
     info = {"name": "brainseg-segmenter", "version": "4", "run_id": "r" * 32,
-            "data": {"version": "0123456789abcdef", "synthetic": False, "patients": {"train": 62, "val": 13, "test": 13}},
+            "data": {"version": "0123456789abcdef", "synthetic": False,
+                     "patients": {"train": 62, "val": 13, "test": 13}},
             "recipe": {"arch": "unet", "encoder": "resnet18", "size": 128, "channels": "all", "loss": "1 x dice",
                        "epochs": 40, "best_epoch": 31, "epochs_run": 40, "inference": {"threshold": 0.5}},
             "val": VAL, "test": TEST,
@@ -50,7 +51,8 @@ def test_segmenter_card_states_data_recipe_figures_misses_and_limits():
      ["used in no decision"]),
     ({"misses": []}, ["No per-patient validation results were recorded."], ["Largest misses"]),
     ({"recipe": {"arch": "plain_unet", "size": 64}}, ["64 px (a smoke-test size)"], []),
-    ({"val": {"patient_dice_mean": float("nan"), "n_patients": 0}}, ["| Per-patient volume Dice, mean | n/a (n=0)"], []),
+    ({"val": {"patient_dice_mean": float("nan"), "n_patients": 0}},
+     ["| Per-patient volume Dice, mean | n/a (n=0)"], []),
     ({"recipe": {"arch": "plain_unet", "compute": {"budget_minutes": "45.0", "budget_planned_steps": 5000.0,
                                                    "actual_steps": 4980.0, "slices_seen": 79680.0,
                                                    "slices_per_s": 30.1, "train_minutes": 44.1}}},
@@ -178,7 +180,8 @@ def test_training_runs_get_a_description_and_cards_reach_the_version(tmp_path):
             mlflow.log_metrics({"best_val_patient_dice": 0.7, "val_patient_dice_mean": 0.75, "val_n_patients": 3,
                                 "best_epoch": 2, "epochs_run": 4, "test_patient_dice_mean": 0.6})
             mlflow.log_params({"arch": "unet", "encoder": "resnet18", "size": 64, "channels": "flair",
-                               "epochs": 4, "loss_weights": json.dumps({"bce": 0.5, "dice": 1.0}), "inference.tta": True})
+                               "epochs": 4, "loss_weights": json.dumps({"bce": 0.5, "dice": 1.0}),
+                               "inference.tta": True})
             mlflow_runs.log_table(pd.DataFrame({"patient": ["p1", "p2"], "volume_dice": [0.9, 0.3],
                                              "tumor_slices": [4, 2]}), "val_per_patient_metrics.csv")
             mlflow.log_text("weights", "model/weights.txt")

@@ -108,7 +108,8 @@ def champion(tracking, tiny_model_dir) -> str:
     mv, created = model_registry.register(MODEL_NAME, model_uri, run.info.run_id, {"source_run_id": run.info.run_id},
                                     "Tiny untrained test model. Not for use.")
     assert created
-    model_registry.apply(model_registry.decide(MODEL_NAME, mv.version, "val_patient_dice_mean", 0.0, None, None, force=False))
+    model_registry.apply(model_registry.decide(MODEL_NAME, mv.version, "val_patient_dice_mean", 0.0, None, None,
+                                               force=False))
     assert model_registry.champion(MODEL_NAME).version == mv.version
     return run.info.run_id
 
@@ -408,7 +409,8 @@ def test_a_body_that_stops_arriving_gets_a_408_and_the_app_never_sees_it():
     asyncio.run(BodyLimit(app, 100, timeout_s=0.2)(scope, stalled, send))
     assert sent[0]["status"] == 408 and time.monotonic() - start < 2
     message = strict_json(sent[1]["body"])["message"]
-    assert message.startswith("request body incomplete: 4 of the 10 declared bytes arrived in 0.2 s") and BODY_TIMEOUT in message
+    assert message.startswith("request body incomplete: 4 of the 10 declared bytes arrived in 0.2 s")
+    assert BODY_TIMEOUT in message
 
 
 def test_a_partial_body_is_refused_while_three_good_clients_get_their_answers(server, synth_images):

@@ -87,7 +87,8 @@ def test_bar_mode_shows_epochs_steps_and_the_epoch_figures_with_lr_on_a_terminal
     epochs, steps = cb.bar.tasks
     assert (epochs.completed, epochs.total) == (2, 2) and (steps.completed, steps.total) == (2, 3)
     last = epochs.fields["last"]  # the epoch's line without "epoch 2/2"; ends with its seconds
-    assert last.startswith("loss 0.000  val_patient_dice 0.100 (best 0.300, epoch 1)  lr 0.0005  ") and last.endswith(" s")
+    assert last.startswith("loss 0.000  val_patient_dice 0.100 (best 0.300, epoch 1)  lr 0.0005  ")
+    assert last.endswith(" s")
     cb.on_train_end()
     shown = screen.file.getvalue()
     assert "2/2" in shown and "lr 0.0005" in shown and "\x08" not in shown

@@ -45,7 +45,8 @@ def refused(*args: str) -> str:
     ("train.tumor_fraction=1.5", "train.tumor_fraction: 1.5 is not a number in [0, 1]"),
     ("train.steps_per_epoch=0", "train.steps_per_epoch: 0 is not null or an integer >= 1"),
     ("train.size=100", "train.size: 100 is not a multiple of 32 in 32..1024"),
-    ("train.batch_size=100000", "train.batch_size: 100000 is not an integer in [1, 4096]"),  # issue 27: no longer trained and recorded
+    # issue 27: no longer trained and recorded
+    ("train.batch_size=100000", "train.batch_size: 100000 is not an integer in [1, 4096]"),
     ("tune.budget_minutes=0", "tune.budget_minutes: 0 is not null or a number > 0"),
     ("tune.heartbeat=0", "tune.heartbeat: 0 is not a number > 0"),
     ("survival.oof.train.epochs=0", "survival.oof.train.epochs: 0 is not an integer >= 1"),

@@ -48,7 +48,8 @@ def test_the_dashboard_serves_a_study_from_its_storage(tmp_path, dashboard_cmd):
                 break
             except OSError:
                 time.sleep(0.5)
-        assert body is not None, f"no answer on 127.0.0.1:{port}: {proc.stderr.read1().decode()[-500:] if proc.poll() is not None else ''}"
+        assert body is not None, (f"no answer on 127.0.0.1:{port}: "
+                                  f"{proc.stderr.read1().decode()[-500:] if proc.poll() is not None else ''}")
         studies = {s["study_name"]: s for s in body["study_summaries"]}
         assert "watched" in studies
     finally:

@@ -255,11 +255,13 @@ def test_study_is_a_parent_run_with_one_child_per_trial(in_project):
     assert sorted(m.step for m in history) == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"optimization_history.png", "intermediate_values.png", "optuna_study.html"} <= artifacts
-    html = open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="optuna_study.html")).read()
+    html = open(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                    artifact_path="optuna_study.html")).read()
     assert html.count("<section>") >= 3 and "Plotly.newPlot" in html
     assert 'src="http' not in html and len(html) > 1_000_000  # plotly.js inlined: renders offline
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`brainseg.role` = 'trial'")
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                  "and tags.`brainseg.role` = 'trial'")
     assert len(children) == summary["trials"] == 2
     states = {c.info.run_id: c.data.tags["state"] for c in children}
     assert set(states.values()) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states.values()

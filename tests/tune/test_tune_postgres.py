@@ -36,7 +36,8 @@ def _postgres_up() -> bool:
 
 if not _postgres_up():
     if os.environ.get("BRAINSEG_REQUIRE_POSTGRES"):
-        raise RuntimeError("PostgreSQL on 127.0.0.1:5432 is required here (BRAINSEG_REQUIRE_POSTGRES=1) but unreachable")
+        raise RuntimeError("PostgreSQL on 127.0.0.1:5432 is required here (BRAINSEG_REQUIRE_POSTGRES=1) "
+                           "but unreachable")
     pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (trust auth, database test)", allow_module_level=True)
 
 
