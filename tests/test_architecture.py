@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -364,3 +367,37 @@ def test_mlflow_is_imported_only_behind_its_doors():
     new = sorted(mlflow_importers() - MLFLOW_DOORS)
     assert not new, (f"{new} import MLflow: go through brainseg.tracking.mlflow_runs (runs, metrics, artifacts) or "
                      "brainseg.registry.model_registry (versions, aliases, loading a model by URI)")
+
+
+# ------------------------------------------------------------------------------ lint
+# The project's own ruff settings (pyproject.toml [tool.ruff]: line length 120, isort with the Keras
+# variables first); .ci/run runs `ruff check .` too, before the tests.
+needs_ruff = pytest.mark.skipif(importlib.util.find_spec("ruff") is None,
+                                reason="ruff is not installed (pip install -e '.[test]')")
+
+
+def ruff(*args: str, cwd: Path = PACKAGE.parent) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_ruff
+def test_ruff_passes_on_the_package_and_the_tests():
+    done = ruff("brainseg", "tests")
+    assert done.returncode == 0, f"ruff check brainseg tests:\n{done.stdout[-4000:]}{done.stderr[-1000:]}"
+
+
+@needs_ruff
+def test_ruff_reads_the_projects_settings(tmp_path):
+    # 120 characters pass and 121 do not (ruff's default is 88); the Keras variables' import sorts first
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text("import brainseg.settings.keras_env  # noqa: F401\n\nimport os\n\n"
+                    "X = os.sep + " + repr("x" * 105) + "\n")
+    bad.write_text("import os\n\nimport brainseg.settings.keras_env  # noqa: F401\n\n"
+                   "X = os.sep + " + repr("x" * 106) + "\n")
+    config = ("--config", str(PACKAGE.parent / "pyproject.toml"))
+    assert max(len(line) for line in good.read_text().splitlines()) == 120
+    done = ruff(*config, str(good))
+    assert done.returncode == 0, done.stdout
+    done = ruff(*config, str(bad))
+    assert done.returncode == 1 and "E501" in done.stdout and "I001" in done.stdout, done.stdout
