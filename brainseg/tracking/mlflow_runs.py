@@ -189,10 +189,12 @@ def run(name: str, tags: dict, nested: bool = False, finished_on: tuple = (), ru
         active = mlflow.start_run(run_id=run_id, nested=nested)
     else:
         tags = with_note(name, tags)
-        experiment = mlflow.tracking.fluent._get_experiment_id()  # where this run goes
-        active = mlflow.start_run(run_name=name, tags=tags if nested else _with_project_parent(tags, experiment),
-                                  nested=nested)
+        active = mlflow.start_run(run_name=name, tags=tags, nested=nested)
     try:
+        if not run_id and not nested:  # where the run went is known once it exists (MLflow's public API)
+            parent = _with_project_parent(tags, active.info.experiment_id).get("mlflow.parentRunId")
+            if parent and "mlflow.parentRunId" not in tags:
+                mlflow.set_tag("mlflow.parentRunId", parent)
         yield active
     except finished_on:
         mlflow.end_run("FINISHED")

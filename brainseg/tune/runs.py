@@ -95,9 +95,12 @@ def reap_dead_predecessors(study: optuna.Study) -> list[int]:
             continue
         if process_alive(pid, t.user_attrs.get(START_ATTR)):
             continue
-        if study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
-            fail_trial_run(t, f"worker process {pid} on {host} is gone")
-            reaped.append(t.number)
+        try:  # Optuna's public ask-and-tell: a trial of another process is told by its number
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # finished meanwhile (its worker, or the heartbeat of another): not ours to end
+        fail_trial_run(t, f"worker process {pid} on {host} is gone")
+        reaped.append(t.number)
     return reaped
 
 
