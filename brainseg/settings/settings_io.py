@@ -42,13 +42,14 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01); the value is parsed as YAML."""
+    """``"train.lr=0.01"`` -> (["train", "lr"], 0.01); the value is parsed as YAML (plain values only:
+    see :func:`parse_yaml`), a bad one is a :class:`ConfigError` naming the key."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r}: empty key")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), parse_yaml(raw, "--set", key=key.strip()) if raw.strip() else None
 
 
 def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
@@ -67,15 +68,122 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
+    """A YAML mapping file (params.yaml, a profiles file), read strictly (:func:`parse_yaml`)."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found (run brainseg from the project folder)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from None
+    data = parse_yaml(text, str(path), in_file=True)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+# ------------------------------------------------------------------ YAML, plain values only
+_CORE = "tag:yaml.org,2002:"
+PLAIN_TAGS = {_CORE + t for t in ("null", "bool", "int", "float", "str", "seq", "map", "timestamp")}
+MERGE_TAG = _CORE + "merge"
+MAX_NODES = 100_000  # values after expanding aliases: a settings file holds a few hundred
+
+
+class _Refused(Exception):
+    def __init__(self, node, key: str, problem: str, first=None):
+        super().__init__(problem)
+        self.node, self.key, self.problem, self.first = node, key, problem, first  # first: a duplicate's twin
+
+
+def parse_yaml(text: str, where: str, key: str = "", in_file: bool = False) -> Any:
+    """``text`` as plain YAML values, or one :class:`ConfigError` line that starts with ``where`` (a
+    file, or ``--set`` with the ``key`` it sets) and names the key: YAML that does not parse, a tag
+    other than YAML's plain types (``!!python/...``, ``!!binary``: nothing is constructed), a key
+    given twice in one mapping (DVC calls such a params.yaml corrupted; YAML loaders keep the last
+    silently), an anchor that contains itself, aliases expanding past ``MAX_NODES`` values.
+
+    >>> parse_yaml("{a: 1, b: [2, 3]}", "--set", key="x")
+    {'a': 1, 'b': [2, 3]}
+    >>> try:
+    ...     parse_yaml("&x [*x]", "--set", key="train.lr")
+    ... except ConfigError as exc:
+    ...     print(exc)
+    --set train.lr: an anchor that contains itself (a recursive alias)
+    >>> for bad in ("a: 1\\na: 2", "&x [*x]", "!!python/object:os.system [ls]", "[1, 2"):
+    ...     try:
+    ...         parse_yaml(bad, "f.yaml", in_file=True)
+    ...     except ConfigError as exc:  # doctest: +ELLIPSIS
+    ...         print(exc)
+    f.yaml: a (lines 1 and 2): duplicate key (one mapping names it twice); keep one
+    f.yaml: line 1: an anchor that contains itself (a recursive alias)
+    f.yaml: line 1: the YAML tag !!python/object:os.system is not allowed (plain values only)
+    f.yaml: line 1, column 6: not valid YAML: expected ',' or ']', but got '<stream end>' (...)
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node(node, key, set(), {})
+        return loader.construct_document(node)
+    except _Refused as exc:
+        mark = exc.node.start_mark
+        line = f"line {mark.line + 1}" if in_file else ""
+        if exc.first is not None and in_file:
+            line = f"lines {exc.first.start_mark.line + 1} and {mark.line + 1}"
+        at = f"{exc.key} ({line})" if exc.key and line else exc.key or line
+        raise ConfigError(f"{where}: {at}: {exc.problem}" if in_file else f"{where} {at}: {exc.problem}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None and in_file else (
+            f"column {mark.column + 1}: " if mark is not None else "")
+        context = f" ({exc.context})" if exc.context else ""
+        raise ConfigError(f"{_where(where, key)}: {at}not valid YAML: {exc.problem}{context}") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{_where(where, key)}: not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"{_where(where, key)}: nested too deeply to be a setting") from None
+    finally:
+        loader.dispose()
+
+
+def _where(where: str, key: str) -> str:
+    return f"{where} {key}" if key else where
+
+
+def _check_node(node, key: str, ancestors: set, sizes: dict) -> int:
+    """The number of values ``node`` holds once aliases are expanded; :class:`_Refused` for what
+    :func:`parse_yaml` refuses."""
+    if id(node) in ancestors:
+        raise _Refused(node, key, "an anchor that contains itself (a recursive alias)")
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if node.tag not in PLAIN_TAGS:
+        tag = node.tag.replace(_CORE, "!!")
+        raise _Refused(node, key, f"the YAML tag {tag} is not allowed (plain values only)")
+    children = []
+    if isinstance(node, yaml.SequenceNode):
+        children = [(key, child) for child in node.value]
+    elif isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value in node.value:
+            if key_node.tag == MERGE_TAG:  # "<<: *defaults": the merged mapping's keys may be overridden
+                children.append((key, value))
+                continue
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            dotted = f"{key}.{name}" if key else str(name)
+            if isinstance(key_node, yaml.ScalarNode) and name in seen:
+                raise _Refused(key_node, dotted, "duplicate key (one mapping names it twice); keep one", seen[name])
+            seen[name] = key_node
+            children += [(dotted, key_node), (dotted, value)]
+    ancestors.add(id(node))
+    size = 1 + sum(_check_node(child, name, ancestors, sizes) for name, child in children)
+    ancestors.discard(id(node))
+    if size > MAX_NODES:
+        raise _Refused(node, key, f"more than {MAX_NODES} values once its aliases are expanded")
+    sizes[id(node)] = size
+    return size
 
 
 # ------------------------------------------------------------------ checking values (pydantic)

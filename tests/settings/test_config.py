@@ -121,7 +121,7 @@ def test_missing_and_bad_files(tmp_path, files):
     with pytest.raises(ConfigError, match="nope.yaml: file not found"):
         load_settings(params_file=tmp_path / "nope.yaml", profiles_file=files["profiles_file"])
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line 2, column 1: not valid YAML: expected ',' or ']'"):
         load_settings(params_file=tmp_path / "bad.yaml", profiles_file=files["profiles_file"])
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
