@@ -38,6 +38,7 @@ RULES = [
      + ("optuna", "optuna_integration", "streamlit"), "scoring is below training and every workflow"),
     (["evaluation/metrics.py", "evaluation/evaluate.py", "evaluation/plots.py"],
      above(*PACKAGES[5:]) + TOOLS, "metrics, scoring and figures are pure compute (evaluate_run is the glue)"),
+    (["evaluation/surface.py"], above(*PACKAGES[1:]) + TOOLS + TF, "boundary figures: numpy / scipy on masks"),
     (["training/**/*.py"], above("registry", "serving", "outcome", "tune", "pipeline", "app", "bench", "cli")
      + ("mlflow", "optuna", "optuna_integration", "streamlit"),
      "training calls MLflow only through tracking (training_run is the tracked run)"),

@@ -7,12 +7,33 @@ Policy (as in MONAI / nnU-Net reporting):
 - **Dice on tumor slices**: per-slice Dice over slices whose truth is not empty.
 - **False-positive rate on empty slices**: share of empty-truth slices with any predicted pixel.
 - No smoothing term anywhere: an empty prediction on an empty slice is not scored as Dice 1.
+
+Boundary and lesion-wise figures per patient volume (:mod:`brainseg.evaluation.surface`: DeepMind's
+``surface-distance``, its conventions there), beside Dice in every evaluation:
+- **HD95**: the larger of the two directed, surfel-area-weighted 95th-percentile surface distances.
+  One side empty -> ``inf``; both empty -> NaN. The summary's mean / median are over patients with
+  tumor whose HD95 is finite (``n_patients_hd95``); ``n_patients_hd95_inf`` counts the tumor patients
+  with an empty prediction, left out of the mean (they score NSD 0 and miss every lesion).
+- **NSD** (normalised surface Dice) at ``nsd_tolerance``: one side empty -> 0; both empty -> NaN.
+  Mean / median over patients with tumor (``n_patients``), as the volume Dice.
+- **Lesions**: 26-connected 3-D components; ``lesion_detection_rate`` = true lesions overlapped by the
+  prediction over all true lesions of all patients (``lesions_true``); ``false_lesions_per_patient`` =
+  predicted components overlapping no truth, over all patient volumes (``n_patient_volumes``, empty
+  truths included).
+- **Units**: voxel units (spacing (1, 1, 1), a slice step counting as one) unless a (z, y, x) spacing in
+  mm is given: the table's ``distance_unit`` says which, the summary's ``distances_in_mm`` is 1 or 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
+
+from brainseg.evaluation.surface import NSD_TOLERANCE, volume_figures
+
+BOUNDARY_COLUMNS = ["hd95", "nsd", "lesions_true", "lesions_found", "lesions_missed", "lesions_false"]
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
@@ -49,8 +70,71 @@ def slice_table(patients: list[str], preds: list[np.ndarray], truths: list[np.nd
     return pd.DataFrame(rows, columns=["patient", "tp", "fp", "fn", "truth_px", "pred_px"])
 
 
-def patient_table(slices: pd.DataFrame) -> pd.DataFrame:
-    """Per patient: slices, tumor slices, volume Dice and IoU, mean Dice on tumor slices, FP slices."""
+def boundary_table(patients: list[str], preds: list[np.ndarray], truths: list[np.ndarray], order=None,
+                   spacing=None, tolerance: float = NSD_TOLERANCE) -> pd.DataFrame:
+    """One row per patient volume: HD95, NSD, lesion counts, ``distance_unit`` and ``nsd_tolerance``.
+
+    ``patients``: the patient of each slice; ``preds``, ``truths``: (H, W) bool masks per slice;
+    ``order``: each slice's number (a patient's slices are stacked in this order; default: as given);
+    ``spacing``: None (voxel units), one (z, y, x) in mm for every patient, or {patient: (z, y, x)}.
+
+    >>> t = [np.array([[1, 1], [0, 0]], bool), np.array([[0, 0], [0, 0]], bool)]
+    >>> r = boundary_table(["a", "a"], [np.zeros((2, 2), bool)] * 2, t).iloc[0]  # tumor, nothing predicted
+    >>> float(r["hd95"]), float(r["nsd"]), int(r["lesions_missed"]), r["distance_unit"]
+    (inf, 0.0, 1, 'voxel')
+    """
+    order = np.arange(len(patients)) if order is None else np.asarray(order)
+    by_patient: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+        by_patient.setdefault(patient, []).append(i)
+    rows = []
+    for patient, idx in sorted(by_patient.items()):
+        idx = sorted(idx, key=lambda i: order[i])
+        step = spacing.get(patient) if isinstance(spacing, Mapping) else spacing
+        if isinstance(spacing, Mapping) and step is None:
+            raise ValueError(f"spacing: no (z, y, x) spacing for patient {patient}")
+        try:
+            truth, pred = np.stack([truths[i] for i in idx]), np.stack([preds[i] for i in idx])
+        except ValueError as exc:
+            raise ValueError(f"patient {patient}: slices of different shapes cannot form a volume ({exc})") from None
+        rows.append({"patient": patient, **volume_figures(truth, pred, step, tolerance),
+                     "distance_unit": "voxel" if step is None else "mm", "nsd_tolerance": float(tolerance)})
+    return pd.DataFrame(rows, columns=["patient", *BOUNDARY_COLUMNS, "distance_unit", "nsd_tolerance"])
+
+
+def empty_prediction_boundary(boundary: pd.DataFrame) -> pd.DataFrame:
+    """The boundary table of the all-empty predictor, from the real one (no geometry needed)."""
+    tumor = boundary["lesions_true"] > 0
+    return boundary.assign(hd95=np.where(tumor, np.inf, np.nan), nsd=np.where(tumor, 0.0, np.nan),
+                           lesions_found=0, lesions_missed=boundary["lesions_true"], lesions_false=0)
+
+
+def boundary_summary(boundary: pd.DataFrame) -> dict:
+    """HD95, NSD and lesion-wise detection over patients, with their counts (policy: module docstring)."""
+    tumor = boundary[boundary["lesions_true"] > 0]
+    hd = tumor["hd95"].to_numpy(float)
+    finite = hd[np.isfinite(hd)]
+    nsd = tumor["nsd"].to_numpy(float)
+    true, found, false = (int(boundary[c].sum()) for c in ("lesions_true", "lesions_found", "lesions_false"))
+    return {
+        "hd95_mean": float(np.mean(finite)) if finite.size else float("nan"),
+        "hd95_median": float(np.median(finite)) if finite.size else float("nan"),
+        "n_patients_hd95": int(finite.size),
+        "n_patients_hd95_inf": int(np.isinf(hd).sum()),
+        "nsd_mean": float(np.mean(nsd)) if nsd.size else float("nan"),
+        "nsd_median": float(np.median(nsd)) if nsd.size else float("nan"),
+        "nsd_tolerance": float(boundary["nsd_tolerance"].iloc[0]) if len(boundary) else float(NSD_TOLERANCE),
+        "distances_in_mm": float(len(boundary) > 0 and bool((boundary["distance_unit"] == "mm").all())),
+        "lesion_detection_rate": found / true if true else float("nan"),
+        "false_lesions_per_patient": false / len(boundary) if len(boundary) else float("nan"),
+        "lesions_true": true, "lesions_found": found, "lesions_missed": true - found, "lesions_false": false,
+        "n_patient_volumes": int(len(boundary)),
+    }
+
+
+def patient_table(slices: pd.DataFrame, boundary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per patient: slices, tumor slices, volume Dice and IoU, mean Dice on tumor slices, FP slices;
+    with ``boundary`` (:func:`boundary_table`), its HD95, NSD and lesion columns too."""
     s = slices.assign(tumor=slices["truth_px"] > 0, fp_slice=(slices["truth_px"] == 0) & (slices["pred_px"] > 0))
     s["slice_dice"] = [dice_from_counts(*r) if t else np.nan
                        for r, t in zip(s[["tp", "fp", "fn"]].to_numpy(), s["tumor"])]
@@ -62,7 +146,7 @@ def patient_table(slices: pd.DataFrame) -> pd.DataFrame:
                           for r in out[["tp", "fp", "fn"]].to_numpy()]
     out["volume_iou"] = [iou_from_counts(*r) if r[0] + r[2] > 0 else np.nan
                          for r in out[["tp", "fp", "fn"]].to_numpy()]
-    return out
+    return out if boundary is None else out.merge(boundary, on="patient", how="left")
 
 
 def bootstrap_ci(values, n: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -85,8 +169,9 @@ def bootstrap_ci(values, n: int = 2000, level: float = 0.95, seed: int = 0) -> t
     return round(float(lo), 12), round(float(hi), 12)
 
 
-def summarize(slices: pd.DataFrame) -> dict:
-    """All headline metrics with the count behind each (see the module docstring for the policy)."""
+def summarize(slices: pd.DataFrame, boundary: pd.DataFrame | None = None) -> dict:
+    """All headline metrics with the count behind each (see the module docstring for the policy);
+    with ``boundary`` (:func:`boundary_table`), the HD95, NSD and lesion-wise figures too."""
     pt = patient_table(slices)
     with_tumor = pt[pt["tp"] + pt["fn"] > 0]
     tumor_slices = slices[slices["truth_px"] > 0]
@@ -116,13 +201,15 @@ def summarize(slices: pd.DataFrame) -> dict:
         "global_dice": dice_from_counts(tp, fp, fn),
         "global_iou": iou_from_counts(tp, fp, fn),
         "n_slices": int(len(slices)),
+        **({} if boundary is None else boundary_summary(boundary)),
     }
 
 
-def empty_baseline(slices: pd.DataFrame) -> dict:
+def empty_baseline(slices: pd.DataFrame, boundary: pd.DataFrame | None = None) -> dict:
     """The same metrics for a predictor that never predicts tumor (the null model)."""
     null = slices.assign(tp=0, fp=0, fn=slices["truth_px"], pred_px=0)
-    return summarize(null)
+    out = summarize(null, None if boundary is None else empty_prediction_boundary(boundary))
+    return {k: v for k, v in out.items() if k not in ("nsd_tolerance", "distances_in_mm")}
 
 
 def smoothed_slice_dice(slices: pd.DataFrame, smooth: float = 1.0) -> float:
