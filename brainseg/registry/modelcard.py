@@ -51,6 +51,17 @@ SEGMENTER_METRICS = (
      "share of slices without tumor where the model predicts any tumor pixel (lower is better)",
      "n_empty_slices"),
 )
+# shown where the run has them ({unit}: voxels or mm, {tol}: the NSD tolerance; brainseg.evaluation.surface)
+BOUNDARY_METRICS = (
+    ("hd95_median", "HD95 ({unit}), median", "95th-percentile Hausdorff distance of each patient's predicted vs true "
+     "tumor surface (DeepMind surface-distance), over patients with tumor and a prediction", "n_patients_hd95"),
+    ("nsd_mean", "Surface Dice at {tol} {unit}, mean", "share of both surfaces within the tolerance of the other, "
+     "per patient with tumor (0 when nothing is predicted)", "n_patients"),
+    ("lesion_detection_rate", "Lesions found", "true 3-D tumor components touched by the prediction, of all",
+     "lesions_true"),
+    ("false_lesions_per_patient", "False lesions per patient", "predicted 3-D components touching no tumor "
+     "(lower is better)", "n_patient_volumes"),
+)
 
 
 def _num(value, digits: int = 3) -> str:
@@ -109,7 +120,10 @@ def segmenter_card(info: dict) -> str:
              if recipe.get("inference") else None]
     lines = [line for line in lines if line is not None] + [
         "", "## Validation and test figures", "| metric | validation | test | definition |", "|---|---|---|---|"]
-    for key, label, definition, n in SEGMENTER_METRICS:
+    given = {**test, **val}
+    unit, tol = "mm" if given.get("distances_in_mm") == 1 else "voxels", f"{float(given.get('nsd_tolerance', 2)):g}"
+    for key, label, definition, n in SEGMENTER_METRICS + tuple(
+            (k, lab.format(unit=unit, tol=tol), d, c) for k, lab, d, c in BOUNDARY_METRICS if k in given):
         lines.append(f"| {label} | {_num(val.get(key))} (n={_count(val.get(n))}) | "
                      f"{_num(test.get(key)) + f' (n={_count(test.get(n))})' if test else 'not reported'} | "
                      f"{definition} |")

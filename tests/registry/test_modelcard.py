@@ -17,6 +17,9 @@ VAL = {"patient_dice_mean": 0.8123, "patient_dice_median": 0.85, "n_patients": 1
 TEST = {"patient_dice_mean": 0.79, "patient_dice_median": 0.81, "n_patients": 13,
         "tumor_slice_dice_mean": 0.66, "n_tumor_slices": 150, "empty_slice_fp_rate": 0.07, "n_empty_slices": 310}
 
+BOUNDARY = {"hd95_median": 4.2, "n_patients_hd95": 11, "nsd_mean": 0.71, "nsd_tolerance": 2.0, "distances_in_mm": 0.0,
+            "lesion_detection_rate": 0.8, "lesions_true": 15, "false_lesions_per_patient": 0.5, "n_patient_volumes": 13}
+
 
 def segmenter_info(**changes) -> dict:
     info = {"name": "brainseg-segmenter", "version": "4", "run_id": "r" * 32,
@@ -61,6 +64,13 @@ def test_segmenter_card_states_data_recipe_figures_misses_and_limits():
                                              "slices_per_s": 20.0, "train_minutes": 8.0}}},
      ["- Compute: no budget (epochs), 600 steps, 9600 slices seen"], ["planned steps"]),
     ({"recipe": {"arch": "unet"}}, [], ["- Compute:"]),
+    ({}, [], ["HD95", "Surface Dice", "Lesions found"]),  # a run without boundary figures: no rows for them
+    ({"val": {**VAL, **BOUNDARY}}, ["| HD95 (voxels), median | 4.200 (n=11) | n/a",
+                                    "| Surface Dice at 2 voxels, mean | 0.710 (n=12) |",
+                                    "| Lesions found | 0.800 (n=15) |", "| False lesions per patient | 0.500 (n=13) |"],
+     []),
+    ({"val": {**VAL, **BOUNDARY, "distances_in_mm": 1.0, "nsd_tolerance": 1.5}},
+     ["| HD95 (mm), median |", "| Surface Dice at 1.5 mm, mean |"], ["voxels"]),
 ])
 def test_segmenter_card_variants(changes, present, absent):
     card = modelcard.segmenter_card(segmenter_info(**changes))
