@@ -27,7 +27,7 @@ from brainseg.tracking.run_context import Terminated, adopt_project_run
 
 app = typer.Typer(help="LGG FLAIR-abnormality segmentation and outcome prediction, tracked in MLflow.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Dataset: synthesize, validate, import, manifest, split.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset: synthesize, validate, import, manifest, split, export.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 profile_app = typer.Typer(help="Budget profiles (experiments/profiles.yaml), written into params.yaml.",
                           no_args_is_help=True)
@@ -39,10 +39,12 @@ data_app.command("import")(data.data_import)
 data_app.command("manifest")(data.data_manifest)
 data_app.command("split")(data.data_split)
 data_app.command("prepare")(data.data_prepare)
+data_app.command("export")(data.data_export)
 profile_app.command("use")(data.profile_use)
 
 app.command()(training.train)
 app.command()(training.checkpoints)
+app.command()(training.cv)
 app.command()(segment.evaluate)
 app.command()(segment.tune)
 app.command()(outcome.features)

@@ -8,12 +8,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, settings_or_fail
+from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, print_metrics, settings_or_fail
 from brainseg.settings.config import TrainConfig
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import run_notes
 from brainseg.training.budget import BudgetError, parse_budget
-from brainseg.training.checkpoint import DEFAULT_ROOT, Checkpoint, CheckpointError, interrupted, resume_command
+from brainseg.training.checkpoint import (
+    DEFAULT_ROOT,
+    Checkpoint,
+    CheckpointError,
+    holder_line,
+    interrupted,
+    resume_command,
+)
 
 # Deferred into the commands: brainseg.{tracking.mlflow_runs, training.training_run, data.context, models}
 # pull in TensorFlow, MLflow or pandas (`brainseg --help` stays fast), and brainseg.training.progress_callbacks
@@ -59,6 +66,8 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         ctx = DataContext.from_settings(settings)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         fail(str(exc), 2)
+    if state is not None:
+        verify_or_fail(ckpt, state, cfg)
     experiment = mlflow_runs.set_experiment(EXPERIMENT)
     try:
         if keras_verbose is not None:  # `train --verbose N` (before --progress existed)
@@ -108,15 +117,30 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
 
 
 def reopen_or_fail(root: Path, run_id: str | None):
-    """The checkpoint ``--resume`` continues: run ``run_id``'s, else the newest under ``root``."""
+    """The checkpoint ``--resume`` continues, locked for this process: run ``run_id``'s, else the
+    newest under ``root`` that no other process is training (refused naming the holder when
+    another process trains it)."""
     if run_id is None:
-        found = [c for c, st in interrupted(root) if "error" not in st]
+        found = [(c, st) for c, st in interrupted(root) if "error" not in st]
         if not found:
             fail(f"--resume: no checkpoint under {root}/ (a finished run leaves none; see `brainseg checkpoints`)", 2)
-        run_id = found[0].run_id
+        idle = [c for c, st in found if st.get("running") is None]
+        run_id = (idle or [found[0][0]])[0].run_id  # all busy: the newest, refused naming its holder
     try:
         return Checkpoint.reopen(root, run_id)
     except CheckpointError as exc:
+        fail(f"--resume: {exc}", 2)
+
+
+def verify_or_fail(ckpt: Checkpoint, state: dict, cfg: TrainConfig) -> None:
+    """The checkpoint checked whole against the network its settings build, before the MLflow run is
+    reopened: a refusal (exit 2, one line naming the file) leaves the run as it was."""
+    from brainseg.models.factory import build_model
+
+    try:
+        shapes = [tuple(w.shape) for w in build_model(cfg).get_weights()]
+        ckpt.verify(state, shapes, None if cfg.budget_minutes else cfg.epochs, f"{cfg.arch}/{cfg.encoder}")
+    except (CheckpointError, ValueError, OSError) as exc:
         fail(f"--resume: {exc}", 2)
 
 
@@ -129,6 +153,10 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
         return
     out.print(f"{len(found)} interrupted run(s) in {checkpoint_dir}/, newest first:")
     for ckpt, st in found:
+        if st.get("running") is not None:
+            out.print(f"{ckpt.run_id}: being trained now by {holder_line(st['running'])}", markup=False,
+                      highlight=False)
+            continue
         if "error" in st:
             out.print(f"{ckpt.run_id}: {st['error']}", markup=False, highlight=False)
             continue
@@ -139,3 +167,67 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
         out.print(f"{ckpt.run_id}: {what}saved {when} after epoch {st['epoch']}{done}; stopped by "
                   f"{st.get('stopped_by', 'a kill (no clean stop)')}\n  resume with: {resume_command(ckpt)}",
                   markup=False, highlight=False)
+
+
+def cv(profile: ProfileOpt = None, set_: SetOpt = None,
+       folds: Annotated[Optional[int], typer.Option(help="Folds of the non-test patients (sets split.folds; the "
+                                                     "train/val/test subsets stay the split's).")] = None,
+       budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget of the whole CV, shared evenly by "
+                                                     "the folds, e.g. 45m (sets cv.budget_minutes).")] = None,
+       fold: Annotated[Optional[int], typer.Option(help="Train this fold only (folds in parallel on several "
+                                                   "machines against one tracking server); with --run.")] = None,
+       run: Annotated[Optional[str], typer.Option("--run", help="Continue this CV run (its stored settings): "
+                                                  "missing folds, then the ensemble.")] = None,
+       resume: Annotated[bool, typer.Option("--resume", help="Continue the newest CV run whose ensemble is not "
+                                            "assembled yet.")] = False,
+       test_report: Annotated[bool, typer.Option(help="Score the test patients with the ensemble at the end "
+                                                 "(report only).")] = True,
+       progress: Annotated[str, typer.Option(help="Epoch progress: auto, bar, lines or none.")] = "auto",
+       checkpoint_dir: Annotated[Path, typer.Option(help="Where every epoch of a fold is saved while it "
+                                                    "trains.")] = DEFAULT_ROOT):
+    """Cross-validate the recipe over the non-test patients (one model per fold, each scored on the fold it never
+    saw), choose post-processing on the pooled out-of-fold predictions, and log the fold ensemble as the model."""
+    from brainseg.data.context import DataContext
+    from brainseg.models.factory import check_names
+    from brainseg.pipeline.cv import CvRefused, newest_open_parent, run_cv, stored_settings
+    from brainseg.tracking import mlflow_runs
+    from brainseg.training.progress_callbacks import epoch_progress
+
+    continuing = run is not None or resume
+    if continuing and (profile or set_ or budget or folds):
+        fail("--run/--resume continue a CV with its own settings: drop --profile, --set, --budget and --folds", 2)
+    mlflow_runs.set_experiment(EXPERIMENT)
+    try:
+        if resume and run is None:
+            run = newest_open_parent(EXPERIMENT)
+            if run is None:
+                fail("--resume: no cross-validation run waits for its folds or its ensemble", 2)
+        settings = stored_settings(run) if run else settings_or_fail(profile, set_)
+        settings.setdefault("cv", {})
+        if folds is not None:
+            settings["split"]["folds"] = folds
+        if budget not in (None, ""):
+            settings["cv"]["budget_minutes"] = parse_budget(budget)
+        check_names(settings["train"]["arch"], settings["train"].get("encoder"))
+        ctx = DataContext.from_settings(settings)
+        epochs = TrainConfig.from_dict(settings["train"]).epochs
+        res = run_cv(settings, ctx, EXPERIMENT, parent_id=run, only_fold=fold, report_test=test_report,
+                     checkpoints=checkpoint_dir, echo=lambda line: out.print(line, markup=False, highlight=False),
+                     callbacks_for=lambda f: [b] if (b := epoch_progress(epochs, progress, console=out)) else [])
+    except (CvRefused, ConfigError, ValueError, FileNotFoundError, BudgetError) as exc:
+        fail(str(exc), 2)
+    except mlflow_runs.TrackingLost as exc:
+        fail(str(exc), 75)
+    if res.get("folds_missing"):
+        out.print(f"folds still to train: {', '.join(map(str, res['folds_missing']))} (brainseg cv --run "
+                  f"{res['run_id']} [--fold K])", markup=False, highlight=False)
+    elif res.get("next"):
+        out.print(res["next"], markup=False, highlight=False)
+    else:
+        for prefix, title in (("cv_", "out of fold: every non-test patient by the fold model that never saw it"),
+                              ("test_", "test patients, the ensemble (report only)")):
+            if any(k.startswith(prefix) for k in res):
+                print_metrics({k[len(prefix):]: v for k, v in res.items() if k.startswith(prefix)}, title)
+        out.print(f"spread of the per-fold means (sd): {res.get('cv_fold_dice_sd', float('nan')):.3f}")
+        out.print(f"model (the {len(res['folds_done'])}-fold ensemble): {res['model_uri']}")
+    out.print(f"run: {res['run_id']}", markup=False, highlight=False)

@@ -112,6 +112,7 @@ class Train(Section):
     steps_per_epoch: Int | None = Field(None, ge=1)
     threshold: Float = Field(None, gt=0, lt=1)
     seed: Int = None
+    choose_epoch: Literal["best", "last"] = None  # best (on the validation patients) | last (nnU-Net's)
 
 
 class Evaluate(Section):
@@ -174,6 +175,11 @@ class Survival(Section):
     oof: Oof = None
 
 
+class Cv(Section):
+    budget_minutes: Number | None = Field(None, gt=0)  # the whole cross-validation; folds share it evenly
+    choose_epoch: Literal["best", "last"] = None  # what a fold model keeps (last: chooses nothing on its fold)
+
+
 class Register(Section):
     segmenter_name: str = None
     survival_name: str = None
@@ -189,6 +195,7 @@ class Settings(Section):
     evaluate: Evaluate = None
     tune: Tune = None
     survival: Survival = None
+    cv: Cv = None
     register_: Register = Field(None, alias="register")
 
 
@@ -252,6 +259,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     threshold: float = 0.5
     seed: int = 0
+    choose_epoch: str = "best"  # best: restore the best validation epoch | last: keep the last (no early stop)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

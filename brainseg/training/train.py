@@ -94,7 +94,8 @@ def _segments(cfg: TrainConfig, plan_phases: list[Phase], steps: int, frozen: in
 def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbacks: list | None = None,
           verbose: int = 1, clock=time.monotonic, checkpoint: Checkpoint | None = None,
           resume: dict | None = None) -> TrainResult:
-    """Fit a model from ``cfg`` on ``train_arrays``; select and restore the best epoch on ``val_arrays``.
+    """Fit a model from ``cfg`` on ``train_arrays``; select and restore the best epoch on ``val_arrays``
+    (``choose_epoch: last``: keep the last epoch; ``val_arrays`` are then only watched, never used to choose).
 
     ``callbacks`` (tracking, pruning) see the per-epoch logs, ``val_patient_dice`` included. With
     ``budget_minutes`` the run plans its epochs from measured throughput (:class:`BudgetStop`) and
@@ -142,9 +143,12 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
     early = keras.callbacks.EarlyStopping(MONITOR, mode="max", patience=cfg.patience)
     plan = BudgetPlan(cfg.budget_minutes * 60, plan_phases) if cfg.budget_minutes else None
     budget = BudgetStop(plan, schedule, t0, clock) if plan else None
+    # choose_epoch "last" (a cross-validation fold model): the validation patients steer nothing, so no
+    # early stop and no plateau LR (a plateau schedule then keeps its LR constant); they are only watched
+    last = cfg.choose_epoch == "last"
     plateau = keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=cfg.lr_patience,
-                                                min_lr=cfg.lr / 64) if cfg.lr_schedule == "plateau" else None
-    counted = {"early": (None if budget else early, ("wait", "best", "stopped_epoch")),
+                                                min_lr=cfg.lr / 64) if cfg.lr_schedule == "plateau" and not last else None
+    counted = {"early": (None if budget or last else early, ("wait", "best", "stopped_epoch")),
                "plateau": (plateau, ("wait", "best", "cooldown_counter"))}
     history: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
     if state:
@@ -154,7 +158,7 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
         if budget:
             budget.phase = int(state.get("phase") or 0)
     # a budget is the stopping rule: its schedule decays to the planned last step, so no early stop
-    cbs = [PatientDice(val_arrays, cfg.threshold, 32, model.loss), best, budget if budget else early]
+    cbs = [PatientDice(val_arrays, cfg.threshold, 32, model.loss), best] + ([budget] if budget else [] if last else [early])
     cbs += [plateau] if plateau else []
     cbs += [RestoreCounters(counted, state.get("counters", {}))] if state else []
     if checkpoint is not None:
@@ -193,7 +197,12 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
             if after_freeze and not status["unfrozen"]:
                 unfreeze()
             epoch = fit(datasets[size], max(epoch, start), end, n_steps)
-    best.restore(model)
+    if last:  # the last epoch is the model: record it as the chosen one
+        n_done = len(history.get("loss", []))
+        best.best_epoch = n_done - 1
+        best.best = float(history.get(MONITOR, [math.nan])[-1]) if history.get(MONITOR) else math.nan
+    else:
+        best.restore(model)
     if len(plan_phases) > 1:  # the served network: fixed input size, the trained weights
         fixed = build_model(cfg)
         fixed.set_weights(model.get_weights())
