@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from brainseg.data.synth import generate
+from helpers import PROJECT_ROOT, invoke, project_files
 
 # MLflow writes its settings into os.environ "so that subprocesses inherit them" (set_tracking_uri,
 # set_registry_uri, set_experiment) and never takes MLFLOW_REGISTRY_URI or MLFLOW_EXPERIMENT_ID out
@@ -101,7 +102,7 @@ def shared_lgg_dir() -> Path | None:
     env = os.environ.get("BRAINSEG_SHARED_DATA")
     if env:
         candidates += [Path(env), Path(env) / "lgg", Path(env) / "data" / "lgg"]
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg")
+    candidates.append(PROJECT_ROOT.parent / "shared" / "data" / "lgg")
     for c in candidates:
         if (c / "unpack.sh").is_file():
             return c
@@ -145,25 +146,10 @@ def synth_root(tmp_path) -> Path:
 
 
 # ------------------------------------------------------------------ a tiny project to run commands in
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def invoke(*args: str):
-    """Run a brainseg command in-process; returns typer's Result (exit_code, output)."""
-    from typer.testing import CliRunner
-
-    from brainseg.cli import app
-
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def make_project(path: Path, patients: int = 10, slices: int = 8, size: int = 64) -> Path:
-    """A project folder: params.yaml, experiments/ and synthetic data with manifest and split."""
-    import shutil
-
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / "params.yaml", path / "params.yaml")
-    shutil.copytree(PROJECT_ROOT / "experiments", path / "experiments", dirs_exist_ok=True)
+    """A project folder: params.yaml, experiments/ and synthetic data (manifest and split: see
+    :func:`prepared_project`)."""
+    project_files(path)
     generate(path / "data/raw/kaggle_3m", patients=patients, slices=slices, size=size, seed=1)
     return path
 

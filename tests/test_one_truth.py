@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from test_serving import strict_json
 
 from brainseg.bench import experiment_in, register_champion, serve_model
 from brainseg.data import imageio
 from brainseg.data.synth import generate
 from conftest import Tracking
+from helpers import strict_json
 
 SETTINGS = {"threshold": 0.5, "tta": True, "min_component_px": 4, "largest_3d": True, "precision": "auto"}
 REAL_PATIENT_MAX_SLICES = 88  # the largest patient of the real LGG data set

@@ -9,10 +9,8 @@ run as written against the two `@champion` models the Quickstart leaves in `sqli
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from typer.testing import CliRunner
 
 from brainseg.data.importer import ensure_dataset
 from brainseg.pipeline.run_pipeline import FINAL_WORDS
+from helpers import project_files, strict_json
 
 PROJECT = Path(__file__).resolve().parents[1]
 # the README and its docs pages: every example in either is checked here
@@ -38,19 +37,10 @@ def inline_commands(text: str, program: str) -> list[str]:
     return [c for c in re.findall(r"`([^`\n]+)`", text) if c.startswith(program + " ")]
 
 
-def strict_json(text: str):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Path:
     """A project folder after the Quickstart's data step (what `brainseg run` generates first)."""
-    root = tmp_path_factory.mktemp("quickstart")
-    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
-    shutil.copytree(PROJECT / "experiments", root / "experiments")
+    root = project_files(tmp_path_factory.mktemp("quickstart"))
     synth = yaml.safe_load((PROJECT / "params.yaml").read_text())["data"]["synth"]
     ensure_dataset(root / "data/raw/kaggle_3m", synth, use_dvc=False)
     return root

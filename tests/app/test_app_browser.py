@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ import pytest
 from brainseg.app import launch
 from brainseg.data import imageio
 from brainseg.data.layout import SLICE_RE
+from helpers import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -43,12 +43,6 @@ pytestmark = [
                        reason="headless Chromium not installed (apt-get install -y chromium chromium-driver)"),
 ]
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def largest_tumor_slice(root: Path) -> tuple[Path, Path]:

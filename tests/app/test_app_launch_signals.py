@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -96,12 +98,6 @@ def test_sigkill_of_the_launcher_still_stops_the_child():
     finally:
         for k in kids:
             kill(k)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:

@@ -20,14 +20,9 @@ import tifffile
 from brainseg.app import launch, logic
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
+from helpers import tiff_bytes
 
 FOLDER = "TCGA_CS_4941_19960909"
-
-
-def tiff_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr)
-    return buf.getvalue()
 
 
 def slice_image(size: int = 32, box: tuple[int, int, int, int] = (8, 16, 8, 16)) -> np.ndarray:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 from streamlit.testing.v1 import AppTest
 
 from brainseg.app import launch, logic
 from brainseg.outcome.features import slice_features
+from helpers import tiff_bytes
 
 FOLDER = "TCGA_CS_4941_19960909"
-
-
-def tiff_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr)
-    return buf.getvalue()
 
 
 def tumor_slice() -> tuple[bytes, bytes]:

@@ -171,7 +171,7 @@ def test_bad_settings_fail_before_anything_runs(tmp_path, kwargs, words):
 
 
 def test_the_cli_refuses_no_training_without_a_model(tmp_path):
-    from conftest import invoke
+    from helpers import invoke
 
     result = invoke("bench", "--no-training", "--out", str(tmp_path / "b.json"))
     assert result.exit_code == 2 and "needs --model" in result.output

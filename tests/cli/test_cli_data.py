@@ -6,22 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from brainseg.cli import app
 from brainseg.data.manifest import scan
-
-PROJECT = Path(__file__).resolve().parents[2]
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, ["data", *map(str, args)])
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+from helpers import invoke, project_files, tree
 
 
 def make_archive(root: Path, base: Path, fmt: str) -> str:
@@ -31,26 +18,24 @@ def make_archive(root: Path, base: Path, fmt: str) -> str:
 @pytest.fixture
 def project_dir(tmp_path, monkeypatch):
     """A working folder with the project's params.yaml and profiles (the CLI reads them in cwd)."""
-    (tmp_path / "experiments").mkdir()
-    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copy(PROJECT / "experiments" / "profiles.yaml", tmp_path / "experiments")
+    project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 def test_synth_then_validate(tmp_path):
     out = tmp_path / "kaggle_3m"
-    result = invoke("synth", out, "--patients", 2, "--slices", 5, "--size", 32, "--seed", 4)
+    result = invoke("data", "synth", out, "--patients", 2, "--slices", 5, "--size", 32, "--seed", 4)
     assert result.exit_code == 0, result.output
     assert "wrote 2 synthetic patients x 5 slices (32x32)" in result.output
     assert len(list(out.glob("*/*_mask.tif"))) == 10 and (out / "data.csv").is_file()
-    result = invoke("validate", out)
+    result = invoke("data", "validate", out)
     assert result.exit_code == 0, result.output
     assert "patients: 2  slices: 10" in result.output and "problems: 0" in result.output
 
 
 def test_synth_refuses_bad_sizes(tmp_path):
-    result = invoke("synth", tmp_path / "x", "--slices", 2)
+    result = invoke("data", "synth", tmp_path / "x", "--slices", 2)
     assert result.exit_code == 2
     assert "synth: need patients >= 1, slices >= 4" in result.output
 
@@ -60,7 +45,7 @@ def test_validate_an_archive(synth_root, tmp_path, monkeypatch, fmt):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where validate unpacks it
     (tmp_path / "tmp").mkdir()
     archive = make_archive(synth_root, tmp_path / "lgg", fmt)
-    result = invoke("validate", archive)
+    result = invoke("data", "validate", archive)
     assert result.exit_code == 0, result.output
     assert "patients: 3  slices: 12" in result.output
 
@@ -68,7 +53,7 @@ def test_validate_an_archive(synth_root, tmp_path, monkeypatch, fmt):
 def test_validate_a_corrupt_archive_exits_2(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where validate would unpack it
     (tmp_path / "lgg.zip").write_bytes(b"PK\x03\x04 truncated")
-    result = invoke("validate", tmp_path / "lgg.zip")
+    result = invoke("data", "validate", tmp_path / "lgg.zip")
     assert result.exit_code == 2
     assert f"{tmp_path / 'lgg.zip'}: not a readable zip/tar archive" in result.output
 
@@ -77,7 +62,7 @@ def test_import_folder(synth_root, tmp_path):
     dest = tmp_path / "data" / "raw" / "kaggle_3m"
     dest.parent.mkdir(parents=True)
     (dest.parent / "SYNTHETIC").write_text("marker")
-    result = invoke("import", synth_root.parent, "--dest", dest, "--no-dvc")
+    result = invoke("data", "import", synth_root.parent, "--dest", dest, "--no-dvc")
     assert result.exit_code == 0, result.output
     assert f"{dest}: copied (DVC not used)" in result.output
     assert tree(dest) == tree(synth_root)
@@ -91,7 +76,7 @@ def test_import_archive_replaces_an_existing_dataset(synth_root, make_synth, tmp
     dest = tmp_path / "raw" / "kaggle_3m"
     shutil.copytree(make_synth(patients=1, slices=4, seed=9), dest)
     archive = make_archive(synth_root, tmp_path / "lgg", fmt)
-    result = invoke("import", archive, "--dest", dest, "--no-dvc")
+    result = invoke("data", "import", archive, "--dest", dest, "--no-dvc")
     assert result.exit_code == 0, result.output
     assert tree(dest) == tree(synth_root)
 
@@ -106,7 +91,7 @@ def test_import_bad_path_exits_2_and_leaves_dest_untouched(make_synth, tmp_path,
     dest = tmp_path / "raw" / "kaggle_3m"
     shutil.copytree(make_synth(patients=2, slices=4), dest)
     before = tree(dest)
-    result = invoke("import", make_bad(tmp_path), "--dest", dest, "--no-dvc")
+    result = invoke("data", "import", make_bad(tmp_path), "--dest", dest, "--no-dvc")
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and message in result.output
     assert tree(dest) == before
@@ -115,7 +100,7 @@ def test_import_bad_path_exits_2_and_leaves_dest_untouched(make_synth, tmp_path,
 
 def test_import_onto_itself_is_refused(synth_root):
     before = tree(synth_root)
-    result = invoke("import", synth_root, "--dest", synth_root, "--no-dvc")
+    result = invoke("data", "import", synth_root, "--dest", synth_root, "--no-dvc")
     assert result.exit_code == 2
     assert "already at" in result.output
     assert tree(synth_root) == before
@@ -124,13 +109,13 @@ def test_import_onto_itself_is_refused(synth_root):
 def test_manifest_then_split(project_dir, make_synth):
     root = make_synth(patients=10, slices=4)
     manifest, split = project_dir / "m" / "manifest.csv", project_dir / "m" / "split.csv"
-    result = invoke("manifest", "--root", root, "--out", manifest)
+    result = invoke("data", "manifest", "--root", root, "--out", manifest)
     assert result.exit_code == 0, result.output
     assert "manifest: 10 patients, 40 slices" in result.output
     m = pd.read_csv(manifest)
     assert len(m) == 40 and m["patient"].nunique() == 10
 
-    result = invoke("split", "--manifest", manifest, "--out", split, "--set", "split.seed=3")
+    result = invoke("data", "split", "--manifest", manifest, "--out", split, "--set", "split.seed=3")
     assert result.exit_code == 0, result.output
     s = pd.read_csv(split)
     assert sorted(s["patient"]) == sorted(m["patient"].unique())
@@ -144,7 +129,7 @@ def test_manifest_refuses_a_dataset_with_problems(project_dir, synth_root):
     bad = next(synth_root.glob("*/*_2.tif"))
     bad.write_bytes(b"")
     out = project_dir / "manifest.csv"
-    result = invoke("manifest", "--root", synth_root, "--out", out)
+    result = invoke("data", "manifest", "--root", synth_root, "--out", out)
     assert result.exit_code == 1
     assert f"BAD {bad}: zero-byte file" in result.output
     assert "1 problem(s)" in result.output
@@ -152,13 +137,13 @@ def test_manifest_refuses_a_dataset_with_problems(project_dir, synth_root):
 
 
 def test_manifest_missing_root_and_bad_override(project_dir):
-    result = invoke("manifest", "--root", project_dir / "nothing")
+    result = invoke("data", "manifest", "--root", project_dir / "nothing")
     assert result.exit_code == 2 and "dataset not found" in result.output
-    result = invoke("manifest", "--set", "data.rooot=x")
+    result = invoke("data", "manifest", "--set", "data.rooot=x")
     assert result.exit_code == 2 and "unknown key 'data.rooot'" in result.output
 
 
 def test_split_without_manifest_exits_2(project_dir):
-    result = invoke("split", "--manifest", project_dir / "none.csv", "--out", project_dir / "s.csv")
+    result = invoke("data", "split", "--manifest", project_dir / "none.csv", "--out", project_dir / "s.csv")
     assert result.exit_code == 2
     assert "manifest not found" in result.output

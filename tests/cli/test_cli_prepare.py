@@ -2,14 +2,11 @@
 
 import pandas as pd
 
-from conftest import PROJECT_ROOT, invoke
+from helpers import invoke, project_files
 
 
 def test_prepare_generates_the_synthetic_default_then_manifest_and_split(tmp_path, monkeypatch):
-    import shutil
-
-    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT_ROOT / "experiments", tmp_path / "experiments")
+    project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     result = invoke("data", "prepare", "--no-dvc", "--set", "data.synth.patients=6", "--set", "data.synth.slices=5")
     assert result.exit_code == 0, result.output

@@ -19,6 +19,7 @@ from brainseg.data.synth import generate
 from brainseg.pipeline.predict import collect_inputs
 from brainseg.settings.config import load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError
+from helpers import copy_checkout, project_files
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -81,9 +82,7 @@ def test_the_project_defaults_and_every_profile_pass(monkeypatch):
 # ---------------------------------------------------------------------- manifest and split on demand
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT / "experiments", tmp_path / "experiments")
+    monkeypatch.chdir(project_files(tmp_path))
     import_dataset(generate(tmp_path / "src" / "kaggle_3m", patients=6, slices=4, size=32, seed=0),
                    Path("data/raw/kaggle_3m"), use_dvc=False)
     return load_settings(None, [])
@@ -173,7 +172,7 @@ def test_tune_builds_the_missing_manifest_and_split_and_says_so(project, monkeyp
     """`brainseg tune` right after an import: the CLI path up to the study, which is replaced by a
     stub receiving the data context (the study itself is tested in test_tune*)."""
     import brainseg.tune.session
-    from conftest import invoke
+    from helpers import invoke
 
     seen = {}
 
@@ -194,7 +193,8 @@ def test_evaluate_builds_the_missing_manifest_and_split_and_says_so(project, tmp
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
     from brainseg.settings.config import TrainConfig
-    from conftest import Tracking, invoke
+    from conftest import Tracking
+    from helpers import invoke
 
     cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
     model_dir = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path / "model")
@@ -214,11 +214,10 @@ def test_import_then_train_on_a_fresh_clone(real_sample, tmp_path):
     as a user runs it: two processes in a copy of the checkout (tracked + new files, its own git),
     import with DVC, no manifest or split beforehand; MLflow's default store in the clone."""
     import mlflow
-    from test_pipeline import _copy_checkout
 
     from conftest import Tracking
 
-    clone = _copy_checkout(tmp_path / "clone")
+    clone = copy_checkout(tmp_path / "clone")
     assert not (clone / "data/raw/kaggle_3m").exists() and not (clone / "data/processed/split.csv").exists()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BRAINSEG_"))}
 

@@ -4,7 +4,6 @@ problem, changes nothing, creates no MLflow run, and a good command still works 
 from __future__ import annotations
 
 import io
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,33 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from typer.testing import CliRunner
 
-from brainseg.cli import app
 from brainseg.data.importer import import_dataset
 from brainseg.data.synth import generate
+from helpers import invoke_flat, project_files, threshold_net, tree
 
-PROJECT = Path(__file__).resolve().parents[2]
 DATA = Path("data/raw/kaggle_3m")
-
-
-def invoke(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)  # a traceback fails
-    return result.exit_code, " ".join(result.output.split())
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project folder with a valid import at data/raw/kaggle_3m and MLflow pointed inside it."""
-    root = tmp_path / "project"
-    (root / "experiments").mkdir(parents=True)
-    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
-    for f in (PROJECT / "experiments").glob("*.yaml"):
-        shutil.copy(f, root / "experiments")
+    root = project_files(tmp_path / "project")
     import_dataset(generate(tmp_path / "src" / "kaggle_3m", patients=4, slices=4, size=32, seed=0),
                    root / DATA, use_dvc=False)
     monkeypatch.chdir(root)
@@ -225,7 +209,7 @@ def test_hostile_command_is_refused_and_a_good_one_still_works(project, tmp_path
     beside_before = sorted(p.name for p in (project / DATA).parent.iterdir())
     project_before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
 
-    got, output = invoke(*args)
+    got, output = invoke_flat(*args)
     assert got == code, f"{case}: exit {got}: {output}"
     for word in words:
         assert word in output, f"{case}: {word!r} not in {output!r}"
@@ -238,7 +222,7 @@ def test_hostile_command_is_refused_and_a_good_one_still_works(project, tmp_path
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing left unpacked
     assert not list(tmp_path.rglob("evil.txt"))
 
-    got, output = invoke("data", "validate", DATA)  # a good command still works
+    got, output = invoke_flat("data", "validate", DATA)  # a good command still works
     assert got == 0 and "patients: 4 slices: 16" in output and "problems: 0" in output
 
 
@@ -249,8 +233,6 @@ def test_the_suite_has_at_least_25_cases():
 @pytest.mark.parametrize("fault", ["full disk", "read-only folder"])
 def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, tmp_path, monkeypatch, fault):
     import errno
-
-    from test_inference import threshold_net
 
     from brainseg.data import imageio
     from brainseg.inference.segmenter import InferenceSettings, save_model
@@ -275,7 +257,7 @@ def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, t
 
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
     monkeypatch.setattr(Path, "mkdir", mkdir)
-    got, output = invoke("predict", DATA, "--out", tmp_path / "out", "--model", model)
+    got, output = invoke_flat("predict", DATA, "--out", tmp_path / "out", "--model", model)
     assert "Traceback" not in output, output
     if fault == "full disk":  # found mid-way: what was written before is whole
         assert got == 1 and "cannot write into" in output and "No space left on device" in output

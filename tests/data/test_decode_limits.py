@@ -13,12 +13,7 @@ import pytest
 import tifffile
 
 from brainseg.data import imageio
-
-
-def tiff_bytes(arr: np.ndarray, **kw) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, **kw)
-    return buf.getvalue()
+from helpers import tiff_bytes
 
 
 def tiff_claiming(path: Path, width: int, height: int, samples: int = 3) -> bytes:

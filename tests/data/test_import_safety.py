@@ -12,21 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from brainseg.cli import app
 from brainseg.data import imageio
 from brainseg.data.importer import ImportRefused, check_destination, import_dataset, marker_path
 from brainseg.data.layout import ArchiveLimits, extract_archive
-
-
-def invoke(*args) -> tuple[int, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, " ".join(result.output.split())  # rich may wrap long lines
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from helpers import invoke_flat, tree
 
 
 def listing(folder: Path) -> list[str]:
@@ -92,7 +82,7 @@ def test_dest_at_the_project_root_changes_nothing(good, tmp_path, monkeypatch):
         (project / rel).write_text(text)
     before = tree(project), listing(tmp_path)
     monkeypatch.chdir(project)
-    code, output = invoke("data", "import", good, "--dest", ".", "--no-dvc")
+    code, output = invoke_flat("data", "import", good, "--dest", ".", "--no-dvc")
     assert code == 2
     assert "is not empty and is not a dataset" in output and ".git/" in output
     assert (tree(project), listing(tmp_path)) == before  # nothing inside or beside it changed
@@ -104,7 +94,7 @@ def test_dest_at_an_unrelated_folder_changes_nothing(good, tmp_path):
     (unrelated / "notes.txt").write_text("mine")
     (unrelated / "photos" / "cat.png").write_bytes(b"png")
     before = tree(unrelated), listing(tmp_path)
-    code, output = invoke("data", "import", good, "--dest", unrelated, "--no-dvc")
+    code, output = invoke_flat("data", "import", good, "--dest", unrelated, "--no-dvc")
     assert code == 2 and "notes.txt" in output and "nothing was changed" in output
     assert (tree(unrelated), listing(tmp_path)) == before
 
@@ -112,7 +102,7 @@ def test_dest_at_an_unrelated_folder_changes_nothing(good, tmp_path):
 def test_dest_holding_the_source_is_refused(good):
     parent = good.parent
     before = tree(parent)
-    code, output = invoke("data", "import", good, "--dest", parent, "--no-dvc")
+    code, output = invoke_flat("data", "import", good, "--dest", parent, "--no-dvc")
     assert code == 2 and "contains the source" in output
     assert tree(parent) == before
 
@@ -132,15 +122,15 @@ def test_check_destination_refusals(tmp_path, good, name, make, word):
 # -------------------------------------------------------------------------- validate, swap, keep
 def test_invalid_data_over_a_valid_import_leaves_the_valid_one(good, bad_masks, tmp_path):
     dest = tmp_path / "data" / "raw" / "kaggle_3m"
-    code, output = invoke("data", "import", good, "--dest", dest, "--no-dvc")
+    code, output = invoke_flat("data", "import", good, "--dest", dest, "--no-dvc")
     assert code == 0, output
     before = tree(dest), listing(dest.parent)
-    code, output = invoke("data", "import", bad_masks, "--dest", dest, "--no-dvc")
+    code, output = invoke_flat("data", "import", bad_masks, "--dest", dest, "--no-dvc")
     assert code == 2
     assert "mask values are {0, 128}" in output and "nothing was replaced" in output
     assert "_2_mask.tif" in output
     assert (tree(dest), listing(dest.parent)) == before
-    code, output = invoke("data", "validate", dest)  # the good data is still there and valid
+    code, output = invoke_flat("data", "validate", dest)  # the good data is still there and valid
     assert code == 0 and "patients: 3 slices: 12" in output
 
 
@@ -155,7 +145,7 @@ def test_replacing_keeps_the_previous_version_and_says_how_to_restore_it(good, o
     assert f"kept in {backups[0]}" in message and f"brainseg data import {backups[0]} --dest {dest}" in message
     meta = json.loads(marker_path(dest).read_text())
     assert meta["source"] == str(other_good) and meta["patients"] == 2 and meta["previous_backup"] == str(backups[0])
-    code, output = invoke("data", "import", backups[0], "--dest", dest, "--no-dvc")  # the restore it names
+    code, output = invoke_flat("data", "import", backups[0], "--dest", dest, "--no-dvc")  # the restore it names
     assert code == 0, output
     assert tree(dest) == first
     assert len(list(dest.parent.glob("kaggle_3m.previous-*"))) == 2  # nothing is ever deleted
@@ -187,14 +177,14 @@ def test_with_dvc_a_refused_import_keeps_the_pointer(good, bad_masks, tmp_path, 
     subprocess.run(["dvc", "init", "--no-scm", "-q"], check=True)
     subprocess.run(["dvc", "config", "core.analytics", "false"], check=True)
     dest = Path("data/raw/kaggle_3m")
-    code, output = invoke("data", "import", good, "--dest", dest)
+    code, output = invoke_flat("data", "import", good, "--dest", dest)
     assert code == 0, output
     pointer = Path("data/raw/kaggle_3m.dvc").read_text()
     assert "md5" in pointer
-    code, output = invoke("data", "import", bad_masks, "--dest", dest)
+    code, output = invoke_flat("data", "import", bad_masks, "--dest", dest)
     assert code == 2 and "mask values" in output
     assert Path("data/raw/kaggle_3m.dvc").read_text() == pointer and tree(dest) == tree(good)
-    code, output = invoke("data", "import", good.parent, "--dest", dest)  # a new version: backup + cache
+    code, output = invoke_flat("data", "import", good.parent, "--dest", dest)  # a new version: backup + cache
     assert code == 0, output
     assert "also in the DVC cache" in output
 

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import tifffile
 
-from conftest import Tracking, invoke, make_project
+from conftest import Tracking, make_project
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from brainseg.inference.segmenter import (
 )
 from brainseg.settings.config import PrepConfig, TrainConfig
 from brainseg.settings.settings_io import ConfigError
+from helpers import threshold_net
 
 
 def head(size=100, rows=(40, 60), cols=(30, 70), value=200):
@@ -157,17 +158,6 @@ def test_inference_settings_are_checked(field, value, message):
 
 
 # ------------------------------------------------------------------------------ a tiny fixed network
-def threshold_net(size=16):
-    """(S, S, 1) z-scored FLAIR -> sigmoid(8 x - 4): bright pixels are tumor. No randomness."""
-    import tf_keras as keras
-
-    inp = keras.Input((size, size, 1))
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
-    model = keras.Model(inp, conv(inp))
-    conv.set_weights([np.full((1, 1, 1, 1), 8.0, np.float32), np.array([-4.0], np.float32)])
-    return model
-
-
 def slice_with(blobs, size=32):
     im = np.zeros((size, size, 3), np.uint8)
     im[2:30, 2:30] = 60  # head

@@ -12,7 +12,8 @@ import pytest
 from brainseg.data import manifest
 from brainseg.outcome.oof import fold_plan, oof_masks
 from brainseg.settings.config import TrainConfig
-from conftest import invoke, make_project
+from conftest import make_project
+from helpers import invoke
 
 pytestmark = pytest.mark.timeout(1200)  # TensorFlow on a shared 2-core machine
 

@@ -14,7 +14,8 @@ from brainseg.data import clinical, imageio, manifest, synth
 from brainseg.outcome import cv as outcome_cv
 from brainseg.outcome import model
 from brainseg.outcome.features import features_for_manifest
-from conftest import Tracking, invoke, make_project
+from conftest import Tracking, make_project
+from helpers import invoke
 
 
 def clinical_frame(rows):

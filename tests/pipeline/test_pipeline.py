@@ -14,24 +14,9 @@ import pytest
 from test_dvc import DVC
 
 from brainseg.pipeline.run_pipeline import pending_promotions, stage_commands
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT, copy_checkout
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-
-
-def _copy_checkout(dest: Path) -> Path:
-    """The project's files as a fresh clone would have them (tracked + new, not ignored)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        src = PROJECT_ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "clone"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 def test_stage_commands_follow_dvc_yaml_with_params_filled_in():
@@ -70,7 +55,7 @@ def _reports(clone: Path, stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def fresh_run(tmp_path_factory) -> dict:
     """`brainseg run` once on a fresh clone (the Quickstart's main job); two tests read it."""
-    clone = _copy_checkout(tmp_path_factory.mktemp("fresh") / "clone")
+    clone = copy_checkout(tmp_path_factory.mktemp("fresh") / "clone")
     first = subprocess.run([sys.executable, "-m", "brainseg", "run"], cwd=clone, env=_env(),
                            capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -135,7 +120,7 @@ def _run_with_corrupted_test_masks(path: Path) -> dict:
     import pandas as pd
     import tifffile
 
-    clone = _copy_checkout(path)
+    clone = copy_checkout(path)
     env = _env()
 
     def sh(*cmd):

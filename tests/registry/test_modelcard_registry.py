@@ -15,7 +15,7 @@ from brainseg.outcome import workflow
 from brainseg.outcome.cv import permutation_importances
 from brainseg.registry import modelcard, promotion
 from brainseg.settings.config import load_settings
-from conftest import invoke
+from helpers import invoke
 
 
 def _settings() -> dict:

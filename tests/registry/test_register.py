@@ -9,7 +9,7 @@ import pytest
 
 from brainseg.registry.model_registry import decide, decide_preregistered
 from brainseg.tracking import run_metrics
-from conftest import invoke
+from helpers import invoke
 
 VAL = "val_patient_dice_mean"
 
@@ -138,7 +138,7 @@ def test_the_register_stage_alone_never_moves_an_existing_champion(in_project):
     import yaml
 
     from brainseg.settings.config import load_settings
-    from conftest import PROJECT_ROOT
+    from helpers import PROJECT_ROOT
 
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["register"]["cmd"]
     assert "--promote" not in stage and "--force" not in stage

@@ -32,6 +32,7 @@ from brainseg.data import imageio
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.pyfunc import OUTPUT_COLUMNS
 from conftest import Tracking
+from helpers import strict_json, tiff_bytes
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -44,20 +45,6 @@ LEAKS = ("Traceback", "stack_trace", "site-packages", 'File "/')
 # ------------------------------------------------------------------------------------ helpers
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def strict_json(text: str):
-    """json.loads that refuses NaN, Infinity and -Infinity (as JavaScript, Go and Java do)."""
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
-def tiff_bytes(arr: np.ndarray, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, **kwargs)
-    return buf.getvalue()
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -33,7 +33,8 @@ from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.registry import model_registry
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.pyfunc import OUTPUT_COLUMNS
-from conftest import PROJECT_ROOT, Tracking, invoke, noise
+from conftest import Tracking, noise
+from helpers import PROJECT_ROOT, invoke, strict_json
 
 BODY_TIMEOUT = RequestLimits.ENV["body_timeout_s"]
 
@@ -61,13 +62,6 @@ def decode_mask(value: str) -> np.ndarray:
 
 def post(url: str, body: dict) -> requests.Response:
     return requests.post(f"{url}/invocations", json=body, timeout=HTTP_TIMEOUT_S)
-
-
-def strict_json(text: str):
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def as_floats(frame: pd.DataFrame) -> pd.DataFrame:

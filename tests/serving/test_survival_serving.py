@@ -21,6 +21,7 @@ from brainseg.data.clinical import CLINICAL_COLUMNS
 from brainseg.outcome import client, model, pyfunc
 from brainseg.outcome.validate import InputSpec, InvalidInput, build_spec, check_frame
 from conftest import Tracking
+from helpers import strict_json
 
 CLIN = list(CLINICAL_COLUMNS)
 IMG = ["tumor_volume_px", "tumor_slices", "centroid_x"]
@@ -65,12 +66,6 @@ def served(logged):
 def good_record(X: pd.DataFrame, i: int = 0) -> dict:
     row = X.iloc[i]
     return {c: (str(int(row[c])) if c in model.CODE_COLUMNS else float(row[c])) for c in CLIN + IMG}
-
-
-def strict_json(text: str):
-    def refuse(token):
-        raise AssertionError(f"non-strict JSON token {token}")
-    return json.loads(text, parse_constant=refuse)
 
 
 def request(loaded, body) -> tuple[int, dict]:

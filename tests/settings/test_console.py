@@ -153,7 +153,7 @@ def test_smoke_training_prints_only_the_projects_own_lines(tmp_path):
 
 
 def test_verbose_global_option_turns_the_libraries_back_on(tmp_path, monkeypatch):
-    from conftest import invoke
+    from helpers import invoke
 
     monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
     try:

@@ -1,6 +1,5 @@
 """Budget profiles are written INTO params.yaml (`brainseg profile use`); nothing overrides it silently."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,12 @@ import yaml
 from brainseg.settings.config import load_settings
 from brainseg.settings.profiles import read_profiles, use_profile
 from brainseg.settings.settings_io import ConfigError
-from conftest import PROJECT_ROOT, invoke
+from helpers import PROJECT_ROOT, invoke, project_files
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT_ROOT / "experiments", tmp_path / "experiments")
+    project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

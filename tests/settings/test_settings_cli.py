@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from brainseg.cli import app
-from conftest import PROJECT_ROOT
+from helpers import project_files
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(PROJECT_ROOT / "experiments", tmp_path / "experiments")
+    project_files(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path

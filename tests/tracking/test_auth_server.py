@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import urllib.request
 import pytest
 
 from conftest import make_project
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 if importlib.util.find_spec("flask_wtf") is None:  # the CI installs it (the test extra)
@@ -32,12 +32,6 @@ USER, USER_PASSWORD = "worker", "test-only-w0rker-pw"
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The auth server's URI; its admin created the account ``USER`` (default permission READ)."""
@@ -46,7 +40,7 @@ def server(tmp_path_factory):
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'auth.db'}\n"
         f"admin_username = {ADMIN}\nadmin_password = {ADMIN_PASSWORD}\n"
         "auth_cache_ttl_seconds = 300\n")  # without the cache every request pays a password hash (~0.3 s)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in CREDENTIALS} | {
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-key"}
     with open(root / "server.log", "wb") as log:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import make_project
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server(store, port: int) -> subprocess.Popen:
@@ -53,7 +47,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def test_a_lost_tracking_server_costs_no_training_and_one_command_logs_the_rest(tmp_path):
     project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
-    store, port = tmp_path / "store", _free_port()
+    store, port = tmp_path / "store", free_port()
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"
     # MLflow's own retry settings: no retries, a short timeout (the defaults retry for minutes)

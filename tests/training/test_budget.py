@@ -12,7 +12,7 @@ import pytest
 
 from brainseg.tracking import run_notes
 from brainseg.training.budget import BudgetError, BudgetPlan, Phase, parse_budget
-from conftest import invoke
+from helpers import invoke
 
 
 @pytest.mark.parametrize("text, minutes", [("45m", 45.0), ("45", 45.0), ("1.5h", 90.0), ("90s", 1.5),

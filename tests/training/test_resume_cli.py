@@ -11,7 +11,8 @@ import sys
 import mlflow
 import numpy as np
 
-from conftest import Tracking, invoke, make_project
+from conftest import Tracking, make_project
+from helpers import invoke
 
 PER_EPOCH = ("loss", "val_loss", "val_patient_dice", "best_val_patient_dice", "val_dice", "learning_rate")
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from brainseg.registry.modelcard import COMPUTE_METRICS
-from conftest import invoke
+from helpers import invoke
 
 
 def _run_of(output: str):

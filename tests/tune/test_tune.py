@@ -13,7 +13,8 @@ from brainseg.tune.plan import Fidelity, make_pruner, redact, refit_epochs
 from brainseg.tune.runs import Progress
 from brainseg.tune.sampler import TrialSeededSampler, derive_seed
 from brainseg.tune.space import apply_params, load_search_space, recipe_params, trial_config
-from conftest import MAX_LINE, invoke
+from conftest import MAX_LINE
+from helpers import invoke
 
 TrialState = optuna.trial.TrialState
 

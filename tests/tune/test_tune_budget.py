@@ -15,7 +15,8 @@ from brainseg.training.budget import BudgetError
 from brainseg.tune.clock import Clock, session_clock
 from brainseg.tune.plan import Fidelity
 from brainseg.tune.study_budget import StudyBudget, expected_fraction, plan_trials, promoted, refit_minutes
-from conftest import Tracking, invoke, prepared_project
+from conftest import Tracking, prepared_project
+from helpers import invoke
 
 
 # ------------------------------------------------------------------------------ the plan (pure)
@@ -145,7 +146,7 @@ def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tm
     from brainseg.tune.clock import CLOCK_ATTR, PLAN_ATTR, worker_clock
     from brainseg.tune.plan import open_plan_study, plan_from_settings
     from brainseg.tune.study_budget import TrialPlan
-    from conftest import PROJECT_ROOT
+    from helpers import PROJECT_ROOT
 
     monkeypatch.chdir(PROJECT_ROOT)
     settings = load_settings("smoke", ["tune.budget_minutes=10"])

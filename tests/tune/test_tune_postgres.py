@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import optuna
 import pytest
 
 from conftest import make_project
+from helpers import free_port
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -50,12 +50,6 @@ def _create_database() -> str:
     return name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A project, a PostgreSQL database for Optuna and an MLflow server on another PostgreSQL database."""
@@ -65,7 +59,7 @@ def cluster(tmp_path_factory):
     for args in (["data", "manifest"], ["data", "split"]):
         subprocess.run([sys.executable, "-m", "brainseg", *args], cwd=root, env=env, check=True,
                        capture_output=True)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{PG}/{_create_database()}",
          "--artifacts-destination", str(root / "mlartifacts"), "-h", "127.0.0.1", "-p", str(port),
@@ -188,7 +182,7 @@ def private_postgres():
     top = tempfile.mkdtemp(prefix="pg-")  # short: the socket's path must stay under 107 bytes
     if as_user:
         os.chown(top, pwd.getpwnam("postgres").pw_uid, -1)
-    port, data = _free_port(), os.path.join(top, "data")
+    port, data = free_port(), os.path.join(top, "data")
 
     def pg_ctl(*args):
         subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, *args], check=True, capture_output=True, timeout=60)

@@ -16,7 +16,8 @@ import optuna
 import pytest
 
 from brainseg.tune.runs import process_started, reap_dead_predecessors
-from conftest import MAX_LINE, PROJECT_ROOT, Tracking, invoke, make_project, noise, prepared_project
+from conftest import MAX_LINE, Tracking, make_project, noise, prepared_project
+from helpers import PROJECT_ROOT, invoke
 
 # MLflow's store, alembic and Optuna log lines (not in conftest.NOISE; `mlflow.projects` lines may stay)
 LIBRARY_INFO = re.compile(r"INFO\s+(\[alembic|mlflow\.(?!projects))|^\[[IW] \d{4}-\d\d-\d\d ")
