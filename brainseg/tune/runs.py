@@ -184,9 +184,10 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
         raise optuna.TrialPruned(f"{why} after {step} {unit}")
 
     class TrialReport(keras.callbacks.Callback):
+        step = 0  # kept across the fit calls of one training (progressive resizing runs two)
+
         def on_train_begin(self, logs=None):
             trial.set_user_attr(RUN_ATTR, mlflow_runs.active_run_id())
-            self.step = 0
 
         def on_train_batch_end(self, batch, logs=None):
             if deadline is not None and time.time() >= deadline:
@@ -195,7 +196,10 @@ def trial_callbacks(trial: optuna.Trial, unit: str = "epochs", deadline: float |
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             value = logs.get(OBJECTIVE)
-            self.step = epoch + 1 if unit == "epochs" else int(round(60 * float(logs.get("elapsed_min", 0.0))))
+            # every report reaches the pruner: two epochs ending in the same whole second (a short trial)
+            # would share a step, and Optuna ignores a value reported at a step already reported
+            seconds = int(round(60 * float(logs.get("elapsed_min", 0.0))))
+            self.step = epoch + 1 if unit == "epochs" else max(self.step + 1, seconds)
             if value is None or math.isnan(float(value)):
                 return
             trial.report(float(value), self.step)
