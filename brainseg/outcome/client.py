@@ -41,7 +41,7 @@ def model_inputs(model, patients: pd.DataFrame, clinical_csv: Path | None) -> pd
     out = pd.DataFrame(index=frame.index)
     for spec in schema.inputs:
         values = frame[spec.name] if spec.name in frame.columns else pd.Series(float("nan"), index=frame.index)
-        if spec.type.name == "string":
+        if getattr(spec.type, "name", None) == "string":  # numbers are typed Any (outcome/pyfunc.py)
             out[spec.name] = pd.Series([_code_text(v) for v in values], index=frame.index, dtype=object)
         else:
             out[spec.name] = pd.to_numeric(values, errors="coerce").astype(float)

@@ -7,8 +7,11 @@ Input: one row per patient. Every column is optional (none is required by the si
 - integer code columns of data.csv (``RNASeqCluster`` ... ``ethnicity``, ``neoplasm_histologic_grade``)
   typed ``string``: send the code as a string of digits (``"2"``; a JSON integer is accepted too),
   ``null`` when unknown. Only codes seen in training are accepted.
-- ``age_at_initial_pathologic`` (double, years, 0-120) and the per-patient imaging features of
-  :mod:`brainseg.outcome.features` (double, >= 0), ``null`` when unknown.
+- ``age_at_initial_pathologic`` (a number, years, 0-120) and the per-patient imaging features of
+  :mod:`brainseg.outcome.features` (numbers, >= 0), ``null`` when unknown. The signature types
+  these columns ``Any``: with ``double`` MLflow would cast what was sent before the model sees it
+  (a JSON ``true`` became an age of 1.0 year, ``"42"`` the number 42); so the model's own check
+  (:mod:`brainseg.outcome.validate`) sees the value as sent and refuses a boolean or a text by name.
 
 Columns the model does not use are dropped by MLflow before the model sees them. Which columns a
 given version uses is its signature (``columns`` in ``survival_model.json``).
@@ -27,7 +30,9 @@ Output: one row per input row, in order:
   from: ``oof_predicted`` or ``truth``).
 
 A value of the wrong type, out of range, or an unseen code is refused with an MLflow
-INVALID_PARAMETER_VALUE error (HTTP 400) naming the column and the row; no stack trace.
+INVALID_PARAMETER_VALUE error (HTTP 400) naming the column and the row; an error the model did not
+foresee is logged by the server and answered with a generic HTTP 500
+(:func:`brainseg.serving.pyfunc.http_errors`); never a stack trace.
 All answers are strict JSON (null, never NaN).
 """
 
@@ -43,12 +48,13 @@ import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import AnyType
 from sklearn.pipeline import Pipeline
 
 import brainseg
 from brainseg.data.clinical import TARGET
 from brainseg.outcome.validate import InputSpec, InvalidInput, check_frame, unknown_fields
-from brainseg.serving.pyfunc import BadRequest
+from brainseg.serving.pyfunc import http_errors
 from brainseg.tracking import run_notes
 
 PROBABILITY, CLASS = f"{TARGET}_probability", f"{TARGET}_class"
@@ -78,11 +84,12 @@ class SurvivalModel(mlflow.pyfunc.PythonModel):
         self.pipeline, self.spec, self.evidence = pipeline, spec, dict(evidence)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        with http_errors(InvalidInput):  # a 400 whose message begins with the reason; never a traceback
+            return self._predict(model_input)
+
+    def _predict(self, model_input) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        try:
-            X, reasons = check_frame(frame.reset_index(drop=True), self.spec)
-        except InvalidInput as exc:
-            raise BadRequest(str(exc)) from None  # a 400 whose message begins with the reason
+        X, reasons = check_frame(frame.reset_index(drop=True), self.spec)
         n = len(X)
         prob = [None] * n
         ok = [i for i, why in enumerate(reasons) if why is None]
@@ -103,9 +110,9 @@ class SurvivalModel(mlflow.pyfunc.PythonModel):
 
 
 def signature(spec: InputSpec) -> ModelSignature:
-    """Explicit types: codes ``string``, numbers ``double``, every input optional."""
-    inputs = [ColSpec(DataType.string if c in spec.codes else DataType.double, c, required=False)
-              for c in spec.columns]
+    """Codes ``string``, numbers ``Any`` (checked by the model as sent, see the module doc), every
+    input optional."""
+    inputs = [ColSpec(DataType.string if c in spec.codes else AnyType(), c, required=False) for c in spec.columns]
     outputs = [ColSpec(DataType.double, PROBABILITY, required=False), ColSpec(DataType.long, CLASS, required=False),
                ColSpec(DataType.string, "status"), ColSpec(DataType.string, "message"),
                ColSpec(DataType.double, "cv_roc_auc", required=False), ColSpec(DataType.long, "cv_n_patients"),

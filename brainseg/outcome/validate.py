@@ -12,8 +12,9 @@ Rules:
   texts ``"None"`` and ``"nan"`` are null too: MLflow turns a null of a string column into them in
   the ``instances`` and ``inputs`` request formats (``{"gender": null}`` arrives as ``"None"``).
 - ``age_at_initial_pathologic`` is in 0-120 years; imaging features are finite and >= 0; infinity
-  is refused. NaN is null (unknown), as in pandas: over REST a JSON ``null`` of a number column
-  reaches the model as NaN, so the two cannot be told apart. :func:`unknown_fields` names, per
+  is refused, and so is a boolean or a text in a number column (``true`` is not an age of 1 year).
+  NaN is null (unknown), as in pandas: over REST a JSON ``null`` of a number column reaches the
+  model as NaN, so the two cannot be told apart. :func:`unknown_fields` names, per
   row, what was unknown (the answer's ``message`` lists them: the pipeline imputes them).
 - a row needs at least ``min_known_clinical`` known clinical fields when the model uses clinical
   fields, and a known ``tumor_volume_px`` when it uses imaging features.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,7 @@ AGE = "age_at_initial_pathologic"
 NULL_TEXTS = {"", "none", "nan", "null"}  # a code cell holding one of these (any case) is unknown
 RANGES = {AGE: (0.0, 120.0), **{c: (0.0, 1e9) for c in IMAGING_COLUMNS}}
 MAX_ROWS = 10_000
+CODE_TEXT = re.compile(r"-?[0-9]{1,9}")  # a code as text: ASCII digits, short (int() of 5,000 digits raises)
 
 
 class InvalidInput(ValueError):
@@ -94,17 +97,29 @@ def _code(value, column: str, row: int) -> float:
         text = value.strip()
         if text.lower() in NULL_TEXTS:
             return math.nan
-        if text.lstrip("-").isdigit():
+        if CODE_TEXT.fullmatch(text):
             return float(int(text))
-    raise InvalidInput(f"column {column!r}, row {row}: {str(value)[:40]!r} is not an integer code")
+    raise InvalidInput(f"column {column!r}, row {row}: {_shown(value)} is not an integer code")
+
+
+def _shown(value) -> str:
+    """A cell as quoted in a refusal: its text cut to 40 characters (never the whole request)."""
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 def _number(value, column: str, row: int) -> float:
+    """One number cell -> float (NaN when missing), or InvalidInput. A boolean or a text is refused
+    (over REST the signature types these columns ``Any``, so MLflow hands over what was sent)."""
     if value is None:
         return math.nan
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InvalidInput(f"column {column!r}, row {row}: {str(value)[:40]!r} is not a number")
-    value = float(value)
+        kind = "a boolean" if isinstance(value, (bool, np.bool_)) else "not a number"
+        raise InvalidInput(f"column {column!r}, row {row}: {_shown(value)} is {kind}; expected a number or null")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        value = math.inf if value > 0 else -math.inf
     if math.isnan(value):
         return value
     low, high = RANGES.get(column, (-math.inf, math.inf))
@@ -126,7 +141,7 @@ def check_frame(frame: pd.DataFrame, spec: InputSpec) -> tuple[pd.DataFrame, lis
         raise InvalidInput(f"{len(frame)} rows in one request; the limit is {spec.max_rows}")
     unknown = [str(c) for c in frame.columns if c not in spec.columns]
     if unknown:
-        raise InvalidInput(f"unknown column(s) {', '.join(map(repr, unknown[:10]))}"
+        raise InvalidInput(f"unknown column(s) {', '.join(_shown(c) for c in unknown[:10])}"
                            f"{' ...' if len(unknown) > 10 else ''}: the model reads only "
                            f"{', '.join(spec.columns)}")
     if not len(frame) or not set(frame.columns) & set(spec.columns):

@@ -6,6 +6,10 @@ REST as it does in ``evaluate`` and ``brainseg predict``, while ``max_pixels`` b
 a request (128 slices of 256x256). ``max_body_bytes`` bounds the HTTP body before MLflow's scoring
 server reads it; only the server of :mod:`brainseg.serving.scoring_app` applies it (``mlflow models
 serve`` has no such setting).
+
+The limits of one image (:meth:`RequestLimits.image_problem`: at least :attr:`RequestLimits.MIN_SIDE_PX`
+a side, at most ``max_image_bytes`` encoded) are the same for the served model and ``brainseg predict``:
+an image one refuses, the other refuses too, with the same words.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class RequestLimits:
     max_body_bytes: int = 64 * 2**20
     body_timeout_s: int = 30  # the whole body must arrive within this (a stalled client gets a 408)
 
+    MIN_SIDE_PX: ClassVar[int] = 32  # smaller slices cannot hold a head at the data's resolution
     ENV: ClassVar[dict[str, str]] = {"max_rows": "BRAINSEG_SERVE_MAX_ROWS", "max_pixels": "BRAINSEG_SERVE_MAX_PIXELS",
            "max_image_bytes": "BRAINSEG_SERVE_MAX_IMAGE_BYTES", "max_body_bytes": "BRAINSEG_SERVE_MAX_BODY_BYTES",
            "body_timeout_s": "BRAINSEG_SERVE_BODY_TIMEOUT_S"}
@@ -45,3 +50,21 @@ class RequestLimits:
             if values[field] < 1:
                 raise ValueError(f"{var}={raw!r} must be >= 1")
         return cls(**values)
+
+    def bytes_problem(self, size: int, about: bool = False) -> str | None:
+        """Why an image of ``size`` encoded bytes is refused (None: it is not)."""
+        if size <= self.max_image_bytes:
+            return None
+        return (f"image of {'about ' if about else ''}{size:,} bytes exceeds the limit of {self.max_image_bytes:,} "
+                f"bytes per image ({self.ENV['max_image_bytes']})")
+
+    def image_problem(self, width: int, height: int) -> str | None:
+        """Why an image of ``width`` x ``height`` pixels is refused (None: it is not).
+
+        >>> RequestLimits().image_problem(300, 16)
+        'image of 300x16 pixels is too small; each side must be at least 32 pixels'
+        """
+        if min(width, height) >= self.MIN_SIDE_PX:
+            return None
+        return (f"image of {width}x{height} pixels is too small; each side must be at least "
+                f"{self.MIN_SIDE_PX} pixels")

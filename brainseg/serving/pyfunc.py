@@ -16,7 +16,9 @@ Answer: one row per slice, columns :data:`OUTPUT_COLUMNS`: the per-slice feature
 ``null``, never NaN.
 
 Refusals are HTTP 400 (MLflow INVALID_PARAMETER_VALUE) naming the row, column, parameter or
-limit, never a stack trace (:mod:`brainseg.serving.request`). Limits per request are read from
+limit, never a stack trace (:mod:`brainseg.serving.request`); an error the model did not foresee is
+logged with its traceback by the server and answered with a generic HTTP 500 (:func:`http_errors`,
+also used by the survival model). Limits per request are read from
 the environment of the serving process when the model loads
 (:class:`brainseg.serving.limits.RequestLimits`):
 
@@ -40,8 +42,10 @@ from __future__ import annotations
 import brainseg.settings.keras_env  # noqa: F401
 
 import base64
+import contextlib
 import io
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -53,7 +57,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
@@ -75,14 +79,15 @@ from brainseg.serving.request import (  # noqa: F401  (re-exported: the served m
 )
 
 
-class BadRequest(MlflowException):
-    """An HTTP 400 (INVALID_PARAMETER_VALUE) whose message begins with its reason.
+class ReasonFirst(MlflowException):
+    """An MLflow error answer (HTTP status from :attr:`ERROR_CODE`) whose message begins with its reason.
 
     MLflow's scoring server rewrites the message of an exception the model raises into
     ``"Failed to predict data '<the request table>'. \\nError: <reason>"``
     (``mlflow.pyfunc.scoring_server.invocations``), which put the reason after hundreds of
     characters of the table's dump. Here an assigned message that holds the reason later on is
-    rearranged to the reason first, then what was added around it.
+    rearranged to the reason first, then what was added around it (the server of
+    :mod:`brainseg.serving.scoring_app` then drops the dump: an answer never repeats the request).
 
     >>> e = BadRequest("row 0: not valid base64")
     >>> e.message = f"Failed to predict data '  image\\n0  @@@'. \\nError: {e.message}"
@@ -90,9 +95,11 @@ class BadRequest(MlflowException):
     'row 0: not valid base64'
     """
 
+    ERROR_CODE = INVALID_PARAMETER_VALUE
+
     def __init__(self, message: str):
         self.reason = str(message)
-        super().__init__(self.reason, error_code=INVALID_PARAMETER_VALUE)
+        super().__init__(self.reason, error_code=self.ERROR_CODE)
 
     @property
     def message(self) -> str:
@@ -108,6 +115,42 @@ class BadRequest(MlflowException):
         self._message = value
 
 
+class BadRequest(ReasonFirst):
+    """An HTTP 400 (INVALID_PARAMETER_VALUE): the request is refused, the message says why."""
+
+
+class ModelFailed(ReasonFirst):
+    """An HTTP 500 (INTERNAL_ERROR) with a generic message: the model failed in a way it did not
+    foresee. The traceback goes to the server's log, never into the answer."""
+
+    ERROR_CODE = INTERNAL_ERROR
+    MESSAGE = "the model failed on this request (an internal error, logged by the server)"
+
+    def __init__(self, message: str = MESSAGE):
+        super().__init__(message)
+
+
+@contextlib.contextmanager
+def http_errors(*refusals: type[Exception]):
+    """Exceptions of a served model's ``predict`` as HTTP answers: ``refusals`` (the model's own
+    "bad input" types) a 400 whose message begins with the reason; an MlflowException as it is;
+    a MemoryError a 400 asking for fewer rows; anything else logged here with its traceback and
+    answered with :class:`ModelFailed` (MLflow would put the traceback in the answer's
+    ``stack_trace``)."""
+    try:
+        yield
+    except refusals as exc:
+        raise BadRequest(str(exc)) from None
+    except MlflowException:
+        raise
+    except MemoryError:
+        raise BadRequest("out of memory answering the request; send fewer rows") from None
+    except Exception:
+        LOG.exception("unexpected error inside the served model; answered with a generic HTTP 500")
+        raise ModelFailed() from None
+
+
+LOG = logging.getLogger(__name__)
 OUTPUT_COLUMNS = [*SLICE_FEATURE_COLUMNS, "mask_png", *PARAMS, "model_run_id", "data_version"]
 MODEL_DIR_ARTIFACT = "model_dir"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the brainseg package, shipped with the model
@@ -183,7 +226,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                                      seg.settings.replace(threshold=threshold), groups)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        try:
+        with http_errors(RequestError):  # a 400 whose message begins with the reason; never a traceback
             threshold, return_mask = check_params(params, self.segmenter.settings.threshold)
             images = decode_request(model_input, self.segmenter.cfg.channels, self.limits)
             groups = patient_groups(model_input)
@@ -191,9 +234,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
                 masks = self.segment(images, threshold, groups)
             except MemoryError as exc:
                 raise bad_request(f"out of memory segmenting {len(images)} slices; send fewer rows") from exc
-        except RequestError as exc:
-            raise BadRequest(str(exc)) from None  # a 400 whose message begins with the reason
-        return answer_rows(masks, images, threshold, return_mask, self.meta)
+            return answer_rows(masks, images, threshold, return_mask, self.meta)
 
 
 SERVING_PACKAGES = ("mlflow", "tf-keras", "segmentation-models", "numpy", "pandas",

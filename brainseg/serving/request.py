@@ -21,7 +21,8 @@ from brainseg.serving.limits import RequestLimits
 IMAGE_COLUMN = "image"
 PATIENT_COLUMN = "patient"
 PARAMS = ("threshold", "return_mask")  # the params the signature declares, echoed in the answer
-MIN_SIDE_PX = 32  # smaller slices cannot hold a head at the data's resolution
+MIN_SIDE_PX = RequestLimits.MIN_SIDE_PX  # the same for brainseg predict (RequestLimits.image_problem)
+SHOWN_CHARS = 40  # a value quoted in a refusal is cut here: an answer never repeats the request
 
 
 class RequestError(ValueError):
@@ -34,6 +35,23 @@ def bad_request(message: str) -> RequestError:
     return RequestError(message)
 
 
+def shown(value) -> str:
+    """``value`` as JSON for a refusal, cut to :data:`SHOWN_CHARS` characters.
+
+    >>> shown("x" * 100)
+    '"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...'
+    """
+    text = json.dumps(value, default=str)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
+def names(columns) -> str:
+    """Column names for a refusal: each cut to :data:`SHOWN_CHARS`, at most 10 of them."""
+    columns = [str(c) for c in columns]
+    cut = [repr(c if len(c) <= SHOWN_CHARS else c[:SHOWN_CHARS] + "...") for c in columns[:10]]
+    return ", ".join(cut) + (f" and {len(columns) - 10} more" if len(columns) > 10 else "")
+
+
 # ------------------------------------------------------------------------------------ params
 def check_params(params: dict | None, default_threshold: float) -> tuple[float, bool]:
     """``params`` -> (threshold, return_mask), or a 400 naming the parameter.
@@ -44,18 +62,18 @@ def check_params(params: dict | None, default_threshold: float) -> tuple[float, 
     params = dict(params or {})
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
-        raise bad_request(f"unknown param(s) {', '.join(map(repr, unknown))}; "
+        raise bad_request(f"unknown param(s) {names(unknown)}; "
                           "known: 'threshold' (float in (0, 1)), 'return_mask' (bool)")
     threshold = params.get("threshold", default_threshold)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.integer, np.floating)):
-        raise bad_request(f"param 'threshold': got {json.dumps(threshold, default=str)} "
+        raise bad_request(f"param 'threshold': got {shown(threshold)} "
                           f"({type(threshold).__name__}); expected a number in (0, 1)")
     threshold = float(threshold)
     if not 0.0 < threshold < 1.0:  # also NaN
         raise bad_request(f"param 'threshold': {threshold} is not in (0, 1)")
     return_mask = params.get("return_mask", True)
     if not isinstance(return_mask, (bool, np.bool_)):
-        raise bad_request(f"param 'return_mask': got {json.dumps(return_mask, default=str)} "
+        raise bad_request(f"param 'return_mask': got {shown(return_mask)} "
                           f"({type(return_mask).__name__}); expected true or false")
     return threshold, bool(return_mask)
 
@@ -83,9 +101,9 @@ def decode_cell(value, row: int, limits: RequestLimits) -> bytes:
     value = value.strip()
     if not value:
         raise bad_request(f"{source}: empty string; expected base64-encoded TIFF or PNG bytes")
-    if len(value) * 3 // 4 > limits.max_image_bytes:
-        raise bad_request(f"{source}: image of about {len(value) * 3 // 4:,} bytes exceeds the limit of "
-                          f"{limits.max_image_bytes:,} bytes per image ({RequestLimits.ENV['max_image_bytes']})")
+    too_big = limits.bytes_problem(len(value) * 3 // 4, about=True)
+    if too_big:
+        raise bad_request(f"{source}: {too_big}")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -124,11 +142,12 @@ def decode_request(model_input, channels: str, limits: RequestLimits) -> list[np
     the request's total pixels. Any failure is a 400 naming the row/column/limit.
     """
     if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-        got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+        got = (f"columns {names(model_input.columns)}" if isinstance(model_input, pd.DataFrame)
+               else type(model_input).__name__)
         raise bad_request(f"input must be a table with a column {IMAGE_COLUMN!r} (got {got})")
     extra = [str(c) for c in model_input.columns if c not in (IMAGE_COLUMN, PATIENT_COLUMN)]
     if extra:
-        raise bad_request(f"unknown column(s) {', '.join(map(repr, extra))}; the columns are {IMAGE_COLUMN!r} "
+        raise bad_request(f"unknown column(s) {names(extra)}; the columns are {IMAGE_COLUMN!r} "
                           f"and, optionally, {PATIENT_COLUMN!r}")
     n = len(model_input)
     if n == 0:
@@ -144,9 +163,9 @@ def decode_request(model_input, channels: str, limits: RequestLimits) -> list[np
             info = imageio.probe_bytes(data, source)
         except imageio.BadImage as exc:
             raise bad_request(str(exc)) from exc
-        if min(info.width, info.height) < MIN_SIDE_PX:
-            raise bad_request(f"{source}: image of {info.width}x{info.height} pixels is too small; "
-                              f"each side must be at least {MIN_SIDE_PX} pixels")
+        too_small = limits.image_problem(info.width, info.height)
+        if too_small:
+            raise bad_request(f"{source}: {too_small}")
         total += info.pixels
         if total > limits.max_pixels:
             raise bad_request(f"row {i}: the request's slices hold more than the limit of {limits.max_pixels:,} "

@@ -17,6 +17,18 @@ ASGI middleware that reads no body byte before deciding:
   a client that declares a body and stalls (a partial body) is answered and holds nothing, while
   the other clients' requests go on (uvicorn serves connections concurrently).
 
+- :class:`ContentEncodingRefused`: a body sent with a ``Content-Encoding`` (gzip, deflate, br, ...)
+  gets a **415** naming it: this server decodes no compressed body (MLflow's app would take the
+  compressed bytes as the JSON and echo them back in its 400);
+- :class:`BodyChecks`: a JSON or CSV body that is not UTF-8, JSON that does not parse, nests more
+  than 64 levels or holds an integer of more than 4,300 digits gets a **400** naming the problem
+  (:func:`brainseg.serving.answers.check_body`), never quoting the body (MLflow's app echoes such a
+  body in its 400, or answers 500);
+- :class:`CleanErrors`: every error answer of MLflow's app is rewritten to ``{"error_code",
+  "message"}`` with at most 1,024 characters of message, the reason first, without MLflow's dump
+  of the request table, a stack trace or a file path (:func:`brainseg.serving.answers.error_document`);
+  an exception that escapes the app is logged here and answered with a generic 500.
+
 The middleware never reads the rest of a refused body: once the answer is sent, uvicorn discards
 what the client still sends on that connection (memory stays flat) and the client reads the answer.
 Start it with uvicorn's factory mode::
@@ -29,16 +41,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 
+from brainseg.serving.answers import BodyRefused, check_body, error_document
 from brainseg.serving.limits import RequestLimits
 
 MODEL_ENV = "BRAINSEG_SERVE_MODEL"
+LOG = logging.getLogger(__name__)
 
 
-async def answer(send, status: int, message: str) -> None:
+async def answer(send, status: int, message: str, error_code: str = "INVALID_PARAMETER_VALUE") -> None:
     """An MLflow-style JSON error answer (``error_code``, ``message``) with ``status``."""
-    content = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": message}).encode()
+    content = json.dumps({"error_code": error_code, "message": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(content)).encode())]})
@@ -59,6 +74,112 @@ class ContentTypeRequired:
             if not content_type.strip():
                 return await answer(send, 415, self.MESSAGE)
         return await self.app(scope, receive, send)
+
+
+class ContentEncodingRefused:
+    """ASGI middleware: a body with a ``Content-Encoding`` other than ``identity`` gets a 415 naming it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            raw = dict(scope.get("headers") or []).get(b"content-encoding", b"")
+            encoding = raw.decode("latin-1").strip()
+            if encoding and encoding.lower() != "identity":
+                shown = encoding if len(encoding) <= 40 else encoding[:40] + "..."
+                return await answer(send, 415, f"Content-Encoding {shown!r} is not accepted: this server decodes "
+                                               "no compressed body; send the JSON uncompressed")
+        return await self.app(scope, receive, send)
+
+
+async def read_body(receive) -> bytes | None:
+    """The whole request body (None if the client went away)."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+class BodyChecks:
+    """ASGI middleware (inside :class:`BodyLimit`, so the body is bounded and already here): a JSON
+    or CSV body that MLflow's app would echo back or answer with a 500 gets a 400 naming the problem
+    (:func:`brainseg.serving.answers.check_body`); a good one is handed on unchanged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        body = await read_body(receive)
+        if body is None:
+            return None
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        try:
+            await asyncio.to_thread(check_body, body, content_type)  # a 64 MiB parse off the event loop
+        except BodyRefused as exc:
+            return await answer(send, exc.status, str(exc), "BAD_REQUEST")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class CleanErrors:
+    """ASGI middleware around MLflow's app: an error answer (status >= 400) is held and rewritten by
+    :func:`brainseg.serving.answers.error_document` (bounded, reason first, no dump of the request,
+    no stack trace, no path); what it drops is logged. An exception escaping the app is logged with
+    its traceback and answered with a generic 500. Successful answers pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict = {}  # the error answer being held: status and body chunks
+        state = {"answer": None}  # "passed": a good answer went out; "cleaned": an error answer, rewritten
+
+        async def hold(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                held.update(status=message["status"], body=[])
+                return None
+            if held and message["type"] == "http.response.body":
+                held["body"].append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await self._send_clean(send, held["status"], b"".join(held["body"]))
+                    state["answer"] = "cleaned"
+                return None
+            if message["type"] == "http.response.start":
+                state["answer"] = "passed"
+            return await send(message)
+
+        try:
+            await self.app(scope, receive, hold)
+        except Exception:
+            LOG.exception("error answering %s %s", scope.get("method"), scope.get("path"))
+            if state["answer"] == "passed":
+                raise  # a good answer had begun: the server closes the connection
+            if state["answer"] is None:
+                await answer(send, 500, error_document(500, b"")[0]["message"], "INTERNAL_ERROR")
+
+    @staticmethod
+    async def _send_clean(send, status: int, body: bytes) -> None:
+        doc, dropped = error_document(status, body)
+        if dropped:
+            LOG.warning("HTTP %s: the app's answer held a stack trace (not sent):\n%s", status, dropped[-4000:])
+        await answer(send, status, doc["message"], doc["error_code"])
 
 
 class BodyLimit:
@@ -113,7 +234,8 @@ class BodyLimit:
 
 def create_app(model_uri: str | None = None, limits: RequestLimits | None = None):
     """MLflow's scoring app for ``model_uri`` (default: ``$BRAINSEG_SERVE_MODEL``) behind
-    :class:`ContentTypeRequired` and :class:`BodyLimit`."""
+    :class:`ContentTypeRequired`, :class:`ContentEncodingRefused`, :class:`BodyLimit`,
+    :class:`BodyChecks` and :class:`CleanErrors`, in that order from the client."""
     from mlflow.pyfunc import scoring_server
 
     model_uri = model_uri or os.environ.get(MODEL_ENV)
@@ -121,4 +243,5 @@ def create_app(model_uri: str | None = None, limits: RequestLimits | None = None
         raise SystemExit(f"set {MODEL_ENV} to the model to serve, e.g. models:/brainseg-segmenter@champion")
     limits = limits or RequestLimits.from_env()
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri))
-    return ContentTypeRequired(BodyLimit(app, limits.max_body_bytes, limits.body_timeout_s))
+    checked = BodyChecks(CleanErrors(app))
+    return ContentTypeRequired(ContentEncodingRefused(BodyLimit(checked, limits.max_body_bytes, limits.body_timeout_s)))
