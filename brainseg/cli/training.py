@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, print_metrics, settings_or_fail
+from brainseg.settings.architectures import model_name
 from brainseg.settings.config import TrainConfig
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import run_notes
@@ -27,22 +28,23 @@ from brainseg.training.checkpoint import (
 # is train's alone.
 
 
-def train(profile: ProfileOpt = None, set_: SetOpt = None,
-          budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget of the training, e.g. 45m, 1.5h, "
-                                                        "90s (sets train.budget_minutes; overrides epochs).")] = None,
-          test_report: Annotated[bool, typer.Option(help="Score the test patients at the end (report only; "
-                                                    "--no-test-report for ablations that must not see them).")] = True,
-          progress: Annotated[str, typer.Option(help="Epoch progress: auto (a bar on a terminal, one line per "
-                                                "epoch otherwise), bar, lines or none.")] = "auto",
-          keras_verbose: Annotated[Optional[int], typer.Option("--verbose", hidden=True,
-                                                               help="Old spelling: 0 none, 1 bar, 2 lines.")] = None,
-          resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last saved "
-                                               "epoch, in the same MLflow run, with its own settings "
-                                               "(`brainseg checkpoints` lists them).")] = False,
-          run: Annotated[Optional[str], typer.Option("--run", help="With --resume: the run to continue (default: "
-                                                     "the newest checkpoint).")] = None,
-          checkpoint_dir: Annotated[Path, typer.Option(help="Where every epoch is saved while the run lasts "
-                                                       "(removed when it finishes).")] = DEFAULT_ROOT):
+def train_command(
+        profile: ProfileOpt = None, set_: SetOpt = None,
+        budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget of the training, e.g. 45m, 1.5h, "
+                                                      "90s (sets train.budget_minutes; overrides epochs).")] = None,
+        test_report: Annotated[bool, typer.Option(help="Score the test patients at the end (report only; "
+                                                  "--no-test-report for ablations that must not see them).")] = True,
+        progress: Annotated[str, typer.Option(help="Epoch progress: auto (a bar on a terminal, one line per "
+                                              "epoch otherwise), bar, lines or none.")] = "auto",
+        keras_verbose: Annotated[Optional[int], typer.Option("--verbose", hidden=True,
+                                                             help="Old spelling: 0 none, 1 bar, 2 lines.")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last saved "
+                                             "epoch, in the same MLflow run, with its own settings "
+                                             "(`brainseg checkpoints` lists them).")] = False,
+        run: Annotated[Optional[str], typer.Option("--run", help="With --resume: the run to continue (default: "
+                                                   "the newest checkpoint).")] = None,
+        checkpoint_dir: Annotated[Path, typer.Option(help="Where every epoch is saved while the run lasts "
+                                                     "(removed when it finishes).")] = DEFAULT_ROOT):
     """Train one segmenter on the train patients, select the best epoch on val, log it all to MLflow."""
     from brainseg.data.context import DataContext
     from brainseg.models.factory import check_names
@@ -80,7 +82,7 @@ def train(profile: ProfileOpt = None, set_: SetOpt = None,
         fail(f"--resume: run {ckpt.run_id} trained on data version {str(ckpt.meta.get('data_version'))[:12]}, "
              f"the data here is {ctx.version[:12]}", 2)
     try:
-        name = ckpt.meta.get("run_name", "train") if state is not None else f"train-{cfg.arch}-{cfg.encoder}"
+        name = ckpt.meta.get("run_name", "train") if state is not None else f"train-{model_name(cfg.arch, cfg.encoder)}"
         res = tracked_training(settings, cfg, ctx, run_name=name, verbose=0,
                                callbacks=[bar] if bar else [], report_test=test_report,
                                checkpoints=checkpoint_dir, resume=(ckpt, state) if state is not None else None)
@@ -139,7 +141,7 @@ def verify_or_fail(ckpt: Checkpoint, state: dict, cfg: TrainConfig) -> None:
 
     try:
         shapes = [tuple(w.shape) for w in build_model(cfg).get_weights()]
-        ckpt.verify(state, shapes, None if cfg.budget_minutes else cfg.epochs, f"{cfg.arch}/{cfg.encoder}")
+        ckpt.verify(state, shapes, None if cfg.budget_minutes else cfg.epochs, model_name(cfg.arch, cfg.encoder, "/"))
     except (CheckpointError, ValueError, OSError) as exc:
         fail(f"--resume: {exc}", 2)
 
@@ -171,7 +173,8 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
 
 def cv(profile: ProfileOpt = None, set_: SetOpt = None,
        folds: Annotated[Optional[int], typer.Option(help="Folds of the non-test patients (sets split.folds; the "
-                                                     "train/val/test subsets stay the split's).")] = None,
+                                                     "train/val/test subsets stay the split's; 0: split.folds).")]
+       = None,
        budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget of the whole CV, shared evenly by "
                                                      "the folds, e.g. 45m (sets cv.budget_minutes).")] = None,
        fold: Annotated[Optional[int], typer.Option(help="Train this fold only (folds in parallel on several "
@@ -204,7 +207,7 @@ def cv(profile: ProfileOpt = None, set_: SetOpt = None,
                 fail("--resume: no cross-validation run waits for its folds or its ensemble", 2)
         settings = stored_settings(run) if run else settings_or_fail(profile, set_)
         settings.setdefault("cv", {})
-        if folds is not None:
+        if folds:  # 0 (MLproject's default): the split's own split.folds
             settings["split"]["folds"] = folds
         if budget not in (None, ""):
             settings["cv"]["budget_minutes"] = parse_budget(budget)
@@ -223,11 +226,15 @@ def cv(profile: ProfileOpt = None, set_: SetOpt = None,
                   f"{res['run_id']} [--fold K])", markup=False, highlight=False)
     elif res.get("next"):
         out.print(res["next"], markup=False, highlight=False)
+    elif res.get("already_assembled"):
+        out.print(f"run {res['run_id']}: every fold done and the ensemble assembled before: {res['model_uri']}",
+                  markup=False, highlight=False)
     else:
         for prefix, title in (("cv_", "out of fold: every non-test patient by the fold model that never saw it"),
                               ("test_", "test patients, the ensemble (report only)")):
             if any(k.startswith(prefix) for k in res):
                 print_metrics({k[len(prefix):]: v for k, v in res.items() if k.startswith(prefix)}, title)
         out.print(f"spread of the per-fold means (sd): {res.get('cv_fold_dice_sd', float('nan')):.3f}")
-        out.print(f"model (the {len(res['folds_done'])}-fold ensemble): {res['model_uri']}")
+        out.print(f"model (the {len(res['folds_done'])}-fold ensemble): {res['model_uri']}; register it with "
+                  f"`brainseg register --run {res['run_id']}`", markup=False, highlight=False)
     out.print(f"run: {res['run_id']}", markup=False, highlight=False)

@@ -92,7 +92,7 @@ def choose_on_pooled(manifest: pd.DataFrame, probs_by_tta: dict[bool, np.ndarray
         if cand.tta not in probs_by_tta:
             continue
         masks = final_masks(probs_by_tta[cand.tta], shapes, boxes, cand, groups)
-        ev = score(manifest, masks, truths)
+        ev = score(manifest, masks, truths, boundary=False)  # Dice decides; boundary figures for the chosen one
         spread = fold_spread(ev.patients, folds)
         s = ev.summary
         rows.append({"tta": cand.tta, "min_component_px": cand.min_component_px,

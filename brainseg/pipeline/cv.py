@@ -135,7 +135,8 @@ def train_fold(plan: CvPlan, ctx: DataContext, fold: Fold, parent_id: str, *, ch
     resume = fold_checkpoint(checkpoints, parent_id, fold.k)
     if resume:
         echo(f"fold {fold.k}: resuming run {resume[0].run_id} after epoch {resume[1].get('epoch')}")
-    tags = {ROLE_TAG: "cv-fold", PARENT_TAG: parent_id, FOLD_TAG: str(fold.k)}
+    tags = {ROLE_TAG: "cv-fold", PARENT_TAG: parent_id, FOLD_TAG: str(fold.k),
+            "brainseg.cv_held_out": ",".join(fold.held_out)[:5000]}
     meta = {"cv": {"parent": parent_id, "fold": fold.k}, "resume_command": f"brainseg cv --run {parent_id}"}
     res = tracked_training(plan.fold_settings, plan.cfg, fctx, run_name=f"cv-fold{fold.k}", nested=True, tags=tags,
                            callbacks=callbacks, verbose=0, report_test=False, checkpoints=checkpoints,
@@ -162,6 +163,9 @@ def run_cv(settings: dict, ctx: DataContext, experiment: str, *, parent_id: str 
     tags = {**run_context.lineage_tags(ctx.version, settings), ROLE_TAG: "cv"}
     with mlflow_runs.run(run_name(plan.cfg), tags, run_id=parent_id) as active:
         parent_id = active.info.run_id
+        if active.data.tags.get(STATE_TAG) == "assembled":  # nothing left to do: say what it made
+            return {"run_id": parent_id, "folds_done": [f.k for f in plan.folds], "folds_missing": [],
+                    "model_uri": active.data.tags.get(MODEL_TAG), "already_assembled": True}
         if not active.data.params:  # a new CV: its record, and the settings a resume runs with
             mlflow_runs.log_params(parent_params(plan))
             mlflow_runs.log_dict(settings, SETTINGS_ARTIFACT)

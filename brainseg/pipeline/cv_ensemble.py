@@ -27,7 +27,7 @@ from brainseg.evaluation.crossval import choose_on_pooled, fold_spread, paired_d
 from brainseg.evaluation.evaluate import evaluate, score
 from brainseg.inference.ensemble import ensemble_model
 from brainseg.inference.segmenter import InferenceSettings, Segmenter, final_masks, load_model_dir, save_model
-from brainseg.registry import model_registry
+from brainseg.registry import evidence, model_registry
 from brainseg.tracking import mlflow_runs
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
 
@@ -83,7 +83,7 @@ def assemble(plan, ctx: DataContext, done: dict[int, str], parent_id: str, *, re
     masks = final_masks(oof["probs"][chosen.tta], oof["shapes"], oof["boxes"], chosen, groups)
     ev = score(manifest, masks, oof["truths"])
     plain = score(manifest, final_masks(oof["probs"][False], oof["shapes"], oof["boxes"], base, groups),
-                  oof["truths"])
+                  oof["truths"], boundary=False)
     gain = paired_difference(ev.patients, plain.patients)
     spread = fold_spread(ev.patients, folds)
     metrics = mlflow_runs.log_evaluation(ev, "cv_")
@@ -91,7 +91,8 @@ def assemble(plan, ctx: DataContext, done: dict[int, str], parent_id: str, *, re
     extra.update({f"cv_postprocessing_gain_{k}": v for k, v in gain.items()})
     mlflow_runs.log_active_metrics(extra)
     mlflow_runs.log_table(ev.patients.assign(fold=ev.patients["patient"].map(folds)), "cv_oof_patients.csv")
-    mlflow_runs.set_active_tags({CHOSEN_ON_TAG: CHOSEN_ON, "brainseg.evidence": "cv",
+    mlflow_runs.set_active_tags({CHOSEN_ON_TAG: CHOSEN_ON, evidence.EVIDENCE_TAG: "cv",
+                                 evidence.KEY_TAG: evidence.cv_key(ctx.version, folds.to_dict()),
                                  "brainseg.cv_folds": ",".join(str(f.k) for f in plan.folds)})
     mlflow_runs.log_params({f"inference.{k}": v for k, v in chosen.to_dict().items()})
     echo(f"out of fold ({metrics['n_patients']} patients): per-patient Dice {metrics['patient_dice_mean']:.3f} "

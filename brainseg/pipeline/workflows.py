@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from brainseg.data.context import DataContext
+from brainseg.pipeline.study_evidence import noise_line, refit_cv, top_two_noise
 from brainseg.registry import model_registry
 from brainseg.registry.promotion import register_segmenter, register_survival
 from brainseg.settings.settings_io import ConfigError
@@ -80,13 +81,15 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
             name += f"-{os.environ[run_context.PROJECT_ENV][:8]}"  # each `mlflow run` its own study
         plan = plan_from_settings(settings, name, storage or None, int(n_trials or 0), float(timeout or 0))
         refit = settings["tune"].get("refit", False) if refit is None else refit
+        if refit is True and settings["tune"].get("refit") == "cv":  # --refit: the kind is tune.refit's
+            refit = "cv"
         register = settings["tune"].get("register", False) if register is None else register
         study_budget(plan, bool(refit) and worker is None)  # a budget that cannot hold the refit fails here
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise TuneRefused(str(exc)) from exc
     try:
         summary = run_study(plan, ctx, experiment, create_only=create_only, worker=worker, study_trials=study_trials,
-                            refit=bool(refit) and worker is None, register=bool(register),
+                            refit=bool(refit) and refit != "cv" and worker is None, register=bool(register),
                             settings_args=settings_args or [], echo=echo, started=started)
     except BudgetError as exc:  # a budget that cannot hold the plan on this machine: before any trial
         raise TuneRefused(str(exc)) from exc
@@ -96,6 +99,12 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
             raise TuneRefused(f"storage {plan.storage_url.split('@')[-1]!r}: cannot be opened ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:300]})") from exc
         raise
+    if worker is None and summary.get("parent_run_id") and not create_only:
+        summary["top_two"] = top_two_noise(experiment, summary["parent_run_id"])
+        if noise_line(summary["top_two"]):
+            echo(noise_line(summary["top_two"]))
+        if refit == "cv" and summary.get("best_trial") is not None:
+            summary["refit"] = refit_cv(settings, ctx, experiment, summary, bool(register), echo)
     if (summary.get("best_model_uri") and not summary.get("refit") and worker is None
             and settings.get("evaluate", {}).get("select_postprocessing", False)):
         chosen = choose_for_best_trial(settings, ctx, summary, echo)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 
 from brainseg.data.context import DataContext
-from brainseg.registry import model_registry
+from brainseg.registry import evidence, model_registry
+from brainseg.settings.architectures import model_name
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
@@ -76,14 +77,29 @@ def _log_decision(settings: dict, version_of_data: str, decision: model_registry
 
 
 def promote_segmenter(settings: dict, ctx: DataContext, name: str, version: str, force: bool = False) -> dict:
-    """The gate: challenger vs champion on the validation patients of the current data version."""
+    """The gate: challenger vs champion on evidence of the same kind (:mod:`brainseg.registry.evidence`):
+    the validation patients of the current data version, or the out-of-fold predictions of the same folds."""
     subset = gate_subset(settings)
-    model_registry.get_version(name, version)  # a clear error before any evaluation
+    mv = model_registry.get_version(name, version)  # a clear error before any evaluation
     champ = model_registry.champion(name)
     champ_version = champ.version if champ is not None else None
     metric = f"{subset}_patient_dice_mean"
+    mine = evidence.of_tags(mv.tags)
+    theirs = evidence.of_tags(champ.tags) if champ is not None else None
     if champ_version is not None and str(champ_version) == str(version):
         decision = model_registry.decide(name, version, metric, None, champ_version, None, force)
+    elif mine.kind == "cv" or (theirs is not None and theirs.kind == "cv"):
+        comparable, why = evidence.comparison(mine, theirs) if theirs is not None else (True, "")
+        if comparable:
+            decision = model_registry.decide(name, version, evidence.CV_METRIC, mine.score, champ_version,
+                                             theirs.score if theirs else None, force)
+        else:
+            decision = model_registry.Decision(
+                name, str(version), force, "--force" if force else f"{why}: `brainseg promote {name} {version} "
+                "--force` decides", evidence.CV_METRIC if mine.kind == "cv" else metric, mine.score,
+                theirs.score, str(champ_version))
+        model_registry.apply(decision)
+        _log_decision(settings, ctx.version, decision, force, "cv" if mine.kind == "cv" else subset)
     else:
         score = segmenter_score(settings, ctx, name, version, subset, "challenger")
         champ_score = (segmenter_score(settings, ctx, name, champ_version, subset, "champion")
@@ -128,12 +144,19 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
             **{f"inference.{k}": str(v) for k, v in inference.items()},
             **({"inference_run_id": run_id} if trained_in else {}), **(extra_tags or {})}
     params = run.data.params
-    description = (f"Segmenter of LGG FLAIR abnormality: {params.get('arch')} / {params.get('encoder')}, "
+    description = (f"Segmenter of LGG FLAIR abnormality: "
+                   f"{model_name(params.get('arch'), params.get('encoder'), ' / ')}, "
                    f"{params.get('channels')} channels at {params.get('size')} px, trained on data "
                    f"{tags['data_version'][:12]}. Input: base64 TIFF/PNG slices; output: tumor features and mask.")
+    cv = evidence.of_tags({**model_run.data.tags, **{k: str(v) for k, v in model_run.data.metrics.items()}})
+    if cv.kind == "cv":  # its members trained on the validation patients: its evidence is out of fold
+        subset = "cv"
+        tags.update({evidence.EVIDENCE_TAG: "cv", evidence.KEY_TAG: cv.key, "cv_data_version": ctx.version,
+                     **{k: f"{v:.6f}" if isinstance(v, float) else str(v) for k, v in model_run.data.metrics.items()
+                        if k in ("cv_patient_dice_mean", "cv_patient_dice_median", "cv_n_patients")}})
     mv, created = model_registry.register(name, model_uri, run_id, tags, description)
     model_registry.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
-    score = segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
+    score = cv.score if cv.kind == "cv" else segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
     out = {"name": name, "version": str(mv.version), "created": created, f"{subset}_patient_dice_mean": score,
            f"{subset}_data_version": ctx.version, "inference": inference, CHOSEN_ON_TAG: chosen_on,
            "promoted": None,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from brainseg.settings.profiles import overlay
+from brainseg.settings.profiles import with_profile
 from brainseg.settings.settings_io import (
     PARAMS_FILE,
     PROFILES_FILE,
@@ -43,7 +43,7 @@ def load_settings(
     """
     params = read_yaml(Path(params_file))
     if profile:
-        params = overlay(params, profile, Path(profiles_file))
+        params = with_profile(params, profile, Path(profiles_file))
     params.setdefault("profile", "custom")
     return apply_overrides(params, overrides or [])
 
@@ -143,7 +143,7 @@ class Tune(Section):
     enqueue_recipe: Flag = None
     workers: Int = None
     threads: Int = None
-    refit: Flag = None
+    refit: Flag | Literal["cv"] = None  # true: the best trial retrained once; cv: cross-validated, the ensemble
     register_: Flag = Field(None, alias="register")  # (`register` would shadow BaseModel.register)
     heartbeat: Number = Field(None, gt=0)
     budget_minutes: Number | None = Field(None, gt=0)
