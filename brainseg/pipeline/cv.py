@@ -22,6 +22,7 @@ import pandas as pd
 from brainseg.data.context import DataContext, build_split
 from brainseg.evaluation.crossval import Fold, FoldError, check_partition, fold_split, folds_of
 from brainseg.models.factory import SM_ARCHS
+from brainseg.pipeline.cv_ensemble import assemble
 from brainseg.registry import model_registry
 from brainseg.settings.config import TrainConfig, flatten
 from brainseg.settings.settings_io import ConfigError
@@ -155,8 +156,6 @@ def run_cv(settings: dict, ctx: DataContext, experiment: str, *, parent_id: str 
     ``callbacks_for(fold)``: Keras callbacks of a fold's training (progress). Returns the parent's
     run id, the folds done, and the assembled figures when assembled.
     """
-    from brainseg.pipeline.cv_ensemble import assemble
-
     plan = plan_cv(settings, ctx)
     if only_fold is not None and only_fold not in [f.k for f in plan.folds]:
         raise CvRefused(f"--fold {only_fold}: the folds are {', '.join(str(f.k) for f in plan.folds)}")

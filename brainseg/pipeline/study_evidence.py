@@ -18,7 +18,6 @@ from brainseg.pipeline.cv import run_cv
 from brainseg.registry import model_registry
 from brainseg.registry.promotion import register_segmenter
 from brainseg.tracking import mlflow_runs, search
-from brainseg.tune.space import apply_params
 
 PER_PATIENT = "val_per_patient_metrics.csv"
 
@@ -54,6 +53,8 @@ def noise_line(noise: dict | None) -> str | None:
 def refit_cv(settings: dict, ctx: DataContext, experiment: str, summary: dict, register: bool, echo=print) -> dict:
     """``tune.refit: cv``: cross-validate the best trial's configuration (the recipe's schedule and
     ``cv.budget_minutes``), log the fold ensemble, register it if asked; linked to the study's run."""
+    from brainseg.tune.space import apply_params  # Optuna: only a study pays for it
+
     params = summary.get("best_params") or {}
     cv_settings = {**settings, "train": apply_params(settings["train"], params)}
     echo(f"refit (cross-validated): trial {summary.get('best_trial')}'s configuration, {params}")

@@ -147,7 +147,8 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
     # early stop and no plateau LR (a plateau schedule then keeps its LR constant); they are only watched
     last = cfg.choose_epoch == "last"
     plateau = keras.callbacks.ReduceLROnPlateau(MONITOR, mode="max", factor=0.5, patience=cfg.lr_patience,
-                                                min_lr=cfg.lr / 64) if cfg.lr_schedule == "plateau" and not last else None
+                                                min_lr=cfg.lr / 64) if cfg.lr_schedule == "plateau" and not last \
+        else None
     counted = {"early": (None if budget or last else early, ("wait", "best", "stopped_epoch")),
                "plateau": (plateau, ("wait", "best", "cooldown_counter"))}
     history: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
@@ -158,7 +159,8 @@ def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbac
         if budget:
             budget.phase = int(state.get("phase") or 0)
     # a budget is the stopping rule: its schedule decays to the planned last step, so no early stop
-    cbs = [PatientDice(val_arrays, cfg.threshold, 32, model.loss), best] + ([budget] if budget else [] if last else [early])
+    stop = [budget] if budget else [] if last else [early]
+    cbs = [PatientDice(val_arrays, cfg.threshold, 32, model.loss), best, *stop]
     cbs += [plateau] if plateau else []
     cbs += [RestoreCounters(counted, state.get("counters", {}))] if state else []
     if checkpoint is not None:
