@@ -1,4 +1,4 @@
-"""``brainseg data ...`` (synth, validate, import, manifest, split, prepare) and ``brainseg profile use``."""
+"""``brainseg data ...`` (synth, validate, import, manifest, split, prepare, export) and ``brainseg profile use``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,29 @@ def data_prepare(profile: ProfileOpt = None, set_: SetOpt = None,
                              use_dvc=dvc and dvc_available()))
     data_manifest(profile=profile, set_=set_, root=None, output=None)
     data_split(profile=profile, set_=set_, manifest=None, output=None)
+
+
+def data_export(dest: Annotated[Path, typer.Argument(help="Folder to create, e.g. $nnUNet_raw/Dataset501_LGG "
+                                                          "(must not exist, or be empty).")],
+                fmt: Annotated[str, typer.Option("--format", help="nnunet: nnU-Net v2's raw dataset "
+                                                 "(docs/scans.md).")] = "nnunet",
+                profile: ProfileOpt = None, set_: SetOpt = None):
+    """Export data.root (with the platform's split) as NIfTI volumes for nnU-Net v2 or MONAI."""
+    from brainseg.data.context import DataContext
+    from brainseg.data.export import export_nnunet
+
+    if fmt != "nnunet":
+        fail(f"--format {fmt!r}: the one format is nnunet", 2)
+    settings = settings_or_fail(profile, set_)
+    try:
+        ctx = DataContext.from_settings(settings, echo=out.print)
+        summary = export_nnunet(ctx.manifest, ctx.split, dest, version=ctx.version)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        fail(str(exc), 2)
+    except OSError as exc:  # a full disk, a read-only parent: nothing is left at DEST
+        fail(f"export: cannot write {exc.filename or dest}: {exc.strerror or exc}", 1)
+    out.print(f"nnU-Net dataset: {summary['training']} training and {summary['test']} test patients, "
+              f"{summary['folds']} folds (splits_final.json) -> {dest}", markup=False, highlight=False)
 
 
 def profile_use(name: Annotated[str, typer.Argument(help="A profile of experiments/profiles.yaml.")],

@@ -180,8 +180,20 @@ def _progress_bar(total: int):
         yield lambda n: bar.advance(task, n)
 
 
-def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif/.png) or folders, any nesting.")],
-            output: Annotated[Path, typer.Option("--out", help="Folder for masks, overlays and CSVs.")],
+def predict(output: Annotated[Path, typer.Option("--out", help="Folder for masks, overlays and CSVs.")],
+            inputs: Annotated[Optional[list[Path]], typer.Argument(help="Slice files (.tif/.png) or folders, any "
+                                                                   "nesting (or a patient's volumes: --flair).")]
+            = None,
+            flair: Annotated[Optional[Path], typer.Option(help="A patient's FLAIR volume: a .nii/.nii.gz file or a "
+                                                          "folder holding one DICOM series (docs/scans.md).")] = None,
+            pre: Annotated[Optional[Path], typer.Option(help="Pre-contrast T1 volume, as --flair (3-channel models).")]
+            = None,
+            post: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 volume, as --flair (3-channel "
+                                                         "models).")] = None,
+            resample: Annotated[bool, typer.Option(help="Resample --pre/--post onto the FLAIR's grid when they are "
+                                                   "on another (default: refuse them).")] = False,
+            name: Annotated[Optional[str], typer.Option(help="Patient name for a volume's outputs (default: from "
+                                                        "the --flair file or folder name).")] = None,
             model: Annotated[str, typer.Option(help="Folder/.h5, runs:/ID/model or models:/NAME@ALIAS.")]
             = "models:/brainseg-segmenter@champion",
             survival_model: Annotated[Optional[str], typer.Option("--survival-model")]
@@ -192,12 +204,23 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
             clinical_csv: Annotated[Optional[Path], typer.Option("--clinical")] = None,
             threshold: Optional[float] = None,
             profile: ProfileOpt = None, set_: SetOpt = None):
-    """Segment slices: <stem>_pred.png masks, overlays, features.csv (per slice), patients.csv (per patient)."""
+    """Segment slices: <stem>_pred.png masks, overlays, features.csv (per slice), patients.csv (per patient).
+
+    With --flair (--pre, --post): a patient's NIfTI/DICOM volumes; the mask also as <name>_mask.nii.gz."""
     from brainseg.pipeline.predict import ModelNotFound, collect_inputs, predict_to_folder
 
     settings_or_fail(profile, set_)
     if threshold is not None and not 0.0 < threshold < 1.0:  # NaN fails this too
         fail(f"--threshold: {threshold} is not in (0, 1)", 2)
+    if flair is not None or pre is not None or post is not None:
+        if inputs:
+            fail("give slice files or a patient's volumes (--flair), not both", 2)
+        if with_survival:
+            fail("--survival reads the pixel features of Kaggle slices: not offered for --flair volumes", 2)
+        _predict_volumes(flair, pre, post, output, model, resample=resample, name=name, threshold=threshold)
+        return
+    if not inputs:
+        fail("nothing to segment: give slice files or folders, or a patient's volumes with --flair", 2)
     files, problems = collect_inputs(inputs, exclude=[output])  # never read our own outputs
     if not files:
         for p in problems:
@@ -220,6 +243,29 @@ def predict(inputs: Annotated[list[Path], typer.Argument(help="Slice files (.tif
         console.print(f"BAD {p}", markup=False, highlight=False)
     if problems:
         raise typer.Exit(1)
+
+
+def _predict_volumes(flair: Optional[Path], pre: Optional[Path], post: Optional[Path], output: Path, model: str, *,
+                     resample: bool, name: Optional[str], threshold: Optional[float]) -> None:
+    """``brainseg predict --flair ...``: one line and exit 2 for a bad scan or a model it cannot feed."""
+    from brainseg.pipeline.predict_scan import BadScan, ModelNotFound, ScanRefused, predict_scan_to_folder
+
+    if flair is None:
+        fail("--pre/--post need --flair (the FLAIR volume every model reads)", 2)
+    writable_folder_or_fail(output)
+    try:
+        pred = predict_scan_to_folder(flair, output, model, pre=pre, post=post, resample=resample, name=name,
+                                      threshold=threshold, progress=_progress_bar)
+    except (BadScan, ScanRefused, ModelNotFound) as exc:
+        fail(str(exc), 2)
+    except OSError as exc:  # a full disk: nothing was moved into --out
+        fail(f"predict: cannot write into {output}: {exc.strerror or exc}; nothing was written", 1)
+    row = pred.patients.iloc[0]
+    size = (f"tumor {row['tumor_volume_ml']:.2f} mL ({int(row['tumor_volume_px'])} voxels of {row['spacing_mm']} mm)"
+            if row["spacing_mm"] != "unknown" else f"tumor {int(row['tumor_volume_px'])} voxels (no spacing: no mL)")
+    out.print(f"{row['patient']}: {len(pred.slices)} slices, {size} -> {output / row['mask_file']}"
+              + (f" and {row['seg_file']}" if row["seg_file"] else "") + f"; model {model}",
+              markup=False, highlight=False)
 
 
 def promote(name: Annotated[str, typer.Argument(help="Registered model: register.segmenter_name or survival_name.")],

@@ -24,6 +24,7 @@ import numpy as np
 from brainseg.data.scan import BadScan, Geometry, Scan, VolumeLimits, make_scan
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NO_SPACING = b"brainseg: slices without spacing, 1 mm written"  # the descrip of `brainseg data export`'s files
 
 
 def is_nifti(path: Path) -> bool:
@@ -103,7 +104,8 @@ def read_nifti(path: Path, limits: VolumeLimits | None = None) -> Scan:
         data = np.asanyarray(img.dataobj)  # scl_slope / scl_inter applied
     except Exception as exc:
         raise BadScan(source, f"unreadable voxel data ({type(exc).__name__}: {str(exc)[:120]})") from exc
-    geometry = Geometry(source, "nifti", np.asarray(img.affine, float), shape, img.header.copy())
+    kind = "tiff" if bytes(header["descrip"].item()).startswith(NO_SPACING) else "nifti"  # no real spacing
+    geometry = Geometry(source, kind, np.asarray(img.affine, float), shape, img.header.copy())
     return make_scan(data, geometry)
 
 
@@ -137,6 +139,6 @@ def write_nifti(model_array: np.ndarray, geometry: Geometry, path: Path, dtype=n
         img.set_qform(geometry.affine, code=code)
         img.header.set_xyzt_units("mm")
         if geometry.kind == "tiff":
-            img.header["descrip"] = b"brainseg: slices without spacing, 1 mm written"
+            img.header["descrip"] = NO_SPACING
     _atomic_save(img, Path(path))
     return Path(path)

@@ -82,17 +82,21 @@ def grid_difference(a: Geometry, b: Geometry) -> str | None:
 
 def check_same_grid(reference: Geometry, other: Geometry) -> None:
     """:class:`BadScan` naming both files when ``other`` is not on ``reference``'s grid."""
-    diff = grid_difference(reference, other)
+    diff = grid_difference(other, reference)
     if diff:
         raise BadScan(other.source, f"not on the grid of {reference.source} ({diff}); co-register them, or pass "
                                     "--resample to resample it onto the FLAIR's grid")
 
 
 def resample_onto(scan: Scan, target: Geometry) -> Scan:
-    """``scan`` resampled (trilinear, nibabel.processing, 0 outside) onto ``target``'s model grid."""
+    """``scan`` resampled (trilinear, nibabel.processing, 0 outside) onto ``target``'s model grid;
+    integer voxels stay integers of their type (rounded, as ITK keeps the input's pixel type)."""
     src = nib.Nifti1Image(scan.array.astype(np.float32), scan.geometry.model_affine)
     out = resample_from_to(src, (target.model_shape, target.model_affine), order=1, mode="constant", cval=0.0)
     array = np.asarray(out.dataobj, np.float32)
+    if scan.array.dtype.kind in "biu":
+        info = np.iinfo(scan.array.dtype) if scan.array.dtype.kind != "b" else np.iinfo(np.uint8)
+        array = np.clip(np.round(array), info.min, info.max).astype(scan.array.dtype)
     resampled = Geometry(scan.source, scan.geometry.kind, target.affine, target.shape, None, ())
     return make_scan(resampled.to_stored(array), resampled)
 

@@ -1,0 +1,179 @@
+"""``brainseg predict --flair``: one patient given as volumes (NIfTI files or DICOM series folders).
+
+The volumes are read in the model's slice orientation (:mod:`brainseg.data.volumes`), put on the
+FLAIR's grid (refused when they are not, unless ``resample``), turned into the (H, W, 3) uint8
+slices the TIFF path sees (pre-contrast, FLAIR, post-contrast) and segmented by the same
+:meth:`Segmenter.segment <brainseg.inference.segmenter.Segmenter.segment>` call as ``brainseg
+predict`` on slice files, the volume's slices as one patient (so the stored 3-D post-processing
+applies). Written: the mask as ``<name>_mask.nii.gz`` in the FLAIR's own geometry (and
+``<name>_seg.dcm``, a DICOM SEG, for a DICOM FLAIR), the per-slice masks and overlays, and
+features.csv / patients.csv with the physical columns of :mod:`brainseg.outcome.physical`.
+Everything is written into a temporary folder inside ``out_dir`` and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import brainseg
+from brainseg.data import imageio
+from brainseg.data.dicom_seg import write_dicom_seg
+from brainseg.data.scan import BadScan, Scan
+from brainseg.data.volumes import (
+    check_same_grid,
+    grid_difference,
+    read_scan,
+    resample_onto,
+    rgb_slices,
+    scan_name,
+    write_mask,
+)
+from brainseg.evaluation import plots
+from brainseg.outcome import features, physical
+from brainseg.pipeline import slices
+from brainseg.pipeline.predict import ModelNotFound, write_atomic
+
+
+class ScanRefused(ValueError):
+    """Inputs the model cannot take (a 3-channel model given FLAIR alone); nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatientScans:
+    """One patient's volumes, every one on the FLAIR's grid (model orientation)."""
+
+    name: str
+    flair: Scan
+    pre: Scan | None = None
+    post: Scan | None = None
+    resampled: tuple[str, ...] = ()  # which sequences were resampled onto the FLAIR's grid
+
+
+def load_scans(flair: Path, pre: Path | None = None, post: Path | None = None, *, resample: bool = False,
+               name: str | None = None) -> PatientScans:
+    """Read the FLAIR and the optional pre/post volumes; :class:`BadScan` (one line naming the
+    file or both files) for a bad file or a grid other than the FLAIR's without ``resample``."""
+    ref = read_scan(flair)
+    others, resampled = {}, []
+    for label, path in (("pre", pre), ("post", post)):
+        if path is None:
+            continue
+        scan = read_scan(path)
+        if grid_difference(ref.geometry, scan.geometry) is not None:
+            if not resample:
+                check_same_grid(ref.geometry, scan.geometry)
+            scan = resample_onto(scan, ref.geometry)
+            resampled.append(label)
+        others[label] = scan
+    return PatientScans(name or scan_name(Path(flair)), ref, others.get("pre"), others.get("post"), tuple(resampled))
+
+
+def check_channels(channels: str, scans: PatientScans, model: str) -> None:
+    """:class:`ScanRefused` when a 3-channel model (``train.channels: all``) lacks --pre or --post."""
+    if channels != "flair" and (scans.pre is None or scans.post is None):
+        missing = " and ".join(f"--{k}" for k in ("pre", "post") if getattr(scans, k) is None)
+        raise ScanRefused(f"{model}: this model reads 3 channels (pre-contrast, FLAIR, post-contrast; "
+                          f"train.channels: {channels}): give {missing} too, or use a FLAIR-only model "
+                          "(train.channels: flair)")
+
+
+@dataclasses.dataclass
+class ScanPrediction:
+    slices: pd.DataFrame    # one row per slice: identity, SLICE_FEATURE_COLUMNS, PHYSICAL_SLICE_COLUMNS, files
+    patients: pd.DataFrame  # one row: PATIENT_FEATURE_COLUMNS, PHYSICAL_PATIENT_COLUMNS, spacing, mask files
+    masks: np.ndarray       # (Z, H, W) bool, model orientation
+    files: list[str]        # written into out_dir
+
+
+def segment_scans(segmenter, scans: PatientScans) -> tuple[list[np.ndarray], np.ndarray]:
+    """(slices as (H, W, 3) uint8, (Z, H, W) bool masks): the volume as one patient, in slice order."""
+    images = rgb_slices(scans.flair, scans.pre, scans.post)
+    masks = segmenter.segment(images, groups=[scans.name] * len(images)).masks
+    return images, np.stack(masks).astype(bool)
+
+
+def _tables(scans: PatientScans, images, masks: np.ndarray, files: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    geometry = scans.flair.geometry
+    known = geometry.kind != "tiff"  # Kaggle slices stacked by `data export` carry no real spacing
+    affine = geometry.model_affine if known else None
+    rows = []
+    for z, (image, mask) in enumerate(zip(images, masks)):
+        number = z + 1  # 1 = the most inferior slice, as the Kaggle numbering
+        rows.append({"file": geometry.source, "patient": scans.name, "patient_dir": scans.name, "slice": number,
+                     **features.slice_features(mask, image), **physical.slice_physical(mask, z, affine),
+                     "mask_file": files["pred"][z], "overlay_file": files["overlay"][z]})
+    patients, problems = slices.patient_rows((scans.name, z + 1, m) for z, m in enumerate(masks))
+    if problems:  # one volume: its slices share one size and distinct numbers
+        raise RuntimeError(problems[0])
+    sz, sr, sc = geometry.spacing
+    patients[0] |= physical.patient_physical(masks, affine) | {
+        "coordinates": physical.COORDINATES if known else "", "spacing_mm": f"{sr:.4g}x{sc:.4g}x{sz:.4g}"
+        if known else "unknown",
+        "resampled": ",".join(scans.resampled), "mask_file": files["mask"], "seg_file": files.get("seg", "")}
+    return pd.DataFrame(rows), pd.DataFrame(patients)
+
+
+def write_prediction(scans: PatientScans, images, masks: np.ndarray, out_dir: Path) -> ScanPrediction:
+    """Write every output into a temporary folder inside ``out_dir``, then move the files into place."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = scans.name
+    files = {"pred": [f"{name}_{z + 1}_pred.png" for z in range(len(masks))],
+             "overlay": [f"{name}_{z + 1}_overlay.png" for z in range(len(masks))],
+             "mask": f"{name}_mask.nii.gz"}
+    if scans.flair.geometry.kind == "dicom":
+        files["seg"] = f"{name}_seg.dcm"
+    tmp = Path(tempfile.mkdtemp(prefix=".brainseg-predict-", dir=out_dir))
+    try:
+        for image, mask, pred, over in zip(images, masks, files["pred"], files["overlay"]):
+            write_atomic(tmp / pred, imageio.encode_png(mask.astype(np.uint8) * 255))
+            write_atomic(tmp / over, imageio.encode_png(plots.overlay(image, mask)))
+        write_mask(masks, scans.flair.geometry, tmp / files["mask"])
+        if "seg" in files:
+            write_dicom_seg(masks, scans.flair.geometry, tmp / files["seg"], brainseg.__version__)
+        table, patients = _tables(scans, images, masks, files)
+        write_atomic(tmp / "features.csv", table.to_csv(index=False).encode())
+        write_atomic(tmp / "patients.csv", patients.to_csv(index=False).encode())
+        written = sorted(p.name for p in tmp.iterdir())
+        for f in written:
+            os.replace(tmp / f, out_dir / f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ScanPrediction(table, patients, masks, written)
+
+
+def predict_scan_to_folder(flair: Path, out_dir: Path, model_uri: str, *, pre: Path | None = None,
+                           post: Path | None = None, resample: bool = False, name: str | None = None,
+                           threshold: float | None = None, progress=None) -> ScanPrediction:
+    """``brainseg predict --flair``: read the volumes (:class:`BadScan` before the model loads),
+    load ``model_uri`` (:class:`ModelNotFound`), check its channels (:class:`ScanRefused`),
+    segment and write into ``out_dir``. ``progress(total)`` as in :func:`predict_to_folder
+    <brainseg.pipeline.predict.predict_to_folder>`."""
+    from brainseg.registry.model_registry import load_segmenter  # TensorFlow and MLflow load here
+
+    scans = load_scans(flair, pre, post, resample=resample, name=name)
+    try:
+        segmenter = load_segmenter(model_uri)
+    except FileNotFoundError as exc:
+        raise ModelNotFound(str(exc)) from exc
+    check_channels(segmenter.cfg.channels, scans, model_uri)
+    if threshold is not None:
+        segmenter = segmenter.with_settings(threshold=threshold)
+    total = scans.flair.array.shape[0]
+    with (progress or (lambda n: contextlib.nullcontext(None)))(total) as advance:
+        images, masks = segment_scans(segmenter, scans)
+        if advance:
+            advance(total)
+    return write_prediction(scans, images, masks, out_dir)
+
+
+__all__ = ["BadScan", "ModelNotFound", "PatientScans", "ScanPrediction", "ScanRefused", "load_scans",
+           "predict_scan_to_folder"]
