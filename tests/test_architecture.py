@@ -402,3 +402,25 @@ def test_ruff_reads_the_projects_settings(tmp_path):
     assert done.returncode == 0, done.stdout
     done = ruff(*config, str(bad))
     assert done.returncode == 1 and "E501" in done.stdout and "I001" in done.stdout, done.stdout
+
+
+# ------------------------------------------------------------------------------ one name, one thing
+# Public functions that were defined twice for different things (issue 36): each name now has one
+# definition in the package (the CLI's `train` is train_command, the pipeline's run run_all_stages, ...).
+ONE_MEANING = ("train", "run", "client", "overlay", "measure")
+
+
+def public_functions(package: Path = PACKAGE) -> dict[str, list[str]]:
+    """{function name: [modules defining it at module level]} for public names."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                found.setdefault(node.name, []).append(str(path.relative_to(package)))
+    return found
+
+
+def test_names_that_meant_two_things_are_defined_once():
+    found = public_functions()
+    twice = {name: found[name] for name in ONE_MEANING if len(found.get(name, [])) > 1}
+    assert not twice, f"defined in more than one module (name what each does): {twice}"

@@ -50,9 +50,9 @@ def model_provenance(uri: str) -> dict:
         out.update(local_provenance(path))
         return out
     try:
-        from brainseg.registry import model_registry
+        from brainseg.tracking import mlflow_runs
 
-        client = model_registry.client()
+        client = mlflow_runs.client()
         if m := _MODELS_URI.match(uri):
             mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
                   else client.get_model_version(m["name"], m["version"]))

@@ -177,8 +177,8 @@ def profile_pyfunc(pyfunc, encoded: list[str], calls: int, top: int = 15) -> lis
     return sorted(rows, key=lambda d: -d["own_ms_per_predict"])[:top]
 
 
-def measure(segmenter, pyfunc, served, url: str, images: list[np.ndarray], batch_sizes: Sequence[int],
-            rounds_b1: int, rounds_batch: int) -> dict:
+def time_inference(segmenter, pyfunc, served, url: str, images: list[np.ndarray], batch_sizes: Sequence[int],
+                   rounds_b1: int, rounds_batch: int) -> dict:
     """Rows per (path, batch), the batch-1 profile of the served path and the consistency checks."""
     encoded = [base64.b64encode(imageio.encode_png(im)).decode("ascii") for im in images]
     session, plain = requests.Session(), PlainClient(url)

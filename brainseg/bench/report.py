@@ -30,6 +30,7 @@ from brainseg.data import imageio
 from brainseg.data.arrays import load_full_images
 from brainseg.data.manifest import scan
 from brainseg.data.synth import generate
+from brainseg.settings.architectures import model_name
 from brainseg.settings.config import TrainConfig, load_settings
 
 OVERHEAD_TARGET = 1.3
@@ -45,7 +46,7 @@ def _f(v, fmt=".1f"):
 def bench_table(report: dict):
     m = report["inference"]["model"]
     c = m["train_config"]
-    name = c["arch"] + (f"/{c['encoder']}" if c["arch"] not in ("plain_unet", "unetpp") else "")
+    name = model_name(c["arch"], c.get("encoder"), "/")
     table = Table(title=f"brainseg bench: {name}, {c['size']} px, {c['channels']} channels, {m['precision']}, "
                         f"{report['environment']['cpus']} CPUs "
                         f"(load {_f(report['environment']['load_average_1m'], '.2f')})")
@@ -208,7 +209,7 @@ def _run_all(work: Path, s: dict, cfg, log) -> dict:
     manifest.to_csv(manifest_csv, index=False)
     if s["training"]:
         log(f"training throughput in a child process ({s['rounds']} rounds x {s['train_steps']} steps, "
-            f"{cfg.arch}/{cfg.encoder} at {cfg.size} px, batch {cfg.batch_size})")
+            f"{model_name(cfg.arch, cfg.encoder, '/')} at {cfg.size} px, batch {cfg.batch_size})")
         report["training"] = run_training_child({"train": cfg.to_dict(), "manifest": str(manifest_csv),
                                                  "steps": s["train_steps"], "rounds": s["rounds"],
                                                  "model_dir": str(work / "model")}, work)
@@ -249,8 +250,8 @@ def _serving_sections(work: Path, s: dict, images: list[np.ndarray], log, store:
             raise RuntimeError(f"server answered {first.status_code}: {first.text[:500]}")
         log(f"inference paths, batches {s['batch_sizes']}: {s['repeats']} rounds at batch 1, "
             f"{s['batch_repeats']} at larger batches, interleaved")
-        measured = inf.measure(seg, pyfunc, served, server.url, images, s["batch_sizes"], s["repeats"],
-                               s["batch_repeats"])
+        measured = inf.time_inference(seg, pyfunc, served, server.url, images, s["batch_sizes"], s["repeats"],
+                                      s["batch_repeats"])
         log(f"cProfile of {s['profile_calls']} pyfunc calls")
         encoded = [base64.b64encode(imageio.encode_png(im)).decode("ascii") for im in images]
         measured["pyfunc_profile"] = inf.profile_pyfunc(pyfunc, encoded, s["profile_calls"])

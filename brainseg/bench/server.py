@@ -167,7 +167,7 @@ def register_champion(model_dir: Path, example_image: np.ndarray | None = None,
         uri = mlflow_runs.log_segmenter_model(Path(model_dir), example_image, {"data_version": "bench"})
     mv, _ = model_registry.register(SEGMENTER_NAME, uri, run.info.run_id, {"source_run_id": run.info.run_id},
                               "Benchmark model. Not for use.")
-    model_registry.client().set_registered_model_alias(SEGMENTER_NAME, model_registry.CHAMPION, mv.version)
+    mlflow_runs.client().set_registered_model_alias(SEGMENTER_NAME, model_registry.CHAMPION, mv.version)
     return f"models:/{SEGMENTER_NAME}@{model_registry.CHAMPION}"
 
 

@@ -42,7 +42,7 @@ data_app.command("prepare")(data.data_prepare)
 data_app.command("export")(data.data_export)
 profile_app.command("use")(data.profile_use)
 
-app.command()(training.train)
+app.command("train")(training.train_command)
 app.command()(training.checkpoints)
 app.command()(training.cv)
 app.command()(segment.evaluate)

@@ -28,10 +28,10 @@ def run_pipeline(profile: ProfileOpt = None,
     cpu profile's values into params.yaml (`brainseg profile use cpu`; DVC then re-runs what they
     change). `dvc repro` / `dvc exp run` alone never move `@champion` (register.promote: false).
     """
-    from brainseg.pipeline.run_pipeline import FINAL_WORDS, run
+    from brainseg.pipeline.run_pipeline import FINAL_WORDS, run_all_stages
 
     try:
-        run(profile, use_dvc=dvc, promote=promote, echo=out.print)
+        run_all_stages(profile, use_dvc=dvc, promote=promote, echo=out.print)
     except ConfigError as exc:
         fail(str(exc), 2)
     except subprocess.CalledProcessError as exc:

@@ -48,7 +48,7 @@ def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, s
     return [(name, re.sub(r"\$\{([^}]+)\}", fill, spec["cmd"])) for name, spec in stages.items()]
 
 
-def run(profile: str | None = None, use_dvc: bool = True, promote: bool = True, echo=print) -> str:
+def run_all_stages(profile: str | None = None, use_dvc: bool = True, promote: bool = True, echo=print) -> str:
     """Make sure a dataset is there (synthetic by default), run the pipeline, then (``promote``) the
     promotion gate for what it registered; returns the pipeline run id."""
     if profile:

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from brainseg.data.synth import is_synthetic
 from brainseg.registry import modelcard
+from brainseg.tracking.mlflow_runs import client
 
 if TYPE_CHECKING:
     from brainseg.inference.segmenter import Segmenter
@@ -88,10 +89,6 @@ class Decision:
             if self.champion_score is not None:
                 tags[f"gate_champion_{self.metric}"] = f"{self.champion_score:.6f}"
         return tags
-
-
-def client() -> mlflow.MlflowClient:
-    return mlflow.MlflowClient()
 
 
 def versions_of_run(run_id: str) -> list:

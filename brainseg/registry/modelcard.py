@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 
+from brainseg.settings.architectures import model_name
+
 CARD_FILE, FACTS_FILE = "model_card.md", "model_card.json"
 CARD_HEADING = "# Model card:"
 INFERENCE_KEYS = ("threshold", "tta", "min_component_px", "keep_largest", "largest_3d", "component_confidence")
@@ -110,7 +112,7 @@ def segmenter_card(info: dict) -> str:
              f"- Kind: {data_kind_words(data.get('synthetic'))}",
              f"- Patients (split by patient, never by slice): {counts}", "",
              "## Recipe",
-             f"- Architecture: {recipe.get('arch', '?')} / encoder {recipe.get('encoder', '?')}, "
+             f"- Architecture: {model_name(recipe.get('arch', '?'), recipe.get('encoder', '?'), ' / encoder ')}, "
              f"{recipe.get('channels', '?')} channels at {recipe.get('size', '?')} px",
              f"- Loss: {recipe.get('loss', '?')}",
              f"- Epochs: best {recipe.get('best_epoch', '?')} of {recipe.get('epochs_run', '?')} run "

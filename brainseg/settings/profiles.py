@@ -131,7 +131,7 @@ def use_profile(name: str, params_file: Path = PARAMS_FILE, profiles_file: Path 
     return diff
 
 
-def overlay(params: dict, name: str, profiles_file: Path = PROFILES_FILE) -> dict:
+def with_profile(params: dict, name: str, profiles_file: Path = PROFILES_FILE) -> dict:
     """params with profile ``name`` applied in memory (``--profile`` on a single command)."""
     out = copy.deepcopy(params)
     for key, value in profile_values(name, profiles_file).items():

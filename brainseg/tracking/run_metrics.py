@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from brainseg.settings.architectures import without_unused_encoder
 from brainseg.settings.config import TrainConfig
 
 
@@ -65,8 +66,9 @@ def best_epoch_summary(history: dict, best_epoch: int, epochs_run: int) -> dict[
 
 def train_config_params(cfg: TrainConfig) -> dict:
     """The training config as MLflow params; the loss mapping is ``loss_weights`` (JSON) and
-    ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch)."""
-    d = cfg.to_dict()
+    ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch). An encoder the
+    architecture does not have is left out."""
+    d = without_unused_encoder(cfg.to_dict())
     loss = d.pop("loss")
     d["loss_weights"] = json.dumps(loss, sort_keys=True)
     for name in ("bce", "dice", "jaccard", "focal", "tversky"):

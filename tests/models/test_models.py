@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainseg.models.factory import build_model, check_names
+from brainseg.models.factory import ARCHS, OWN_ARCHS, SM_ARCHS, build_model, check_names
 from brainseg.models.losses import TverskyLoss, make_loss
+from brainseg.settings.architectures import ENCODER_ARCHS, has_encoder
 from brainseg.settings.config import TrainConfig
 
 
@@ -26,6 +27,12 @@ def test_every_architecture_maps_a_slice_to_a_probability_mask(arch, encoder, ch
     y = model(x, training=False).numpy()
     assert y.shape == (2, 64, 64, 1)
     assert (y >= 0).all() and (y <= 1).all()
+
+
+def test_the_light_list_of_encoder_architectures_is_the_factorys():
+    # records leave out the encoder of an architecture without one (settings/architectures.py, no TensorFlow)
+    assert set(ENCODER_ARCHS) == set(SM_ARCHS)
+    assert [a for a in ARCHS if not has_encoder(a)] == list(OWN_ARCHS)
 
 
 def test_unetpp_deep_supervision_averages_heads_into_one_output():

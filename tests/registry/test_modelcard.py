@@ -54,6 +54,9 @@ def test_segmenter_card_states_data_recipe_figures_misses_and_limits():
      ["used in no decision"]),
     ({"misses": []}, ["No per-patient validation results were recorded."], ["Largest misses"]),
     ({"recipe": {"arch": "plain_unet", "size": 64}}, ["64 px (a smoke-test size)"], []),
+    # an encoder the architecture does not have is not named (the cpu recipe carries one for unet)
+    ({"recipe": {"arch": "plain_unet", "encoder": "resnet18", "size": 128, "channels": "all"}},
+     ["- Architecture: plain_unet, all channels at 128 px"], ["encoder", "resnet18"]),
     ({"val": {"patient_dice_mean": float("nan"), "n_patients": 0}},
      ["| Per-patient volume Dice, mean | n/a (n=0)"], []),
     ({"recipe": {"arch": "plain_unet", "compute": {"budget_minutes": "45.0", "budget_planned_steps": 5000.0,

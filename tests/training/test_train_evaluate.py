@@ -23,6 +23,8 @@ def test_train_logs_a_complete_mlflow_run(in_project):
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["arch"] == "plain_unet" and p["profile"] == "smoke" and float(p["loss_w_dice"]) == 1.0
+    # the smoke profile sets train.encoder, which the plain U-Net does not have: no record names it
+    assert run.info.run_name == "train-plain_unet" and not [k for k in p if "encoder" in k]
     epochs = int(run.data.metrics["epochs_run"])
     for name in ("loss", "val_loss", "dice", "val_dice", "iou", "val_iou", "val_patient_dice"):
         assert len(client.get_metric_history(run.info.run_id, name)) == epochs, name
