@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -424,3 +425,37 @@ def test_names_that_meant_two_things_are_defined_once():
     found = public_functions()
     twice = {name: found[name] for name in ONE_MEANING if len(found.get(name, [])) > 1}
     assert not twice, f"defined in more than one module (name what each does): {twice}"
+
+
+# ------------------------------------------------------------------------------ the doc says the same
+LIBRARIES = {"MLflow": ("mlflow",), "Optuna": ("optuna", "optuna_integration"), "Streamlit": ("streamlit",),
+             "TensorFlow": TF}
+
+
+def documented_rules(text: str) -> dict[tuple[str, ...], set[str]]:
+    """ARCHITECTURE.md's layer table: {(modules, ...): forbidden imports}. A row's first cell names
+    its modules in backticks (``settings/`` for a package); its last, the forbidden packages in
+    backticks and the libraries by name (LIBRARIES)."""
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`"):
+            continue
+        modules = tuple(re.findall(r"`([^`]+)`", cells[0]))
+        packages, _, libraries = cells[-1].partition(";")
+        forbidden = {f"brainseg.{p}" for p in re.findall(r"`([^`]+)`", packages)}
+        for word in re.findall(r"[A-Za-z]+", libraries):
+            forbidden.update(LIBRARIES[word])
+        out[modules] = forbidden
+    return out
+
+
+def test_architecture_md_states_the_rules():
+    doc = documented_rules((PACKAGE.parent / "ARCHITECTURE.md").read_text())
+    rules = {tuple(p.replace("/**/*.py", "/") for p in patterns): set(forbidden) for patterns, forbidden, _ in RULES}
+    assert doc.keys() == rules.keys(), f"rows only in ARCHITECTURE.md: {doc.keys() - rules.keys()}; " \
+                                       f"rules only in the test: {rules.keys() - doc.keys()}"
+    wrong = {m: {"doc only": sorted(doc[m] - rules[m]), "test only": sorted(rules[m] - doc[m])}
+             for m in rules if doc[m] != rules[m]}
+    assert not wrong, f"ARCHITECTURE.md's layer table and RULES disagree: {wrong}"
