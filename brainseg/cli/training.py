@@ -11,6 +11,7 @@ import typer
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, print_metrics, settings_or_fail
 from brainseg.settings.architectures import model_name
 from brainseg.settings.config import TrainConfig
+from brainseg.settings.locks import holder_line
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import run_notes
 from brainseg.training.budget import BudgetError, parse_budget
@@ -18,7 +19,6 @@ from brainseg.training.checkpoint import (
     DEFAULT_ROOT,
     Checkpoint,
     CheckpointError,
-    holder_line,
     interrupted,
     resume_command,
 )

@@ -9,6 +9,14 @@ under a temporary name, renames it, then replaces ``state.json`` atomically (``o
 only then removes the previous folder: a crash at any moment leaves the last complete epoch
 readable. A finished run's folder is removed; :func:`interrupted` lists the rest.
 
+One process at a time: the process that trains a run holds an exclusive ``flock`` on the folder's
+``.lock`` (from its first save, or from :meth:`Checkpoint.reopen` for a resume) for as long as it
+lives; the file names the holder (pid, host, since when, the command). A second process is refused
+at once (:class:`CheckpointBusy`, naming the holder); the OS releases the lock when the holder dies,
+even by SIGKILL, so a killed run never blocks its resume. :meth:`Checkpoint.verify` checks a
+checkpoint whole (every array file readable, the network it describes, the epochs it claims)
+before a resume touches its MLflow run.
+
 Pure I/O of NumPy arrays and JSON: no TensorFlow, no MLflow.
 """
 
@@ -23,13 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from brainseg.settings import locks
+
 STATE = "state.json"
+LOCK = ".lock"
 DEFAULT_ROOT = Path("checkpoints")
 FORMAT = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the resume asked for."""
+
+
+class CheckpointBusy(CheckpointError):
+    """Another process is training this run (it holds the checkpoint's lock)."""
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
@@ -51,6 +66,7 @@ class Checkpoint:
 
     folder: Path
     meta: dict = dataclasses.field(default_factory=dict)
+    _lock_file = None  # the open lock file while this process holds the lock (not a field)
 
     @classmethod
     def of(cls, root: Path | str, run_id: str, meta: dict | None = None) -> Checkpoint:
@@ -58,11 +74,39 @@ class Checkpoint:
 
     @classmethod
     def reopen(cls, root: Path | str, run_id: str) -> tuple[Checkpoint, dict]:
-        """The checkpoint of run ``run_id`` under ``root`` and its state (:class:`CheckpointError` if none)."""
+        """The checkpoint of run ``run_id`` under ``root`` and its state, locked for this process
+        (:class:`CheckpointError` if none, :class:`CheckpointBusy` naming the process training it)."""
         ckpt = cls(Path(root) / run_id)
-        state = ckpt.state()
+        if not ckpt.folder.is_dir():
+            ckpt.state()  # the error that names it
+        ckpt.lock()
+        try:
+            state = ckpt.state()  # read under the lock: the holder before may have finished and removed it
+        except CheckpointError:
+            ckpt.release()
+            raise
         ckpt.meta = dict(state.get("meta") or {})
         return ckpt, state
+
+    def lock(self) -> None:
+        """Hold the run's lock (an exclusive ``flock`` on ``.lock``) until :meth:`release`, :meth:`remove`
+        or the end of this process; :class:`CheckpointBusy` naming the holder when another process has it."""
+        if self._lock_file is not None:
+            return
+        try:
+            self._lock_file = locks.acquire(self.folder / LOCK)
+        except locks.Busy as exc:
+            raise CheckpointBusy(f"{self.folder}: run {self.run_id} is being trained by "
+                                 f"{locks.holder_line(exc.holder)}: one process per run; wait for it to end (or "
+                                 "stop it) and resume again") from None
+        except OSError as exc:
+            raise CheckpointError(f"{self.folder / LOCK}: cannot be opened ({exc.strerror or exc})") from None
+
+    def release(self) -> None:
+        """Let go of the run's lock (a process that ends lets go of it anyway)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     @property
     def run_id(self) -> str:
@@ -87,15 +131,56 @@ class Checkpoint:
     def arrays(self, name: str, state: dict | None = None) -> list[np.ndarray]:
         """The arrays ``name`` (``weights``, ``optimizer``, ``best``, ``trained``) of the saved epoch."""
         state = self.state() if state is None else state
-        path = self.folder / state["arrays"] / f"{name}.npz"
+        path = self.folder / str(state["arrays"]) / f"{name}.npz"
         try:
             return _load_arrays(path)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: unreadable checkpoint arrays ({exc})") from None
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)") from None
+        except Exception as exc:  # noqa: BLE001 - a cut file raises EOFError, BadZipFile, OSError, ValueError...
+            raise CheckpointError(f"{path}: unreadable checkpoint arrays ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
+
+    def verify(self, state: dict, shapes: list[tuple] | None = None, epochs: int | None = None,
+               network: str = "the network") -> None:
+        """Check the checkpoint whole before a resume touches its MLflow run: the epoch count and the
+        history agree, the plan (``epochs``, a run without a budget) is not passed, every array file
+        of the saved epoch reads to its end, and the weights fit ``network`` (``shapes``: its weight
+        shapes, from the settings ``state.json`` keeps). :class:`CheckpointError` naming the file."""
+        path = self.folder / STATE
+        epoch, history, best = state.get("epoch"), state.get("history"), state.get("best")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise CheckpointError(f"{path}: epoch {epoch!r} is not a number of epochs done (>= 1)")
+        if not isinstance(history, dict) or any(not isinstance(v, list) or len(v) != epoch for v in history.values()):
+            raise CheckpointError(f"{path}: its history does not hold {epoch} epochs (edited or damaged)")
+        if epochs is not None and epoch > epochs:
+            raise CheckpointError(f"{path}: epoch {epoch} is past the run's plan of {epochs} epochs (train.epochs)")
+        if not (isinstance(best, dict) and isinstance(best.get("epoch"), int) and -1 <= best["epoch"] < epoch
+                and isinstance(best.get("value"), (int, float))):
+            raise CheckpointError(f"{path}: its best epoch {best!r} is not one of its {epoch} epochs")
+        name = str(state["arrays"])
+        if not name or name != Path(name).name or name.startswith("."):
+            raise CheckpointError(f"{path}: arrays {name!r} is not a folder of the checkpoint")
+        for key in ("trained",) if state.get("trained") else ("weights", "optimizer", "best"):
+            arrays = self.arrays(key, state)
+            got = [tuple(a.shape) for a in arrays]
+            if shapes is None or (key == "best" and not arrays):
+                continue
+            if key == "optimizer":  # the step counter, then two moments per trainable weight
+                misfit = [g for g in got if g and g not in set(shapes)]
+                fits = not misfit
+            else:
+                misfit = [(i, g, w) for i, (g, w) in enumerate(zip(got, shapes)) if g != w][:1]
+                fits = not misfit and len(got) == len(shapes)
+            if not fits:
+                where = f"; first misfit {misfit[0]}" if misfit else ""
+                raise CheckpointError(f"{self.folder / name / key}.npz: {len(got)} arrays that do not fit {network} "
+                                      f"that {STATE} describes ({len(shapes)} weights{where}): not this run's")
 
     def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
-        """Write ``arrays`` and ``state`` as the run's checkpoint, atomically (see the module doc)."""
+        """Write ``arrays`` and ``state`` as the run's checkpoint, atomically (see the module doc);
+        the first save takes the run's lock."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock()
         name = f"epoch-{int(state.get('epoch', 0)):04d}{'-trained' if 'trained' in arrays else ''}"
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +222,7 @@ class Checkpoint:
     def remove(self) -> None:
         """A finished run's checkpoint goes (and the root with it when nothing else is there)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.release()
         try:
             self.folder.parent.rmdir()
         except OSError:
@@ -158,17 +244,19 @@ def resume_command(ckpt: Checkpoint, root_default: Path = DEFAULT_ROOT) -> str:
 
 def interrupted(root: Path | str = DEFAULT_ROOT) -> list[tuple[Checkpoint, dict]]:
     """The checkpoints under ``root`` (runs that did not finish), newest first; unreadable ones
-    are listed with an ``error`` field instead of failing the listing."""
+    are listed with an ``error`` field instead of failing the listing; one another process is
+    training now has a ``running`` field (its lock's holder, see :func:`brainseg.settings.locks.holder_line`)."""
     root = Path(root)
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         ckpt = Checkpoint(folder)
+        holder = locks.held_by(folder / LOCK)
         try:
             state = ckpt.state()
             ckpt.meta = dict(state.get("meta") or {})
-            found.append((ckpt, state))
         except CheckpointError as exc:
-            found.append((ckpt, {"error": str(exc), "written_at": 0.0}))
+            state = {"error": str(exc), "written_at": 0.0}
+        found.append((ckpt, {**state, "running": holder} if holder is not None else state))
     return sorted(found, key=lambda item: -float(item[1].get("written_at", 0.0)))

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,7 +118,7 @@ def test_a_save_that_dies_half_way_leaves_the_last_complete_epoch(tmp_path, monk
     state = ckpt.state()
     assert state["epoch"] == 1 and ckpt.arrays("weights", state)[0].tolist() == [1.0, 1.0, 1.0]
     ckpt.save({"epoch": 2, "history": {"loss": [1.0, 0.5]}}, {"weights": [np.zeros(3)], "best": []})
-    assert sorted(p.name for p in ckpt.folder.iterdir()) == ["epoch-0002", "state.json"]  # the debris went
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == [".lock", "epoch-0002", "state.json"]  # the debris went
 
 
 def test_checkpoints_are_listed_newest_first_with_their_resume_command(tmp_path):
@@ -138,3 +143,104 @@ def test_a_state_file_of_another_format_is_refused_by_name(tmp_path):
     (ckpt.folder / "state.json").write_text(json.dumps({"epoch": 1}))
     with pytest.raises(CheckpointError, match="state.json: not a brainseg checkpoint"):
         ckpt.state()
+
+
+# ------------------------------------------------------------------ one process per run (issue 37)
+def _saved(root, run="r1", epoch=2, shapes=((3, 3, 1, 4), (4,))):
+    """A checkpoint of ``epoch`` epochs of a tiny network with weights of ``shapes``."""
+    weights = [np.zeros(s, np.float32) for s in shapes]
+    ckpt = Checkpoint.of(root, run)
+    ckpt.save({"epoch": epoch, "history": {"loss": [1.0] * epoch, "val_patient_dice": [0.1] * epoch},
+               "best": {"value": 0.1, "epoch": 0}},
+              {"weights": weights, "optimizer": [np.int64(3), *weights, *weights], "best": weights})
+    ckpt.release()
+    return ckpt
+
+
+def test_a_second_holder_of_a_run_is_refused_naming_the_first(tmp_path):
+    from brainseg.training.checkpoint import CheckpointBusy, interrupted
+
+    _saved(tmp_path)
+    first, _ = Checkpoint.reopen(tmp_path, "r1")  # holds the lock (as `brainseg train --resume` does)
+    with pytest.raises(CheckpointBusy, match=rf"r1: run r1 is being trained by pid {os.getpid()} on "
+                                             rf"{socket.gethostname()} since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d"):
+        Checkpoint.reopen(tmp_path, "r1")
+    [(_, state)] = interrupted(tmp_path)
+    assert state["running"]["pid"] == os.getpid()
+    first.release()
+    second, state = Checkpoint.reopen(tmp_path, "r1")  # free again
+    assert state["epoch"] == 2 and interrupted(tmp_path)[0][1].get("running") is not None
+    second.remove()  # a finished run: the folder and its lock go
+    assert not (tmp_path / "r1").exists()
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
+    """The holder dies by SIGKILL (no clean-up of any kind): the OS lets go of its flock."""
+    _saved(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from brainseg.training.checkpoint import Checkpoint; "
+        f"held = Checkpoint.reopen({str(tmp_path)!r}, 'r1'); print('locked', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=f"being trained by pid {holder.pid} "):
+            Checkpoint.reopen(tmp_path, "r1")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    ckpt, state = Checkpoint.reopen(tmp_path, "r1")  # at once: no waiting for a timeout
+    assert state["epoch"] == 2 and json.loads((ckpt.folder / ".lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_run_that_finished_while_the_resume_waited_is_not_recreated(tmp_path):
+    ckpt = _saved(tmp_path)
+    ckpt.remove()
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        Checkpoint.reopen(tmp_path, "r1")
+    assert not (tmp_path / "r1").exists()  # the lock did not bring the folder back
+
+
+SHAPES = [(3, 3, 1, 4), (4,)]
+
+
+def _damage(kind):
+    def cut(folder, name):
+        path = folder / "epoch-0002" / f"{name}.npz"
+        path.write_bytes(path.read_bytes()[:-40])
+
+    def state_edit(**fields):
+        def edit(folder):
+            state = json.loads((folder / "state.json").read_text())
+            state.update(fields)
+            (folder / "state.json").write_text(json.dumps(state))
+        return edit
+
+    return {
+        "a truncated weights.npz": (lambda f: cut(f, "weights"), r"epoch-0002/weights.npz: unreadable checkpoint"),
+        "a truncated optimizer.npz": (lambda f: cut(f, "optimizer"), r"optimizer.npz: unreadable checkpoint"),
+        "a missing best.npz": (lambda f: (f / "epoch-0002" / "best.npz").unlink(),
+                               r"epoch-0002/best.npz: missing \(the checkpoint is incomplete\)"),
+        "an epoch beyond the plan": (state_edit(epoch=9, history={"loss": [1.0] * 9}),
+                                     r"state.json: epoch 9 is past the run's plan of 4 epochs"),
+        "a history shorter than the epochs": (state_edit(epoch=3), r"state.json: its history does not hold 3 epochs"),
+        "another network": (None, r"weights.npz: 2 arrays that do not fit plain_unet that state.json describes"),
+        "arrays outside the folder": (state_edit(arrays="../../elsewhere"), r"is not a folder of the checkpoint"),
+        "a best epoch it never had": (state_edit(best={"value": 0.5, "epoch": 7}), r"best epoch .* is not one of"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["a truncated weights.npz", "a truncated optimizer.npz", "a missing best.npz",
+                                  "an epoch beyond the plan", "a history shorter than the epochs", "another network",
+                                  "arrays outside the folder", "a best epoch it never had"])
+def test_a_damaged_or_tampered_checkpoint_is_refused_whole_naming_the_file(tmp_path, kind):
+    ckpt = _saved(tmp_path)
+    _saved(tmp_path, "good")
+    damage, message = _damage(kind)
+    if damage is not None:
+        damage(ckpt.folder)
+    shapes = [(3, 3, 1, 8), (8,)] if kind == "another network" else SHAPES
+    ckpt, state = Checkpoint.reopen(tmp_path, "r1")
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.verify(state, shapes, epochs=4, network="plain_unet")
+    good, state = Checkpoint.reopen(tmp_path, "good")
+    good.verify(state, SHAPES, epochs=4, network="plain_unet")  # an intact one passes
