@@ -9,6 +9,12 @@ first copies that profile's values into params.yaml (:func:`brainseg.settings.pr
 The register stage only registers and tags (``register.promote: false``), so ``dvc exp run``
 changes nothing deployed; ``brainseg run`` then asks the gate (``brainseg promote``) unless
 ``--no-promote``.
+
+One ``brainseg run`` at a time in a project folder: it holds the project's lock
+(``.dvc/tmp/brainseg-run.lock``, beside DVC's own lock; ``.brainseg-run.lock`` without DVC) from its
+first step (a profile written into params.yaml) to its last; a second one is refused at once
+(:class:`PipelineBusy`, naming the first: pid, host, since when). The OS lets go of the lock when
+its holder dies, however it dies.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from pathlib import Path
 import yaml
 
 from brainseg.data.importer import dvc_available, ensure_dataset
+from brainseg.settings import locks
 from brainseg.settings.config import load_settings
 from brainseg.settings.profiles import use_profile
+from brainseg.settings.settings_io import ConfigError, read_yaml
 from brainseg.tracking import mlflow_runs, run_context
 from brainseg.tracking.run_context import PIPELINE_ENV, PIPELINE_TAG
 
@@ -33,6 +41,27 @@ DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")
 REGISTER_REPORT = Path("reports/register.json")
 PIPELINE_EXPERIMENT = "brainseg"  # where the pipeline's runs go (cli.common.EXPERIMENT)
+LOCK_NAME = "brainseg-run.lock"
+
+
+class PipelineBusy(ConfigError):
+    """Another ``brainseg run`` is running in this project folder (a ConfigError: the command
+    refuses it as it refuses bad input, one line and exit 2, before anything changed)."""
+
+
+def project_lock(folder: Path = Path(".")):
+    """This project's pipeline lock, held by the returned open file; :class:`PipelineBusy` naming
+    the holder when another process has it."""
+    dvc_tmp = folder / ".dvc"
+    path = dvc_tmp / "tmp" / LOCK_NAME if dvc_tmp.is_dir() else folder / f".{LOCK_NAME}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return locks.acquire(path)
+    except locks.Busy as exc:
+        raise PipelineBusy(f"another `brainseg run` is running in this project: {locks.holder_line(exc.holder)}; "
+                           f"one at a time (lock {path}): wait for it to finish, or stop it") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot take the project's pipeline lock ({exc.strerror or exc})") from None
 
 
 def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, str]]:
@@ -49,14 +78,26 @@ def stage_commands(params: dict, dvc_file: Path = DVC_FILE) -> list[tuple[str, s
 
 
 def run_all_stages(profile: str | None = None, use_dvc: bool = True, promote: bool = True, echo=print) -> str:
-    """Make sure a dataset is there (synthetic by default), run the pipeline, then (``promote``) the
-    promotion gate for what it registered; returns the pipeline run id."""
+    """Make sure a dataset is there (synthetic by default) and under DVC, run the pipeline, then
+    (``promote``) the promotion gate for what it registered, all under the project's lock
+    (:func:`project_lock`); returns the pipeline run id."""
+    held = project_lock()
+    try:
+        return _run_all_stages(profile, use_dvc, promote, echo)
+    finally:
+        held.close()
+
+
+def _run_all_stages(profile: str | None, use_dvc: bool, promote: bool, echo) -> str:
     if profile:
         for key, old, new in use_profile(profile, PARAMS_FILE):
             echo(f"params.yaml: {key}: {old!r} -> {new!r} (profile {profile})")
     settings = load_settings()
     use_dvc = use_dvc and dvc_available()
-    echo(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"], use_dvc=use_dvc))
+    try:
+        echo(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"], use_dvc=use_dvc))
+    except RuntimeError as exc:  # `dvc add` refused (DVC's own lock held by a dvc command run by hand)
+        raise ConfigError(f"{' '.join(str(exc).split())[:400]}; nothing ran") from None
     run_id = uuid.uuid4().hex[:12]
     launcher, moved = claim_launcher(run_id, settings)
     env = {**os.environ, PIPELINE_ENV: run_id}  # after the claim: the stages' runs nest under the launcher
@@ -66,7 +107,7 @@ def run_all_stages(profile: str | None = None, use_dvc: bool = True, promote: bo
         if use_dvc:
             subprocess.run(["dvc", "repro"], env=env, check=True)
         else:
-            params = yaml.safe_load(PARAMS_FILE.read_text())
+            params = read_yaml(PARAMS_FILE)
             for name, cmd in stage_commands(params):
                 echo(f"stage {name}: {cmd}")
                 subprocess.run(shlex.split(cmd), env=env, check=True)
