@@ -41,10 +41,14 @@ def box_mask(size: int = 32, box: tuple[int, int, int, int] = (8, 16, 8, 16)) ->
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A zip of ``files``, the same bytes on every call: a fixed date (zipfile's default is the time of
+    the call), so that the parametrized ids below are the same in every pytest-xdist process."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in files.items():
-            zf.writestr(name, data)
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.external_attr = 0o600 << 16  # as writestr(name) sets it
+            zf.writestr(info, data)
     return buf.getvalue()
 
 
