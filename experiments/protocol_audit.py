@@ -239,6 +239,7 @@ def main(argv=None) -> int:
                         f"{manifest['patient'].nunique()} patients; profile {args.profile}, seed {args.seed}; "
                         f"{(time.time() - started) / 60:.1f} min in all"))
     if args.out:  # written whole, then renamed: never a half-written file
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"cpu": cpu_model(), "profile": args.profile, "seed": args.seed,
                                    "budget_minutes": cfg.budget_minutes, "runs": runs, "table": table,
