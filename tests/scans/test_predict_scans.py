@@ -48,7 +48,12 @@ def stack(folder: Path) -> np.ndarray:
 
 
 def tiff_masks(out: Path, folder: Path, n: int) -> np.ndarray:
-    return np.stack([imageio.read_mask(out / f"{folder.name}_{k}_pred.png") for k in range(1, n + 1)])
+    """The TIFF path's masks of ``folder``'s slices 1..n, wherever under ``out`` predict put them."""
+    def found(k: int) -> Path:
+        (path,) = out.rglob(f"{folder.name}_{k}_pred.png")
+        return path
+
+    return np.stack([imageio.read_mask(found(k)) for k in range(1, n + 1)])
 
 
 @pytest.fixture(scope="module")

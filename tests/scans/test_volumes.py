@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import tifffile
 from scan_files import SPACING, model_affine, stored_layout, write_dicom_series, write_nifti
 
 from brainseg.data.dicom_seg import write_dicom_seg
-from brainseg.data.export import export_nnunet, nnunet_splits
+from brainseg.data.export import export_nnunet, nnunet_splits, tiff_geometry
 from brainseg.data.scan import BadScan, Geometry
 from brainseg.data.volumes import check_same_grid, read_scan, resample_onto, scan_name, to_uint8, write_mask
 from brainseg.outcome import physical
@@ -157,3 +158,23 @@ def test_a_geometry_refuses_a_mask_of_another_shape():
     g = Geometry("x.nii", "nifti", model_affine(), (4, 5, 6))
     with pytest.raises(ValueError, match="does not fit x.nii"):
         g.to_stored(np.zeros((3, 5, 6), bool))
+
+
+# ------------------------------------------------------------------------------ the orientation assumption
+@pytest.mark.real
+def test_the_orientation_assumption_agrees_with_data_csv_laterality(real_sample):
+    """Under the radiological assumption (MODEL_AXCODES: columns run right -> left), a tumor coded
+    1 in data.csv's laterality (Left, if the codes follow TCGA's values in alphabetical order:
+    Left, Midline, Right) lies left of the head's centre (smaller r in RAS), one coded 3 right of it."""
+    laterality = pd.read_csv(real_sample / "data.csv").set_index("Patient")["laterality"]
+    seen = {}
+    for folder in sorted(p for p in real_sample.iterdir() if p.is_dir()):
+        n = len([p for p in folder.glob("*.tif") if not p.stem.endswith("_mask")])
+        flair = np.stack([tifffile.imread(folder / f"{folder.name}_{k}.tif")[..., 1] for k in range(1, n + 1)])
+        tumor = np.stack([tifffile.imread(folder / f"{folder.name}_{k}_mask.tif") > 0 for k in range(1, n + 1)])
+        affine = tiff_geometry(n, *flair.shape[1:], folder.name).model_affine
+        offset = (physical.patient_physical(tumor, affine)["centroid_r_mm"]
+                  - physical.patient_physical(flair > 10, affine)["centroid_r_mm"])
+        seen[folder.name[:12]] = (int(laterality[folder.name[:12]]), round(offset, 1))
+    assert all((code == 1 and off < 0) or (code == 3 and off > 0) for code, off in seen.values()), seen
+    assert {code for code, _ in seen.values()} == {1, 3}
