@@ -1,9 +1,14 @@
-"""Hostile input against the real ``mlflow models serve`` of the segmenter (issue 13).
+"""Hostile input against the project's server of the segmenter (issues 13 and 37): MLflow's scoring
+app behind :mod:`brainseg.serving.scoring_app` (the body limit, the body checks and the error
+answers' cleaning), started as docs/serving.md says.
 
 Every case asserts the status, that the message names the problem (row, column, parameter or
-limit), that no stack trace or server path leaks, that the answer is strict JSON (no NaN or
-Infinity tokens), and that a good request still succeeds right after it. The memory test sends
-decompression bombs and asserts the serving process's peak RSS grows by less than 100 MB.
+limit), that no stack trace, server path or path under the model's artifacts leaks, that the
+answer is strict JSON (no NaN or Infinity tokens), that an error answer is bounded and does not
+repeat the request, and that a good request still succeeds right after it. The memory test sends
+decompression bombs and asserts the serving process's peak RSS grows by less than 100 MB. What
+``mlflow models serve`` alone answers to the requests the wrapper fixes (docs/serving.md says it)
+is checked on MLflow's own app, in process.
 
 The server runs with the default request limits (:class:`brainseg.serving.limits.RequestLimits`; the
 limit cases read them, so they follow a change of the defaults) and the decoder's default
@@ -12,8 +17,10 @@ per-image limit; the model is a tiny seeded untrained U-Net (masks arbitrary but
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
+import gzip
 import io
 import json
 import math
@@ -40,6 +47,7 @@ LIMITS = RequestLimits()  # the defaults: the server's environment sets none of 
 ENV = RequestLimits.ENV
 RSS_GROWTH_LIMIT_MB = 100
 LEAKS = ("Traceback", "stack_trace", "site-packages", 'File "/')
+MAX_ERROR_BODY = 1024 + 100  # docs/serving.md: at most 1 KiB of message, plus the JSON around it
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -134,10 +142,22 @@ def server(tracking, tmp_path_factory, good_slice):
     experiment_in("hostile", tracking.artifacts)
     uri = register_champion(model_dir, imageio.read_image(_as_file(tmp_path_factory, good_slice)),
                             tracking.artifacts)
-    with serve_model(uri, tracking.uri, tmp_path_factory.mktemp("serve"), timeout_s=300,
+    with serve_model(uri, tracking.uri, tmp_path_factory.mktemp("serve"), timeout_s=300, body_limit=True,
                      env={var: "" for var in ENV.values()}) as s:  # "" = unset: the defaults
-        s.model_uri = uri
+        s.model_uri, s.artifacts = uri, tracking.artifacts
         yield s
+
+
+def assert_clean(r: requests.Response, server, sent: bytes = b"") -> None:
+    """No stack trace, site-packages, path under the model's artifacts; an error answer is bounded
+    and does not repeat (a 64-byte piece of) what was sent."""
+    for leak in (*LEAKS, str(server.artifacts), str(Path(server.artifacts).resolve())):
+        assert leak not in r.text, f"the answer leaks {leak!r}: {r.text[-500:]!r}"
+    if r.status_code >= 400:
+        assert len(r.content) <= MAX_ERROR_BODY, f"an error answer of {len(r.content):,} bytes"
+        if len(sent) >= 64:
+            middle = sent[len(sent) // 2:len(sent) // 2 + 64]
+            assert middle not in r.content and repr(middle)[2:-1].encode() not in r.content, "the answer echoes"
 
 
 def _as_file(tmp_path_factory, data: bytes) -> Path:
@@ -260,11 +280,10 @@ def test_a_hostile_request_is_refused_by_name_then_the_server_still_serves(serve
     content_type = "text/plain" if name == "wrong content type" else "application/json"
     r = post(server.url, _fill(body, b64(good_slice)), content_type)
     assert r.status_code == status, f"{name}: HTTP {r.status_code} {r.text[:400]}"
-    message = r.text if status == 415 else strict_json(r.text)["message"]
+    message = strict_json(r.text)["message"]
     for word in words:
         assert word.lower() in message.lower(), f"{name}: {word!r} not in {message[-500:]!r}"
-    for leak in LEAKS:
-        assert leak not in r.text, f"{name}: the answer leaks {leak!r}: {r.text[-500:]!r}"
+    assert_clean(r, server)
     assert_still_serves(server.url, good_slice)
 
 
@@ -277,14 +296,151 @@ REASON_FIRST = [  # (name, body, the reason the 400's message must begin with)
 
 
 @pytest.mark.parametrize("name, body, reason", REASON_FIRST, ids=[c[0] for c in REASON_FIRST])
-def test_a_400_begins_with_its_reason_and_keeps_mlflows_detail_after_it(server, good_slice, name, body, reason):
-    """MLflow's scoring server puts "Failed to predict data '<the request table>'" before the model's
-    message; the reason comes first anyway (brainseg.serving.request.BadRequest)."""
+def test_a_400_is_its_reason_without_mlflows_dump_of_the_request(server, good_slice, name, body, reason):
+    """MLflow's scoring app puts "Failed to predict data '<the request table>'" before the model's
+    message; the model puts its reason first (brainseg.serving.pyfunc.BadRequest) and the server
+    drops the dump (brainseg.serving.answers.clean_message)."""
     r = post(server.url, _fill(body, b64(good_slice)))
     assert r.status_code == 400, r.text[:300]
     message = strict_json(r.text)["message"]
-    assert message.startswith(reason), f"{name}: {message[:300]!r}"
-    assert "\n" in message and "Failed to predict data" in message.split("\n", 1)[1]
+    assert message.startswith(reason) and "\n" not in message, f"{name}: {message[:300]!r}"
+    assert "Failed to predict data" not in message and strict_json(r.text).keys() == {"error_code", "message"}
+
+
+# ------------------------------------------------------------------- requests MLflow's app echoed or 500ed
+def _noise(n: int) -> bytes:
+    """``n`` bytes that are not UTF-8 (0xff first), the same on every run."""
+    return b"\xff" + np.random.default_rng(0).bytes(n - 1)
+
+
+def _gzip_of_a_good_request(good: str) -> bytes:
+    return gzip.compress(json.dumps(split_of(good)).encode())
+
+
+RAW_CASES = [  # (name, body (GOOD: the good slice's base64), extra headers, status, the message's beginning)
+    ("random bytes", _noise(4096), {}, 400, "the request body is not UTF-8 text (byte 0xff at offset 0)"),
+    ("2 MiB of random bytes", _noise(2 * 2**20), {}, 400, "the request body is not UTF-8 text (byte 0xff"),
+    ("gzip with Content-Encoding: gzip", "GZIP", {"Content-Encoding": "gzip"}, 415,
+     "Content-Encoding 'gzip' is not accepted: this server decodes no compressed body"),
+    ("gzip without Content-Encoding", "GZIP", {}, 400, "the request body is not UTF-8 text (byte 0x8b at offset 1)"),
+    ("Content-Encoding: br", b'{"dataframe_split": {}}', {"Content-Encoding": "br"}, 415, "Content-Encoding 'br'"),
+    ("latin-1 text", '{"dataframe_records": [{"image": "caf\xe9"}]}'.encode("latin-1"), {}, 400,
+     "the request body is not UTF-8 text (byte 0xe9 at offset 37)"),
+    ("JSON nested 10,000 levels", ('{"dataframe_split": ' + "[" * 10_000 + "]" * 10_000 + "}").encode(), {}, 400,
+     "the request's JSON is nested more than 64 levels deep"),
+    ("JSON nested 100 levels", ('{"dataframe_split": {"columns": ["image"], "data": ' + "[" * 100 + "]" * 100
+                                + "}}").encode(), {}, 400, "the request's JSON is nested more than 64 levels deep"),
+    ("a 5,000-digit integer", ('{"dataframe_split": {"columns": ["image"], "data": [[' + "9" * 5000
+                               + "]]}}").encode(), {}, 400,
+     "the request body holds a number of more than 4,300 digits"),
+    ("not JSON after good bytes", b'{"dataframe_split": {"columns": ["image"], "data": [["' + b"A" * 5000 + b'"]]',
+     {}, 400, "the request body is not valid JSON: Expecting ',' delimiter at line 1 column "),
+    ("return_mask \"false\"", split_of(GOOD, params={"return_mask": "false"}), {}, 400,
+     "param 'return_mask': expected boolean; Can not safely convert `<class 'str'>` to `DataType.boolean` for value "
+     "`false`"),
+    ("threshold \"0.9\"", split_of(GOOD, params={"threshold": "0.9"}), {}, 400,
+     "param 'threshold': expected double; Can not safely convert `<class 'str'>` to `DataType.double` for value "
+     "`0.9`"),
+]
+
+
+def _raw(body, good: str) -> bytes:
+    if body == "GZIP":
+        return _gzip_of_a_good_request(good)
+    return body if isinstance(body, bytes) else json.dumps(_fill(body, good)).encode()
+
+
+@pytest.mark.parametrize("name, body, headers, status, reason", RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_a_body_mlflow_would_echo_or_answer_with_500_gets_a_bounded_answer_naming_the_problem(
+        server, good_slice, name, body, headers, status, reason):
+    data = _raw(body, b64(good_slice))
+    r = requests.post(f"{server.url}/invocations", data=data, timeout=120,
+                      headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == status, f"{name}: HTTP {r.status_code} {r.text[:400]}"
+    answer = strict_json(r.text)
+    assert answer.keys() == {"error_code", "message"} and answer["message"].startswith(reason), answer
+    assert "\n" not in answer["message"] and "Failed to predict data" not in answer["message"], answer
+    assert_clean(r, server, data)
+    assert_still_serves(server.url, good_slice)
+
+
+# --------------------------------------------------------- what `mlflow models serve` alone answers (docs)
+def asgi_post(app, body: bytes, headers: dict) -> tuple[int, bytes]:
+    """One POST /invocations to an ASGI ``app`` in process: (status, body)."""
+    sent, inbox = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return inbox.pop(0) if inbox else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/invocations", "raw_path": b"/invocations", "query_string": b"",
+             "root_path": "", "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 1),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception:  # noqa: BLE001 - the framework re-raises after sending its 500
+        pass
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+MLFLOW_ALONE = {  # name -> (status, what its answer holds), as docs/serving.md states them for MLflow 3.17
+    "random bytes": (400, "the body, escaped"),
+    "gzip with Content-Encoding: gzip": (400, "the body, escaped"),
+    "JSON nested 10,000 levels": (500, "Internal Server Error"),
+    "a 5,000-digit integer": (500, "Internal Server Error"),
+    "return_mask \"false\"": (400, "the dump first"),
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(server):
+    """The served model, loaded in this process."""
+    return mlflow.pyfunc.load_model(server.model_uri)
+
+
+@pytest.fixture(scope="module")
+def mlflow_app(loaded):
+    """MLflow's own scoring app (what ``mlflow models serve`` runs) for the same model, in process."""
+    from mlflow.pyfunc import scoring_server
+
+    return scoring_server.init(loaded)
+
+
+def test_an_error_the_segmenter_did_not_foresee_is_logged_and_answered_with_a_generic_500(
+        loaded, mlflow_app, good_slice, monkeypatch, caplog):
+    """MLflow alone answers an unforeseen exception of a model with a 400 holding its traceback."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /secret/place/segmenter.py")
+
+    monkeypatch.setattr(loaded.unwrap_python_model(), "segment", broken)
+    with caplog.at_level("ERROR", logger="brainseg.serving.pyfunc"):
+        status, answer = asgi_post(mlflow_app, json.dumps(split_of(b64(good_slice))).encode(),
+                                   {"Content-Type": "application/json"})
+    assert status == 500 and b"Traceback" not in answer and b"/secret" not in answer, answer[:300]
+    message = json.loads(answer)["message"]
+    assert message.startswith("the model failed on this request (an internal error, logged by the server)")
+    logged = [r for r in caplog.records if r.name == "brainseg.serving.pyfunc"]
+    assert logged and "boom in /secret/place/segmenter.py" in logged[0].exc_text  # the traceback, server-side
+
+
+@pytest.mark.parametrize("name", list(MLFLOW_ALONE))
+def test_what_mlflow_models_serve_alone_answers_is_what_the_docs_say(mlflow_app, good_slice, name):
+    _, body, headers, _, _ = next(c for c in RAW_CASES if c[0] == name)
+    data = _raw(body, b64(good_slice))
+    status, answer = asgi_post(mlflow_app, data, {"Content-Type": "application/json", **headers})
+    expected, holds = MLFLOW_ALONE[name]
+    assert status == expected, answer[:300]
+    if holds == "the body, escaped":
+        message = json.loads(answer)["message"]
+        assert "\nInput: \nb'" in message and len(answer) > 3 * len(data)  # the whole body, escaped
+    elif holds == "the dump first":
+        assert json.loads(answer)["message"].startswith("Failed to predict data '")
+    else:
+        assert answer == holds.encode()
+    assert b"Traceback" not in answer
 
 
 def test_there_are_at_least_40_cases():

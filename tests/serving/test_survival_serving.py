@@ -25,6 +25,7 @@ from helpers import strict_json
 
 CLIN = list(CLINICAL_COLUMNS)
 IMG = ["tumor_volume_px", "tumor_slices", "centroid_x"]
+LEAKS = ("Traceback", "stack_trace", "site-packages", 'File "/')  # never in an answer (issue 37)
 EVIDENCE = {"cv_roc_auc": 0.6125, "cv_n_patients": 30, "data_version": "abc123", "fitted_on": "synthetic",
             "features_from": "oof_predicted"}
 
@@ -43,7 +44,7 @@ def training_frame(n=30, seed=0):
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """A small logreg fitted on clinical + imaging columns, logged as the pyfunc and loaded back:
-    (loaded, X, pipe, model URI, tracking URI)."""
+    (loaded, X, pipe, model URI, tracking URI, the artifacts folder)."""
     folder = tmp_path_factory.mktemp("survival-serving")
     X, y = training_frame()
     columns = CLIN + IMG
@@ -55,7 +56,7 @@ def logged(tmp_path_factory):
         mlflow.set_experiment(experiment_id=exp)
         _, uri = pyfunc.log_final_model(pipe, X, spec, EVIDENCE)
         loaded = mlflow.pyfunc.load_model(uri)
-        yield loaded, X, pipe, uri, tracking.uri
+        yield loaded, X, pipe, uri, tracking.uri, folder / "artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def request(loaded, body) -> tuple[int, dict]:
         status, text = r.status, r.response
     except MlflowException as exc:  # what the server's exception wrapper sends back
         status, text = exc.get_http_status_code(), exc.serialize_as_json()
-    assert "Traceback" not in text and "stack_trace" not in text
+    assert not [leak for leak in LEAKS if leak in text], text[-500:]
     return status, strict_json(text)
 
 
@@ -99,7 +100,8 @@ def test_signature_has_explicit_types_and_no_required_columns(served):
     assert [c.name for c in inputs] == CLIN + IMG
     assert {c.name: c.type.name for c in inputs if c.name in model.CODE_COLUMNS} == {
         c: "string" for c in model.CODE_COLUMNS}
-    assert {c.type.name for c in inputs if c.name not in model.CODE_COLUMNS} == {"double"}
+    # numbers are typed Any: MLflow hands the model what was sent (a JSON true is not cast to 1.0)
+    assert {repr(c.type) for c in inputs if c.name not in model.CODE_COLUMNS} == {"Any"}
     assert not any(c.required for c in inputs)
     outputs = [c.name for c in loaded.metadata.get_output_schema().inputs]
     assert outputs == list(pyfunc.OUTPUT_COLUMNS)
@@ -136,6 +138,16 @@ HOSTILE = [
     ("only unknown columns", "UNKNOWN_ONLY", 400, "no row with a known column (the model reads RNASeqCluster"),
     ("no rows", "NO_ROWS", 400, "no row with a known column"),
     ("too many rows", "MANY_ROWS", 400, "51 rows in one request; the limit is 50"),
+    # issue 37: accepted nonsense and a traceback in the answer
+    ("age as a boolean", {"age_at_initial_pathologic": True}, 400,
+     "column 'age_at_initial_pathologic', row 0: 'True' is a boolean; expected a number or null"),
+    ("age as a string of digits", {"age_at_initial_pathologic": "42"}, 400,
+     "column 'age_at_initial_pathologic', row 0: '42' is not a number; expected a number or null"),
+    ("age of 400 digits", {"age_at_initial_pathologic": 10**400}, 400,
+     "column 'age_at_initial_pathologic', row 0: inf is outside the plausible range 0-120"),
+    ("code of 5,000 digits", {"gender": "1" * 5000}, 400,
+     f"column 'gender', row 0: '{'1' * 40}...' is not an integer code"),
+    ("code of unicode digits", {"gender": "\u0661"}, 400, "column 'gender', row 0: '\u0661' is not an integer code"),
 ]
 
 
@@ -168,9 +180,10 @@ def test_hostile_input(served, name, change, status, message):
 @pytest.fixture(scope="module")
 def rest(logged, tmp_path_factory):
     """``mlflow models serve`` of the logged model (one worker); yields its URL."""
-    _, _, _, uri, tracking_uri = logged
+    _, _, _, uri, tracking_uri, artifacts = logged
     with serve_model(uri, tracking_uri, tmp_path_factory.mktemp("survival-serve"), timeout_s=300) as server:
-        yield server.url
+        server.artifacts = artifacts
+        yield server
 
 
 def post_rest(url: str, body) -> tuple[int, str]:
@@ -186,8 +199,13 @@ REST_HOSTILE = [
     ("unseen code", {"gender": "7"}, 400, ["column 'gender', row 0", "not seen in training"]),
     ("Infinity token", {"tumor_volume_px": float("inf")}, 400, ["column 'tumor_volume_px', row 0", "inf"]),
     ("code as a word", {"race": "white"}, 400, ["column 'race', row 0", "not an integer code"]),
-    ("age as a word", {"age_at_initial_pathologic": "old"}, 400, ["age_at_initial_pathologic"]),  # MLflow's schema
+    ("age as a word", {"age_at_initial_pathologic": "old"}, 400,
+     ["column 'age_at_initial_pathologic', row 0: 'old' is not a number"]),
     ("all null", {c: None for c in CLIN + IMG}, 200, ["0 of 16 clinical fields known"]),
+    # issue 37: a boolean read as 1 year; an over-long code answered with a traceback in `stack_trace`
+    ("age as a boolean", {"age_at_initial_pathologic": True}, 400,
+     ["column 'age_at_initial_pathologic', row 0: 'True' is a boolean; expected a number or null"]),
+    ("code of 5,000 digits", {"gender": "1" * 5000}, 400, ["column 'gender', row 0: '1111", "not an integer code"]),
 ]
 
 
@@ -195,9 +213,9 @@ REST_HOSTILE = [
 @pytest.mark.parametrize("name, change, status, words", REST_HOSTILE, ids=[h[0] for h in REST_HOSTILE])
 def test_the_real_server_refuses_by_column_in_strict_json(rest, served, name, change, status, words):
     _, X, _ = served
-    got, text = post_rest(rest, json.dumps({"dataframe_records": [with_(X, **change)]}))  # inf as Infinity
+    got, text = post_rest(rest.url, json.dumps({"dataframe_records": [with_(X, **change)]}))  # inf as Infinity
     assert got == status, text[:500]
-    for leak in ("Traceback", "stack_trace", "site-packages", 'File "/'):
+    for leak in (*LEAKS, str(rest.artifacts), str(rest.artifacts.resolve())):
         assert leak not in text, f"{name}: the answer leaks {leak!r}: {text[-500:]!r}"
     answer = strict_json(text)
     if status == 400:
@@ -208,12 +226,30 @@ def test_the_real_server_refuses_by_column_in_strict_json(rest, served, name, ch
         row = answer["predictions"][0]
         assert row["status"] == "insufficient_data" and row["death01_probability"] is None
         assert all(word in row["message"] for word in words), row["message"]
-    ok_status, ok_text = post_rest(rest, {"dataframe_records": [good_record(X)]})  # still answers
+    ok_status, ok_text = post_rest(rest.url, {"dataframe_records": [good_record(X)]})  # still answers
     assert ok_status == 200 and strict_json(ok_text)["predictions"][0]["status"] == "ok", ok_text[:500]
 
 
+def test_an_error_the_model_did_not_foresee_is_logged_and_answered_with_a_generic_500(served, monkeypatch, caplog):
+    """Once MLflow answered it with a 400 holding the traceback (machine paths) in ``stack_trace``."""
+    loaded, X, _ = served
+    pipeline = loaded.unwrap_python_model().pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in /secret/place/model.py")
+
+    monkeypatch.setattr(pipeline, "predict_proba", broken)
+    with caplog.at_level("ERROR", logger="brainseg.serving.pyfunc"):
+        status, answer = request(loaded, {"dataframe_records": [good_record(X)]})
+    assert status == 500 and answer["error_code"] == "INTERNAL_ERROR"
+    assert answer["message"].startswith("the model failed on this request (an internal error, logged by the server)")
+    assert "boom" not in json.dumps(answer) and "/secret" not in json.dumps(answer)
+    logged = [r for r in caplog.records if r.name == "brainseg.serving.pyfunc"]
+    assert logged and "boom in /secret/place/model.py" in logged[0].exc_text  # the traceback, server-side
+
+
 # ------------------------------------------------------------------------------ unknown columns
-@pytest.mark.parametrize("extra", [["gendr"], ["shoe_size", "tumour_volume"]])
+@pytest.mark.parametrize("extra", [["gendr"], ["shoe_size", "tumour_volume"], ["x" * 10_000]])
 def test_check_frame_refuses_unknown_columns_by_name(served, extra):
     loaded, X, _ = served
     frame = pd.DataFrame([{**good_record(X), **{c: 1 for c in extra}}])
@@ -221,7 +257,8 @@ def test_check_frame_refuses_unknown_columns_by_name(served, extra):
     with pytest.raises(InvalidInput) as err:
         check_frame(frame, spec)
     message = str(err.value)
-    assert all(repr(c) in message for c in extra) and "unknown column" in message
+    shown = [repr(c if len(c) <= 40 else c[:40] + "...") for c in extra]  # a name is cut, never repeated whole
+    assert all(name in message for name in shown) and "unknown column" in message and len(message) < 1000
     assert "gender" in message  # the columns the model reads are listed
     checked, reasons = check_frame(frame.drop(columns=extra), spec)
     assert reasons == [None] and list(checked.columns) == spec.columns
