@@ -37,7 +37,8 @@ if _WORKERS > 1:
 # The longest files, measured (`--durations`), start first, so that no process is left with one of
 # them at the end while the other idles (`--dist loadfile` keeps a file in one process, so that its
 # module fixtures are built once).
-LONGEST_FIRST = ("test_pipeline.py", "test_pipeline_corrupted.py", "test_cv.py", "test_tune_postgres.py", "test_tune_refit.py",
+LONGEST_FIRST = ("test_pipeline.py", "test_pipeline_corrupted.py", "test_cv.py", "test_tune_postgres.py",
+                 "test_tune_refit.py",
                  "test_tune_budget.py", "test_budget.py", "test_auth_server.py", "test_tracking_lost.py",
                  "test_resume_cli.py", "test_tune.py", "test_resume.py", "test_console.py",
                  "test_commands_chain.py", "test_bench.py", "test_survival.py", "test_selection.py", "test_oof.py")
