@@ -145,12 +145,13 @@ def data_export(dest: Annotated[Path, typer.Argument(help="Folder to create, e.g
                 profile: ProfileOpt = None, set_: SetOpt = None):
     """Export data.root (with the platform's split) as NIfTI volumes for nnU-Net v2 or MONAI."""
     from brainseg.data.context import DataContext
-    from brainseg.data.export import export_nnunet
+    from brainseg.data.export import check_destination, export_nnunet
 
     if fmt != "nnunet":
         fail(f"--format {fmt!r}: the one format is nnunet", 2)
     settings = settings_or_fail(profile, set_)
     try:
+        check_destination(dest)  # before the manifest and split are built
         ctx = DataContext.from_settings(settings, echo=out.print)
         summary = export_nnunet(ctx.manifest, ctx.split, dest, version=ctx.version)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -91,14 +91,20 @@ def _write_case(images: np.ndarray, masks: np.ndarray, case: str, folder: Path, 
     write_nifti(masks, geometry, labels / f"{case}{FILE_ENDING}", np.uint8)
 
 
+def check_destination(dest: Path) -> None:
+    """FileExistsError unless ``dest`` is absent or an empty folder (an export never replaces anything)."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest}: exists and is not an empty folder; not replaced")
+
+
 def export_nnunet(manifest: pd.DataFrame, split: pd.DataFrame, dest: Path, *, version: str = "",
                   echo=None) -> dict:
     """Write the patients of ``manifest`` (MANIFEST_COLUMNS) as nnU-Net v2's raw dataset in ``dest``
     (which must not exist or be empty), split by ``split`` (patient, subset, fold). Everything is
     written into a temporary folder beside ``dest`` and renamed into place. Returns a summary."""
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise FileExistsError(f"{dest}: exists and is not an empty folder; not replaced")
+    check_destination(dest)
     subsets = dict(zip(split["patient"], split["subset"]))
     unknown = sorted(set(manifest["patient"]) - set(subsets))
     if unknown:

@@ -73,13 +73,14 @@ class VolumeLimits:
             raise ValueError(f"{cls.ENV}={raw!r} must be >= 1")
         return cls(max_voxels=value)
 
-    def check(self, shape: tuple[int, ...], source: str, slice_axis: int = 2) -> None:
-        """:class:`BadScan` when a volume of ``shape`` (3 spatial axes) is over a limit."""
+    def check(self, shape: tuple[int, ...], source: str) -> None:
+        """:class:`BadScan` when a volume of ``shape`` (3 spatial axes) is over a limit (its largest
+        plane counts as a slice: any axis may become the slice axis once reoriented)."""
         voxels = math.prod(int(n) for n in shape)
         if voxels > self.max_voxels:
             raise BadScan(source, f"{'x'.join(map(str, shape))} = {voxels:,} voxels is over the "
                                   f"{self.max_voxels:,}-voxel limit ({self.ENV})")
-        plane = voxels // max(int(shape[slice_axis]), 1)
+        plane = voxels // max(min(int(n) for n in shape), 1)
         if plane > self.max_slice_pixels:
             raise BadScan(source, f"slices of {plane:,} pixels are over the {self.max_slice_pixels:,}-pixel limit "
                                   "(BRAINSEG_MAX_PIXELS)")

@@ -147,3 +147,21 @@ def test_a_pre_on_another_grid_is_refused_naming_both_files(tmp_path):
 def test_predict_refuses_volume_options_it_cannot_combine(tmp_path, args, expected):
     code, lines = invoke("predict", *args, "--out", tmp_path / "out")
     assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda t: (t / "used").mkdir() or (t / "used" / "mine.txt").write_text("x") and t / "used",
+     "exists and is not an empty folder; not replaced"),
+    (lambda t: (t / "file").write_text("x") and t / "file", "exists and is not an empty folder; not replaced"),
+])
+def test_data_export_refuses_a_destination_in_use_before_any_work(tmp_path, make, expected):
+    dest = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, lines = invoke("data", "export", dest, "--set", f"data.root={tmp_path / 'no-data'}")
+    assert code == 2 and lines == [f"error: {dest}: {expected}"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_data_export_knows_one_format(tmp_path):
+    code, lines = invoke("data", "export", tmp_path / "d", "--format", "msd")
+    assert code == 2 and lines == ["error: --format 'msd': the one format is nnunet"]

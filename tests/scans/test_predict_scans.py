@@ -208,7 +208,10 @@ def test_the_nnunet_export_opens_with_nibabel_and_reads_back_to_the_tiff_masks(r
     for f in folds:
         assert sorted(f["train"] + f["val"]) == train_cases
     for path in dest.rglob("*.nii.gz"):
-        assert nib.load(path).get_fdata().ndim == 3
+        data = nib.load(path).get_fdata()
+        assert data.ndim == 3
+        if path.parent.name.startswith("labels"):
+            assert set(np.unique(data)) <= {0.0, 1.0}  # labels as dataset.json declares them
     folders = {d.name.rsplit("_", 1)[0]: d for d in patient_dirs(real_sample)}
     for case, where in ((train_cases[0], "Tr"), (test_cases[0], "Ts")):
         images = {k: dest / f"images{where}" / f"{case}_{c:04d}.nii.gz" for k, c in (("flair", 0), ("pre", 1),
