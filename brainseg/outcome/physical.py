@@ -78,7 +78,7 @@ def patient_physical(volume: np.ndarray, affine: np.ndarray | None) -> dict:
 
     >>> v = np.zeros((3, 4, 4), bool); v[1, 1:3, 1:3] = True
     >>> f = patient_physical(v, np.diag([3.0, 0.5, 0.5, 1.0]))
-    >>> f["tumor_volume_ml"], f["extent_rl_mm"], f["extent_si_mm"]
+    >>> round(f["tumor_volume_ml"], 6), f["extent_rl_mm"], f["extent_si_mm"]  # 4 voxels of 0.75 mm^3
     (0.003, 3.0, 1.0)
     """
     if affine is None:
