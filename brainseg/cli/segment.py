@@ -266,6 +266,10 @@ def _predict_volumes(flair: Optional[Path], pre: Optional[Path], post: Optional[
     out.print(f"{row['patient']}: {len(pred.slices)} slices, {size} -> {output / row['mask_file']}"
               + (f" and {row['seg_file']}" if row["seg_file"] else "") + f"; model {model}",
               markup=False, highlight=False)
+    for p in pred.problems:
+        console.print(f"BAD {p}", markup=False, highlight=False)
+    if pred.problems:
+        raise typer.Exit(1)
 
 
 def promote(name: Annotated[str, typer.Argument(help="Registered model: register.segmenter_name or survival_name.")],

@@ -91,6 +91,7 @@ class ScanPrediction:
     patients: pd.DataFrame  # one row: PATIENT_FEATURE_COLUMNS, PHYSICAL_PATIENT_COLUMNS, spacing, mask files
     masks: np.ndarray       # (Z, H, W) bool, model orientation
     files: list[str]        # written into out_dir
+    problems: list[str] = dataclasses.field(default_factory=list)  # e.g. a DICOM SEG that could not be made
 
 
 def segment_scans(segmenter, scans: PatientScans) -> tuple[list[np.ndarray], np.ndarray]:
@@ -137,8 +138,14 @@ def write_prediction(scans: PatientScans, images, masks: np.ndarray, out_dir: Pa
             write_atomic(tmp / pred, imageio.encode_png(mask.astype(np.uint8) * 255))
             write_atomic(tmp / over, imageio.encode_png(plots.overlay(image, mask)))
         write_mask(masks, scans.flair.geometry, tmp / files["mask"])
+        problems = []
         if "seg" in files:
-            write_dicom_seg(masks, scans.flair.geometry, tmp / files["seg"], brainseg.__version__)
+            try:
+                write_dicom_seg(masks, scans.flair.geometry, tmp / files["seg"], brainseg.__version__)
+            except (ValueError, TypeError, AttributeError, KeyError) as exc:  # highdicom's refusals of a series
+                problems.append(f"{scans.flair.source}: no DICOM SEG written ({str(exc)[:200]}); "
+                                "the NIfTI mask and the rest are")
+                del files["seg"]
         table, patients = _tables(scans, images, masks, files)
         write_atomic(tmp / "features.csv", table.to_csv(index=False).encode())
         write_atomic(tmp / "patients.csv", patients.to_csv(index=False).encode())
@@ -147,7 +154,7 @@ def write_prediction(scans: PatientScans, images, masks: np.ndarray, out_dir: Pa
             os.replace(tmp / f, out_dir / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ScanPrediction(table, patients, masks, written)
+    return ScanPrediction(table, patients, masks, written, problems)
 
 
 def predict_scan_to_folder(flair: Path, out_dir: Path, model_uri: str, *, pre: Path | None = None,

@@ -18,6 +18,7 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import tifffile
 from pydicom.uid import generate_uid
@@ -227,3 +228,20 @@ def test_the_nnunet_export_opens_with_nibabel_and_reads_back_to_the_tiff_masks(r
 def stack_masks(folder: Path) -> np.ndarray:
     n = len([p for p in folder.glob("*.tif") if not p.stem.endswith("_mask")])
     return np.stack([imageio.read_mask(folder / f"{folder.name}_{k}_mask.tif") for k in range(1, n + 1)])
+
+
+def test_a_series_highdicom_cannot_reference_still_gets_its_nifti_mask_and_one_bad_line(real_sample, models, work):
+    folder = patient_dirs(real_sample)[0]
+    series = write_dicom_series(stack(folder)[..., 1], work / "no-frame" / "flair")
+    for f in series.iterdir():  # no FrameOfReferenceUID: readable, but a SEG cannot reference it
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f)
+    code, output = invoke("predict", "--flair", series, "--out", work / "no-frame-out", "--model", models["flair"])
+    assert code == 1, output
+    bad = [line for line in output.splitlines() if line.startswith("BAD ")]
+    assert bad == [f"BAD {series}: no DICOM SEG written (Source images have no Frame Of Reference UID, but it is "
+                   "required by the IOD.); the NIfTI mask and the rest are"]
+    assert (work / "no-frame-out" / "flair_mask.nii.gz").is_file()
+    assert not list((work / "no-frame-out").glob("*.dcm"))
+    assert pd.read_csv(work / "no-frame-out" / "patients.csv")["seg_file"].isna().all()
