@@ -21,20 +21,22 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from pydantic import BaseModel, ConfigDict, ValidationError
 from skimage import measure, morphology
 
 from brainseg.data.preprocess import Box, prepare_image, probability_to_original, slice_box
-from brainseg.settings.config import Precision, TrainConfig
-from brainseg.settings.settings_io import ConfigError
+from brainseg.settings.config import BatchSize, Confidence, MinComponentPx, Precision, Threshold, TrainConfig
+from brainseg.settings.settings_io import ConfigError, one_line
 
 MODEL_FILE = "model.h5"
 SETTINGS_FILE = "brainseg.json"
 PRECISIONS = typing.get_args(Precision)  # ("auto", "float32", "bfloat16")
 
 
-@dataclasses.dataclass(frozen=True)
-class InferenceSettings:
-    """How probabilities become the final mask; stored with the model.
+class InferenceSettings(BaseModel):
+    """How probabilities become the final mask; stored with the model. Frozen; each field's type and
+    range is declared once in :mod:`brainseg.settings.config` (the ``evaluate`` section uses the same),
+    and a wrong value is a :class:`ConfigError` naming the field.
 
     ``min_component_px`` drops 2-D components (8-connected) under that many pixels at the
     original slice size; ``keep_largest`` keeps the largest 2-D component per slice;
@@ -44,39 +46,42 @@ class InferenceSettings:
     largest 3-D component only, Buda et al. 2019) is read for models saved with it and no longer
     chosen: it dropped a small true tumor for a larger false positive. ``precision`` ``auto``
     runs bfloat16 where the CPU has native bfloat16 (AVX512-BF16 or AMX), else float32.
+
+    >>> InferenceSettings(threshold=0.4).replace(tta=True).to_dict()["tta"]
+    True
+    >>> try:
+    ...     InferenceSettings(threshold=1.5)
+    ... except ConfigError as exc:
+    ...     print(exc)
+    threshold: 1.5 is not a number in (0, 1)
     """
 
-    threshold: float = 0.5
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: Threshold = 0.5
     tta: bool = False
-    min_component_px: int = 0
+    min_component_px: MinComponentPx = 0
     keep_largest: bool = False
     largest_3d: bool = False
-    component_confidence: float = 0.0
-    precision: str = "float32"
-    batch_size: int = 32
+    component_confidence: Confidence = 0.0
+    precision: Precision = "float32"
+    batch_size: BatchSize = 32
 
-    def __post_init__(self):
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise ConfigError(f"threshold: {self.threshold} is not in (0, 1)")
-        if not 0.0 <= float(self.component_confidence) < 1.0:
-            raise ConfigError(f"component_confidence: {self.component_confidence} is not in [0, 1)")
-        if int(self.min_component_px) < 0:
-            raise ConfigError(f"min_component_px: {self.min_component_px} is negative")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size: {self.batch_size} must be >= 1")
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:  # one line naming each wrong field
+            raise ConfigError(one_line(type(self), exc)) from None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InferenceSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+        return cls(**{k: v for k, v in (d or {}).items() if k in cls.model_fields})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def replace(self, **changes) -> "InferenceSettings":
-        return dataclasses.replace(self, **changes)
+        return type(self)(**{**self.model_dump(), **changes})
 
 
 # ---------------------------------------------------------------------------- precision

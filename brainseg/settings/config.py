@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -53,6 +53,12 @@ def load_settings(
 # The value sets that code elsewhere checks against are named here (tune.plan, inference, outcome).
 Pruner = Literal["hyperband", "sha", "median", "none"]
 Precision = Literal["auto", "float32", "bfloat16"]
+# How probabilities become masks: declared once, used by the `evaluate` section (params.yaml) and by the
+# settings stored with every model (brainseg.inference.segmenter.InferenceSettings)
+Threshold = Annotated[float, Field(gt=0, lt=1)]
+MinComponentPx = Annotated[int, Field(ge=0)]
+Confidence = Annotated[float, Field(ge=0, lt=1)]
+BatchSize = Annotated[int, Field(ge=1)]
 Classifier = Literal["logreg", "rf", "gb"]
 FeatureSet = Literal["clinical", "imaging", "both"]
 
@@ -117,11 +123,11 @@ class Train(Section):
 
 class Evaluate(Section):
     subset: str = None  # train, val, test, all or e.g. train+val (data.split.patients_in)
-    threshold: Float = Field(None, gt=0, lt=1)
-    min_component_px: Int = Field(None, ge=0)
+    threshold: Threshold | None = None
+    min_component_px: MinComponentPx | None = None
     keep_largest: Flag = None
     tta: Flag = None
-    batch_size: Int = Field(None, ge=1)
+    batch_size: BatchSize | None = None
     precision: Precision = None
     select_postprocessing: Flag = None
 

@@ -224,12 +224,17 @@ def check(model: type[BaseModel], values: dict, prefix: str = "") -> dict:
     try:
         checked = model.model_validate(values).model_dump(by_alias=True, exclude_unset=True)
     except ValidationError as exc:
-        said: dict[str, str] = {}
-        for error in exc.errors():
-            name, problem = _explain(model, error, prefix)
-            said.setdefault(name, problem)
-        raise ConfigError("; ".join(f"{name}: {problem}" for name, problem in said.items())) from None
+        raise ConfigError(one_line(model, exc, prefix)) from None
     return _in_order(checked, values)
+
+
+def one_line(model: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:
+    """pydantic's errors for ``model`` as one line naming each wrong key (what :func:`check` raises)."""
+    said: dict[str, str] = {}
+    for error in exc.errors():
+        name, problem = _explain(model, error, prefix)
+        said.setdefault(name, problem)
+    return "; ".join(f"{name}: {problem}" for name, problem in said.items())
 
 
 def _in_order(checked: dict, given: dict) -> dict:

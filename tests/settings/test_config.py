@@ -228,5 +228,5 @@ def test_settings_keep_the_files_order_and_refuse_unknown_keys_anywhere():
     with pytest.raises(ConfigError) as err:
         validate_settings(settings)
     assert "survival.oof.train.lrr: unknown key; known: arch," in str(err.value)
-    assert ("colour: unknown key; known: profile, data, split, train, evaluate, tune, survival, register"
+    assert ("colour: unknown key; known: profile, data, split, train, evaluate, tune, survival, cv, register"
             in str(err.value))
