@@ -165,7 +165,9 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
         when = datetime.datetime.fromtimestamp(float(st["written_at"])).strftime("%Y-%m-%d %H:%M")
         done = " (training done, logging not)" if st.get("trained") else ""
         owed = ckpt.meta.get("refit")
-        what = f"the refit of trial {owed['trial']} of study {owed['study']}, " if owed else ""
+        cv = ckpt.meta.get("cv")
+        what = (f"the refit of trial {owed['trial']} of study {owed['study']}, " if owed
+                else f"fold {cv['fold']} of cross-validation {cv['parent']}, " if cv else "")
         out.print(f"{ckpt.run_id}: {what}saved {when} after epoch {st['epoch']}{done}; stopped by "
                   f"{st.get('stopped_by', 'a kill (no clean stop)')}\n  resume with: {resume_command(ckpt)}",
                   markup=False, highlight=False)

@@ -138,7 +138,7 @@ def train_fold(plan: CvPlan, ctx: DataContext, fold: Fold, parent_id: str, *, ch
         echo(f"fold {fold.k}: resuming run {resume[0].run_id} after epoch {resume[1].get('epoch')}")
     tags = {ROLE_TAG: "cv-fold", PARENT_TAG: parent_id, FOLD_TAG: str(fold.k),
             "brainseg.cv_held_out": ",".join(fold.held_out)[:5000]}
-    meta = {"cv": {"parent": parent_id, "fold": fold.k}, "resume_command": f"brainseg cv --run {parent_id}"}
+    meta = {"cv": {"parent": parent_id, "fold": fold.k}}  # resume_command: `brainseg cv --run PARENT`
     res = tracked_training(plan.fold_settings, plan.cfg, fctx, run_name=f"cv-fold{fold.k}", nested=True, tags=tags,
                            callbacks=callbacks, verbose=0, report_test=False, checkpoints=checkpoints,
                            checkpoint_meta=meta, resume=resume)

@@ -48,6 +48,54 @@ class CheckpointBusy(CheckpointError):
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
+class DiskFull(Exception):
+    """The disk filled while the run's model was logged; the checkpoint keeps the training (one line)."""
+
+
+DISK_FULL = "disk full while logging the model"
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it came from, is a full disk (ENOSPC, EDQUOT), however a library
+    wrapped it (shutil.Error, h5py's OSError without an errno, MLflow's exceptions)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_stop(ckpt: Checkpoint, exc: BaseException) -> DiskFull:
+    """Note in ``ckpt`` that the disk filled while its model was logged; the one-line error to raise."""
+    try:
+        ckpt.update(stopped_by=DISK_FULL)
+        noted = ""
+    except (OSError, CheckpointError):
+        noted = " (too full even to note why in its state.json)"
+    where = next((f" at {path}" for path in map(_written, _chain(exc)) if path), "")
+    return DiskFull(f"{DISK_FULL}{where}: no model was kept in the store (what was written is deleted); the "
+                    f"trained network is kept in {ckpt.folder}/{noted}: free some space, then {resume_command(ckpt)}")
+
+
+def _written(exc: BaseException) -> str | None:
+    """The file a failed write was writing: a copy's destination (``filename2``; shutil.Error's list)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        return str(exc.args[0][0][1])
+    return (exc.filename2 or exc.filename) if isinstance(exc, OSError) else None
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    found: list[BaseException] = []
+    while exc is not None and exc not in found:
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
     with open(path, "wb") as fh:
         np.savez(fh, *arrays)
         fh.flush()
@@ -237,9 +285,14 @@ def resume_command(ckpt: Checkpoint, root_default: Path = DEFAULT_ROOT) -> str:
     >>> resume_command(Checkpoint(Path("/scratch/ck/abc")))
     'brainseg train --resume --run abc --checkpoint-dir /scratch/ck'
     """
+    >>> fold = Checkpoint(Path("checkpoints/abc")); fold.meta = {"cv": {"parent": "p1", "fold": 0}}
+    >>> resume_command(fold)
+    'brainseg cv --run p1'
     root = ckpt.folder.parent
     where = "" if root == root_default else f" --checkpoint-dir {root}"
     return f"brainseg train --resume --run {ckpt.run_id}{where}"
+    if (getattr(ckpt, "meta", None) or {}).get("cv"):  # a fold of a cross-validation: the CV continues it
+        return f"brainseg cv --run {ckpt.meta['cv']['parent']}{where}"
 
 
 def interrupted(root: Path | str = DEFAULT_ROOT) -> list[tuple[Checkpoint, dict]]:
