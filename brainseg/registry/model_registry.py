@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from brainseg.data.synth import is_synthetic
 from brainseg.registry import modelcard
@@ -162,6 +163,45 @@ def register(name: str, model_uri: str, run_id: str, tags: dict, description: st
         mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client().update_model_version(name, mv.version, description=description)
     return client().get_model_version(name, mv.version), True
+
+
+# ------------------------------------------------------------------ whole or nothing (brainseg.registry.registration)
+REGISTRATION_TAG = "brainseg.registration"  # "incomplete" from its creation until its card and tags are all on
+CHECK_TAG = "brainseg.registration_check"
+
+
+def check_can_write(run_id: str) -> None:
+    """The cheapest call a registration needs authorised: a tag set and removed on run ``run_id``
+    (its model card goes there). The server's refusal propagates before anything is created."""
+    c = client()
+    c.set_tag(run_id, CHECK_TAG, "can write")
+    c.delete_tag(run_id, CHECK_TAG)
+
+
+def model_exists(name: str) -> bool:
+    try:
+        client().get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def undo_version(name: str, run_id: str, version: str | None, delete_model: bool) -> None:
+    """Delete ``name`` v``version`` (else the version of ``name`` from ``run_id``, if any), the
+    registered model too when ``delete_model`` and no version is left in it, and the run's model
+    card files when no version of any model comes from the run any more (a cut file of a full disk
+    goes). Raises what the server or the store raises."""
+    c = client()
+    mv = c.get_model_version(name, str(version)) if version else find_version(name, run_id)
+    if mv is not None:
+        c.delete_model_version(name, str(mv.version))
+    if delete_model and model_exists(name) and not c.search_model_versions(f"name='{name}'"):
+        c.delete_registered_model(name)
+    if not versions_of_run(run_id):
+        repo = get_artifact_repository(c.get_run(run_id).info.artifact_uri)
+        for path in (modelcard.CARD_FILE, modelcard.FACTS_FILE):
+            with contextlib.suppress(Exception):  # not written, or a store that cannot delete
+                repo.delete_artifacts(path)
 
 
 def set_version_tags(name: str, version: str, tags: dict) -> None:

@@ -19,6 +19,7 @@ import math
 
 from brainseg.data.context import DataContext
 from brainseg.registry import evidence, model_registry
+from brainseg.registry.registration import register_whole
 from brainseg.settings.architectures import model_name
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
@@ -154,8 +155,13 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
         tags.update({evidence.EVIDENCE_TAG: "cv", evidence.KEY_TAG: cv.key, "cv_data_version": ctx.version,
                      **{k: f"{v:.6f}" if isinstance(v, float) else str(v) for k, v in model_run.data.metrics.items()
                         if k in ("cv_patient_dice_mean", "cv_patient_dice_median", "cv_n_patients")}})
-    mv, created = model_registry.register(name, model_uri, run_id, tags, description)
-    model_registry.document_segmenter(name, str(mv.version), run_id, ctx, trained_in)  # artifact + description
+
+    def finish(version: str) -> None:  # whole or nothing (registration.register_whole)
+        model_registry.document_segmenter(name, version, run_id, ctx, trained_in)  # artifact + description
+        if cv.kind != "cv":
+            segmenter_score(settings, ctx, name, version, subset, "challenger")  # kept as version tags
+
+    mv, created = register_whole(name, model_uri, run_id, tags, description, finish)
     score = cv.score if cv.kind == "cv" else segmenter_score(settings, ctx, name, mv.version, subset, "challenger")
     out = {"name": name, "version": str(mv.version), "created": created, f"{subset}_patient_dice_mean": score,
            f"{subset}_data_version": ctx.version, "inference": inference, CHOSEN_ON_TAG: chosen_on,
@@ -204,8 +210,8 @@ def register_survival(settings: dict, summary: dict, promote: bool = False, forc
     description = (f"death01 classifier ({final['classifier']}, {final['feature_set']} features; imaging features "
                    f"from {summary['features_from']}). Research model, not a diagnosis. Input: per-patient tumor "
                    "features and data.csv fields; output: death01_probability and death01_class.")
-    mv, created = model_registry.register(name, model_uri, run_id, tags, description)
-    model_registry.document_survival(name, str(mv.version), run_id, summary)
+    mv, created = register_whole(name, model_uri, run_id, tags, description,
+                                 lambda version: model_registry.document_survival(name, version, run_id, summary))
     out = {"name": name, "version": str(mv.version), "created": created,
            "cv_roc_auc_mean": float(final["roc_auc_mean"]), "promoted": None,
            "decision": f"{name} v{mv.version}: cv_roc_auc_mean {final['roc_auc_mean']:.4f}; registered, not put "

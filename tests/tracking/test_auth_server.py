@@ -2,7 +2,9 @@
 127.0.0.1, `brainseg train` and a tuning worker without credentials are refused with one line naming
 MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (no traceback, no run, no training); with the
 credentials of a plain (non-admin) account, `brainseg train` logs a run and `brainseg register`
-registers its model."""
+registers its model. A read-only account's `brainseg register` of that run (issue 37) is refused
+before anything is created: no registered model, no version, and the run's owner can still register
+under that name."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ if importlib.util.find_spec("flask_wtf") is None:  # the CI installs it (the tes
 
 ADMIN, ADMIN_PASSWORD = "admin", "test-only-Adm1n-pw"
 USER, USER_PASSWORD = "worker", "test-only-w0rker-pw"
+READER, READER_PASSWORD = "reader", "test-only-r3ader-pw"  # the server's default permission: READ
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
@@ -51,12 +54,13 @@ def server(tmp_path_factory):
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             uri = _wait_for(proc, f"http://127.0.0.1:{port}", root / "server.log")
-            # the admin creates the account: the REST call of get_app_client(...).create_user (docs/tuning.md)
+            # the admin creates the accounts: the REST call of get_app_client(...).create_user (docs/tuning.md)
             auth = base64.b64encode(f"{ADMIN}:{ADMIN_PASSWORD}".encode()).decode()
-            urllib.request.urlopen(urllib.request.Request(
-                f"{uri}/api/2.0/mlflow/users/create", method="POST",
-                data=json.dumps({"username": USER, "password": USER_PASSWORD}).encode(),
-                headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"}), timeout=30)
+            for user, password in ((USER, USER_PASSWORD), (READER, READER_PASSWORD)):
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{uri}/api/2.0/mlflow/users/create", method="POST",
+                    data=json.dumps({"username": user, "password": password}).encode(),
+                    headers={"Content-Type": "application/json", "Authorization": f"Basic {auth}"}), timeout=30)
             yield uri
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -134,14 +138,19 @@ def test_a_tuning_worker_without_credentials_is_refused(server, project):
     assert _runs(server) == []
 
 
-def test_with_credentials_train_logs_and_register_registers(server, project):
+@pytest.fixture(scope="module")
+def trained(server, project) -> str:
+    """The id of a run the plain account ``USER`` trained (and owns)."""
+    done = brainseg(project, server, "train", "--profile", "smoke", "--set", "train.epochs=1", "--set",
+                    "train.steps_per_epoch=2", "--progress", "none", "--no-test-report", login=(USER, USER_PASSWORD))
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return re.search(r"^run (\w+):", done.stdout, re.MULTILINE).group(1)
+
+
+def test_with_credentials_train_logs_and_register_registers(server, project, trained):
     import mlflow
 
-    login = (USER, USER_PASSWORD)
-    done = brainseg(project, server, "train", "--profile", "smoke", "--set", "train.epochs=1", "--set",
-                    "train.steps_per_epoch=2", "--progress", "none", "--no-test-report", login=login)
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    run_id = re.search(r"^run (\w+):", done.stdout, re.MULTILINE).group(1)
+    login, run_id = (USER, USER_PASSWORD), trained
     done = brainseg(project, server, "register", "--run", run_id, login=login)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     with _as(USER, USER_PASSWORD):
@@ -149,3 +158,34 @@ def test_with_credentials_train_logs_and_register_registers(server, project):
         assert client.get_run(run_id).info.status == "FINISHED"
         versions = client.search_model_versions("name = 'brainseg-segmenter'")
     assert [v.run_id for v in versions] == [run_id]
+
+
+def test_a_read_only_account_registers_nothing_and_the_owner_still_can(server, project, trained):
+    """Before issue 37 the server had created the registered model (owned by the reader) and version 1
+    READY when the 403 came, and the run's owner was locked out of the name."""
+    import mlflow
+
+    from brainseg.registry.model_registry import CHECK_TAG, REGISTRATION_TAG
+    from brainseg.registry.modelcard import CARD_FILE
+
+    name = "brainseg-segmenter-shared"
+    args = ("register", "--run", trained, "--set", f"register.segmenter_name={name}")
+    done = brainseg(project, server, *args, login=(READER, READER_PASSWORD))
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if "error:" in line]
+    assert line == (f"error: registration of {name} from run {trained} refused before anything was created "
+                    f"(HTTP 403, user '{READER}': cannot write to that run, where the version's model card goes): "
+                    "nothing was registered"), line
+    with _as(ADMIN, ADMIN_PASSWORD):
+        client = mlflow.MlflowClient(server, server)
+        assert client.search_registered_models(f"name = '{name}'") == []  # no model, no version: nothing half-made
+        assert CHECK_TAG not in client.get_run(trained).data.tags
+
+    done = brainseg(project, server, *args, login=(USER, USER_PASSWORD))  # the owner is not locked out
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    with _as(USER, USER_PASSWORD):
+        client = mlflow.MlflowClient(server, server)
+        [version] = client.search_model_versions(f"name = '{name}'")
+        assert version.run_id == trained and version.tags[REGISTRATION_TAG] == "complete"
+        assert "card.data_version" in version.tags and CARD_FILE in {a.path for a in client.list_artifacts(trained)}
