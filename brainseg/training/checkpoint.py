@@ -23,6 +23,7 @@ Pure I/O of NumPy arrays and JSON: no TensorFlow, no MLflow.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
