@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from brainseg.cli.common import ProfileOpt, SetOpt, console, fail, out, settings_or_fail
-from brainseg.data.layout import open_dataset
+from brainseg.data.layout import as_user_path, open_dataset
 from brainseg.settings.profiles import use_profile
 from brainseg.settings.settings_io import ConfigError
 
@@ -44,8 +44,12 @@ def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a
         except (FileNotFoundError, ValueError) as exc:
             fail(str(exc), 2)
         result = scan(found)
+
+    def shown(text) -> str:  # an archive's members as <archive>/<member>, never the removed folder
+        return as_user_path(str(text), Path(tmp), root)
+
     s = result.summary()
-    table = Table(title=f"dataset {found}")
+    table = Table(title=f"dataset {shown(found)}")
     for col in ("institution", "patients", "slices"):
         table.add_column(col)
     for inst, counts in s["institutions"].items():
@@ -54,10 +58,10 @@ def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a
     out.print(f"patients: {s['patients']}  slices: {s['slices']}  tumor slices: {s['tumor_slices']}  "
               f"problems: {s['problems']}")
     for p in result.problems:
-        out.print(f"BAD {p}", markup=False, highlight=False)
+        out.print(f"BAD {shown(p)}", markup=False, highlight=False)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(s | {"problem_list": [str(p) for p in result.problems]}, indent=2))
+        json_out.write_text(json.dumps(s | {"problem_list": [shown(p) for p in result.problems]}, indent=2))
     if not result.ok:
         raise typer.Exit(1)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from brainseg.data import synth
-from brainseg.data.layout import FOLDER_RE, ArchiveLimits, is_archive, open_dataset
+from brainseg.data.layout import FOLDER_RE, ArchiveLimits, as_user_path, is_archive, open_dataset
 from brainseg.data.manifest import scan
 
 MARKER_SUFFIX = ".import.json"    # beside the dataset: kaggle_3m.import.json (what was imported, when)
@@ -185,8 +185,9 @@ def validated_copy(src: Path, dest: Path, staging: Path, limits: ArchiveLimits |
     else:
         shutil.copytree(root, new, symlinks=False)
     result = scan(new)
-    if not result.ok:
-        raise ImportRefused(_problems_line(src, result.problems))
+    if not result.ok:  # named as the user knows them: <archive>/<member> or the source folder, never staging
+        shown = Path(src) / root.relative_to(staging / "unpacked") if is_archive(src) else root
+        raise ImportRefused(as_user_path(_problems_line(src, result.problems), new, shown))
     return new, result
 
 

@@ -17,8 +17,10 @@ import zipfile
 import zlib
 from pathlib import Path
 
-FOLDER_RE = re.compile(r"^TCGA_(?P<inst>[A-Z0-9]{2})_(?P<pid>[A-Z0-9]{4})_(?P<date>\d{8})$")
-SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
+# ASCII digits and \Z (never $, which also matches before a final newline): "x_3.tif\n" is not slice 3,
+# nor is "x_\u0663.tif" (an Arabic-Indic three)
+FOLDER_RE = re.compile(r"^TCGA_(?P<inst>[A-Z0-9]{2})_(?P<pid>[A-Z0-9]{4})_(?P<date>[0-9]{8})\Z")
+SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<n>[0-9]+)(?P<mask>_mask)?\.tiff?\Z", re.IGNORECASE)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 
 
@@ -212,12 +214,37 @@ def find_root(path: Path) -> Path:
 
 def open_dataset(path: Path, workdir: Path | None = None, limits: ArchiveLimits | None = None) -> Path:
     """Like :func:`find_root`, but an archive is first unpacked into ``workdir`` (or a temp dir),
-    within ``limits`` (default :meth:`ArchiveLimits.from_env`)."""
+    within ``limits`` (default :meth:`ArchiveLimits.from_env`). A refusal names the archive (and
+    its members as ``<archive>/<member>``), never the folder it was unpacked into, and says when
+    the archive holds another archive instead of a dataset."""
     path = Path(path)
     if is_archive(path):
         dest = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="brainseg-"))
-        return find_root(extract_archive(path, dest, limits))
+        try:
+            extract_archive(path, dest, limits)
+        except ValueError as exc:  # "cannot unpack (No space left on device: <a member under dest>)"
+            raise ValueError(as_user_path(str(exc), dest, path)) from None
+        try:
+            return find_root(dest)
+        except ValueError as exc:
+            inner = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if is_archive(p))
+            if inner:
+                more = f" and {len(inner) - 1} more" if len(inner) > 1 else ""
+                raise ValueError(f"{path}: holds another archive ({inner[0]}{more}) and no dataset folder; "
+                                 "unpack the inner archive and give brainseg that archive or its folder") from None
+            raise ValueError(as_user_path(str(exc), dest, path)) from None
     return find_root(path)
+
+
+def as_user_path(text: str, folder: Path, shown_as: Path | str) -> str:
+    """``text`` (a message, a problem line) with ``folder``, where brainseg unpacked or copied the
+    user's data (removed afterwards), named as the user knows it: the archive (its members as
+    ``<archive>/<member>``) or the source folder.
+
+    >>> as_user_path("/tmp/brainseg-x/kaggle_3m/P/P_1.tif: truncated", Path("/tmp/brainseg-x"), "lgg.zip")
+    'lgg.zip/kaggle_3m/P/P_1.tif: truncated'
+    """
+    return str(text).replace(str(folder), str(shown_as))
 
 
 def discover(root: Path) -> Layout:

@@ -21,10 +21,10 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 def slice_number(name: str) -> int:
     """The ``<n>`` of ``<folder>_<n>.tif`` / ``.png`` (case-insensitive), else 0.
 
-    >>> slice_number("TCGA_CS_4941_19960909_12.PNG"), slice_number("scan.tif")
-    (12, 0)
+    >>> slice_number("TCGA_CS_4941_19960909_12.PNG"), slice_number("scan.tif"), slice_number("scan_3.tif\\n")
+    (12, 0, 0)
     """
-    m = SLICE_RE.match(re.sub(r"\.png$", ".tif", PurePosixPath(str(name)).name, flags=re.IGNORECASE))
+    m = SLICE_RE.match(re.sub(r"\.png\Z", ".tif", PurePosixPath(str(name)).name, flags=re.IGNORECASE))
     return int(m["n"]) if m else 0
 
 
@@ -41,7 +41,7 @@ def identify(name: str | PurePath) -> tuple[str, str, int]:
     ('week2', 'week2', 4)
     """
     path = PurePosixPath(str(name).replace("\\", "/"))
-    m = SLICE_RE.match(re.sub(r"\.png$", ".tif", path.name, flags=re.IGNORECASE))
+    m = SLICE_RE.match(re.sub(r"\.png\Z", ".tif", path.name, flags=re.IGNORECASE))
     stem = m["stem"] if m else path.stem
     for folder in (path.parent.name, stem):  # a patient folder, else a file named after one
         meta = parse_folder(folder)
