@@ -36,7 +36,7 @@ from brainseg.data.manifest import scan
 from brainseg.data.split import SUBSETS
 from brainseg.evaluation.evaluate import score
 from brainseg.inference.segmenter import InferenceSettings, Segmenter
-from brainseg.settings.config import TrainConfig, load_settings
+from brainseg.settings.config import Train, load_settings
 from brainseg.settings.settings_io import ConfigError
 from brainseg.training.budget import BudgetError, parse_budget
 from brainseg.training.train import train
@@ -80,7 +80,7 @@ def figures(manifest: pd.DataFrame, rows: np.ndarray, masks: dict, truths: dict)
     return {k: ev[k] for k in FIGURES}
 
 
-def train_and_segment(cfg: TrainConfig, inference: InferenceSettings, data: tuple, subsets: np.ndarray,
+def train_and_segment(cfg: Train, inference: InferenceSettings, data: tuple, subsets: np.ndarray,
                       images: dict, verbose: int = 2) -> tuple[dict, dict]:
     """Train on ``subsets == "train"`` (epoch chosen on ``"val"``), segment the ``"test"`` rows.
     ``data`` = (manifest, X, Y). Returns ({row: final mask}, the run's facts)."""
@@ -170,7 +170,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run_audit(cfg: TrainConfig, inference: InferenceSettings, manifest: pd.DataFrame, patient_split: pd.DataFrame,
+def run_audit(cfg: Train, inference: InferenceSettings, manifest: pd.DataFrame, patient_split: pd.DataFrame,
               rng: np.random.Generator, cache_dir: Path | None = None) -> tuple[dict, list[dict]]:
     """Train both protocols and score each model both ways. Returns (each run's facts, the table's rows)."""
     protocols = {"(a) slice-level split": slice_level_split(manifest, patient_split, rng),
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         settings = load_settings(profile=args.profile)
         sized = ({"budget_minutes": None, "epochs": args.epochs, "steps_per_epoch": args.steps} if args.epochs
                  else {"budget_minutes": args.budget})
-        cfg = TrainConfig.from_dict({**settings["train"], **sized, "seed": args.seed})
+        cfg = Train.from_dict({**settings["train"], **sized, "seed": args.seed})
         ev = settings.get("evaluate", {})
         inference = InferenceSettings(threshold=cfg.threshold, batch_size=int(ev.get("batch_size", 32)),
                                       precision=ev.get("precision", "float32"))

@@ -48,9 +48,9 @@ def decode_png(b64: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "size": 32, "channels": "flair"})
+    cfg = Train.from_dict({"arch": "plain_unet", "size": 32, "channels": "flair"})
     return save_model(fixed_net(32), cfg, InferenceSettings(**SETTINGS), tmp_path_factory.mktemp("m"))
 
 

@@ -50,9 +50,9 @@ def quickstart(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
     return save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("model") / "m")
 
 

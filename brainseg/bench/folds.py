@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.context import DataContext
-from brainseg.settings.config import TrainConfig, load_settings, validate_settings
+from brainseg.settings.config import Train, load_settings, validate_settings
 from brainseg.settings.settings_io import apply_overrides
 from brainseg.training.budget import parse_budget
 
@@ -74,7 +74,7 @@ def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: floa
     for k, train_p, score_p in fold_patients(ctx.split):
         for name, overrides in variants.items():
             s = apply_overrides(settings, overrides)
-            cfg = TrainConfig.from_dict({**s["train"], "budget_minutes": budget_minutes})
+            cfg = Train.from_dict({**s["train"], "budget_minutes": budget_minutes})
             fold_split = ctx.split.assign(subset=np.where(ctx.split["patient"].astype(str).isin(score_p), "val",
                                                           np.where(ctx.split["patient"].astype(str).isin(train_p),
                                                                    "train", "unused")))

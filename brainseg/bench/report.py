@@ -31,7 +31,7 @@ from brainseg.data.arrays import load_full_images
 from brainseg.data.manifest import scan
 from brainseg.data.synth import generate
 from brainseg.settings.architectures import model_name
-from brainseg.settings.config import TrainConfig, load_settings
+from brainseg.settings.config import Train, load_settings
 
 OVERHEAD_TARGET = 1.3
 CLIENT = ("REST: http.client.HTTPConnection (keep-alive, one connection, headers and body in one send), "
@@ -110,7 +110,7 @@ def bench_config(profile: str, arch: str | None, encoder: str | None, size: int 
     train = load_settings(profile, [], params_file=project_file("params.yaml"),
                           profiles_file=project_file("experiments/profiles.yaml"))["train"]
     given = {"arch": arch, "encoder": encoder, "size": size, "channels": channels, "batch_size": train_batch}
-    cfg = TrainConfig.from_dict({**train, **{k: v for k, v in given.items() if v is not None}})
+    cfg = Train.from_dict({**train, **{k: v for k, v in given.items() if v is not None}})
     check_names(cfg.arch, cfg.encoder)
     return cfg
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.arrays import load_arrays
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 PIPELINE_TARGET = 0.95
 
@@ -27,7 +27,7 @@ PIPELINE_TARGET = 0.95
 def train_throughput(spec: dict) -> dict:
     """Slices/s of ``fit`` fed by the real pipeline vs a fixed in-memory batch (same model).
 
-    ``spec``: ``train`` (TrainConfig dict), ``manifest`` (CSV path), ``steps``, ``rounds``,
+    ``spec``: ``train`` (Train dict), ``manifest`` (CSV path), ``steps``, ``rounds``,
     ``model_dir`` (where the model is saved afterwards, for the inference benchmarks).
     """
     import tensorflow as tf
@@ -38,7 +38,7 @@ def train_throughput(spec: dict) -> dict:
     from brainseg.models.factory import build_model
     from brainseg.training.train import _compile
 
-    cfg = TrainConfig.from_dict(spec["train"])
+    cfg = Train.from_dict(spec["train"])
     steps, rounds = int(spec["steps"]), int(spec["rounds"])
     X, Y = load_arrays(pd.read_csv(spec["manifest"]), cfg.prep)
     keras.utils.set_random_seed(cfg.seed)

@@ -10,7 +10,7 @@ import typer
 
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, print_metrics, settings_or_fail
 from brainseg.settings.architectures import model_name
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.settings.locks import holder_line
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import run_notes
@@ -63,7 +63,7 @@ def train_command(
     try:
         if budget not in (None, ""):  # "" = the settings' own (as `mlflow run -e train` passes it)
             settings["train"]["budget_minutes"] = parse_budget(budget)
-        cfg = TrainConfig.from_dict(settings["train"])
+        cfg = Train.from_dict(settings["train"])
         check_names(cfg.arch, cfg.encoder)
         ctx = DataContext.from_settings(settings)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
@@ -134,7 +134,7 @@ def reopen_or_fail(root: Path, run_id: str | None):
         fail(f"--resume: {exc}", 2)
 
 
-def verify_or_fail(ckpt: Checkpoint, state: dict, cfg: TrainConfig) -> None:
+def verify_or_fail(ckpt: Checkpoint, state: dict, cfg: Train) -> None:
     """The checkpoint checked whole against the network its settings build, before the MLflow run is
     reopened: a refusal (exit 2, one line naming the file) leaves the run as it was."""
     from brainseg.models.factory import build_model
@@ -215,7 +215,7 @@ def cv(profile: ProfileOpt = None, set_: SetOpt = None,
             settings["cv"]["budget_minutes"] = parse_budget(budget)
         check_names(settings["train"]["arch"], settings["train"].get("encoder"))
         ctx = DataContext.from_settings(settings)
-        epochs = TrainConfig.from_dict(settings["train"]).epochs
+        epochs = Train.from_dict(settings["train"]).epochs
         res = run_cv(settings, ctx, EXPERIMENT, parent_id=run, only_fold=fold, report_test=test_report,
                      checkpoints=checkpoint_dir, echo=lambda line: out.print(line, markup=False, highlight=False),
                      callbacks_for=lambda f: [b] if (b := epoch_progress(epochs, progress, console=out)) else [])

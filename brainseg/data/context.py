@@ -14,7 +14,7 @@ from brainseg.data.layout import find_root
 from brainseg.data.manifest import patients_table, read_manifest, scan
 from brainseg.data.split import patients_in, split_patients
 from brainseg.data.version import data_version
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ class DataContext:
         keep = set(patients_in(self.split, subset))
         return self.manifest[self.manifest["patient"].isin(keep)].reset_index(drop=True)
 
-    def arrays(self, subset: str, cfg: TrainConfig):
+    def arrays(self, subset: str, cfg: Train):
         rows = self.rows(subset)
         X, Y = load_arrays(rows, cfg.prep, cache_dir=self.cache_dir, version=self.version)
         return Arrays(X, Y, rows["patient"].tolist())

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from skimage import measure, morphology
 
 from brainseg.data.preprocess import Box, prepare_image, probability_to_original, slice_box
-from brainseg.settings.config import BatchSize, Confidence, MinComponentPx, Precision, Threshold, TrainConfig
+from brainseg.settings.config import BatchSize, Confidence, MinComponentPx, Precision, Threshold, Train
 from brainseg.settings.settings_io import ConfigError, one_line
 
 MODEL_FILE = "model.h5"
@@ -263,7 +263,7 @@ class SegmentResult:
 class Segmenter:
     """A loaded model with its training and inference settings: slices in, final masks out."""
 
-    def __init__(self, model: keras.Model, cfg: TrainConfig, settings: InferenceSettings | None = None):
+    def __init__(self, model: keras.Model, cfg: Train, settings: InferenceSettings | None = None):
         self.model, self.cfg = model, cfg
         self.settings = settings or InferenceSettings(threshold=cfg.threshold)
         self.precision = resolve_precision(self.settings.precision)
@@ -308,7 +308,7 @@ class Segmenter:
 
 
 # ---------------------------------------------------------------------------- save / load
-def save_model(model: keras.Model, cfg: TrainConfig, settings: InferenceSettings, out_dir: Path,
+def save_model(model: keras.Model, cfg: Train, settings: InferenceSettings, out_dir: Path,
                meta: dict | None = None) -> Path:
     """Write ``model.h5`` (no optimizer state) and ``brainseg.json`` (train + inference settings)."""
     out_dir = Path(out_dir)
@@ -319,16 +319,16 @@ def save_model(model: keras.Model, cfg: TrainConfig, settings: InferenceSettings
     return out_dir
 
 
-def read_settings(path: Path) -> tuple[TrainConfig, InferenceSettings, dict]:
-    """``brainseg.json`` -> (TrainConfig, InferenceSettings, meta). A file from before inference
+def read_settings(path: Path) -> tuple[Train, InferenceSettings, dict]:
+    """``brainseg.json`` -> (Train, InferenceSettings, meta). A file from before inference
     settings were stored gets the threshold-only settings it was served with."""
     doc = json.loads(Path(path).read_text())
-    cfg = TrainConfig.from_dict(doc["train"])
+    cfg = Train.from_dict(doc["train"])
     settings = InferenceSettings.from_dict(doc.get("inference") or {"threshold": cfg.threshold})
     return cfg, settings, doc.get("meta", {})
 
 
-def load_model_dir(model_dir: Path) -> tuple[keras.Model, TrainConfig, InferenceSettings]:
+def load_model_dir(model_dir: Path) -> tuple[keras.Model, Train, InferenceSettings]:
     """Load a folder holding ``model.h5`` and ``brainseg.json`` (searched recursively)."""
     model_dir = Path(model_dir)
     h5 = model_dir if model_dir.suffix == ".h5" else next(iter(sorted(model_dir.rglob(MODEL_FILE))), None)

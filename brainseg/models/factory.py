@@ -1,4 +1,4 @@
-"""Build a segmentation model by name from a :class:`~brainseg.settings.config.TrainConfig`."""
+"""Build a segmentation model by name from a :class:`~brainseg.settings.config.Train`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tf_keras as keras
 from segmentation_models.models._utils import freeze_model
 
 from brainseg.models.unets import plain_unet, unet_plus_plus
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 SM_ARCHS = {"unet": sm.Unet, "linknet": sm.Linknet, "fpn": sm.FPN, "pspnet": sm.PSPNet}
 OWN_ARCHS = ("unetpp", "plain_unet")
@@ -30,7 +30,7 @@ def check_names(arch: str, encoder: str | None) -> None:
 BN_MOMENTUM = 0.9  # Keras' 0.99 leaves the moving statistics near their init after a short schedule
 
 
-def build_model(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
+def build_model(cfg: Train, variable_size: bool = False) -> keras.Model:
     """The network of ``cfg``; ``variable_size`` leaves its height and width open (progressive
     resizing trains one set of weights at several sizes; the saved model has ``cfg.size``)."""
     model = _build(cfg, variable_size)
@@ -40,7 +40,7 @@ def build_model(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
     return model
 
 
-def _build(cfg: TrainConfig, variable_size: bool = False) -> keras.Model:
+def _build(cfg: Train, variable_size: bool = False) -> keras.Model:
     """(None, S, S, C) float32 -> (None, S, S, 1) sigmoid probabilities.
 
     ``encoder_weights`` is None or the path of a local .h5 file of encoder weights (for 3 input

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.arrays import load_arrays, load_full_images
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def fold_plan(split: pd.DataFrame) -> list[tuple[int, list[str], list[str], list
     return plan
 
 
-def oof_masks(manifest: pd.DataFrame, split: pd.DataFrame, cfg: TrainConfig, inference: dict | None = None, *,
+def oof_masks(manifest: pd.DataFrame, split: pd.DataFrame, cfg: Train, inference: dict | None = None, *,
               cache_dir=None, version: str = "", verbose: int = 0,
               on_fold: Callable[[FoldReport], None] | None = None) -> tuple[list[np.ndarray], list[FoldReport]]:
     """Out-of-fold (H, W) bool masks aligned with ``manifest``'s rows, and one report per fold.

@@ -29,7 +29,7 @@ from brainseg.outcome.oof import oof_masks
 from brainseg.outcome.runs import log_fit, summary_row
 from brainseg.registry.model_registry import load_segmenter
 from brainseg.registry.modelcard import survival_failures
-from brainseg.settings.config import EPOCH_SIZED, TrainConfig
+from brainseg.settings.config import EPOCH_SIZED, Train
 
 SOURCE_FILE = "source.json"
 # ------------------------------------------------------------------------------------ features
@@ -49,7 +49,7 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
                              "instead of a ROOT argument")
         ctx = DataContext.from_settings(settings)
         # fold segmenters are sized in epochs (survival.oof.train): no recipe budget or resize schedule
-        cfg = TrainConfig.from_dict({**settings["train"], **EPOCH_SIZED, **settings["survival"]["oof"]["train"]})
+        cfg = Train.from_dict({**settings["train"], **EPOCH_SIZED, **settings["survival"]["oof"]["train"]})
         found, m = ctx.root, ctx.manifest
         masks, reports = oof_masks(m, ctx.split, cfg, settings.get("evaluate"), cache_dir=ctx.cache_dir,
                                    version=ctx.version, on_fold=lambda r: echo(

@@ -24,7 +24,7 @@ from brainseg.evaluation.crossval import Fold, FoldError, check_partition, fold_
 from brainseg.models.factory import SM_ARCHS
 from brainseg.pipeline.cv_ensemble import assemble
 from brainseg.registry import model_registry
-from brainseg.settings.config import TrainConfig, flatten
+from brainseg.settings.config import Train, flatten
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics, search
 from brainseg.training.checkpoint import DEFAULT_ROOT, Checkpoint, interrupted
@@ -44,7 +44,7 @@ class CvRefused(ValueError):
 class CvPlan:
     settings: dict          # the settings of the whole CV (as given)
     fold_settings: dict     # what each fold trains with (choose_epoch, its share of the budget)
-    cfg: TrainConfig        # the fold's training config
+    cfg: Train        # the fold's training config
     split: pd.DataFrame     # the patient split with the CV's folds
     folds: list[Fold]
 
@@ -69,13 +69,13 @@ def plan_cv(settings: dict, ctx: DataContext) -> CvPlan:
     fold_settings = {**settings, "train": train,
                      "evaluate": {**settings["evaluate"], "select_postprocessing": False}}
     try:
-        cfg = TrainConfig.from_dict(train)
+        cfg = Train.from_dict(train)
     except ConfigError as exc:
         raise CvRefused(str(exc)) from exc
     return CvPlan(settings, fold_settings, cfg, split, folds)
 
 
-def run_name(cfg: TrainConfig) -> str:
+def run_name(cfg: Train) -> str:
     """``cv-plain_unet`` / ``cv-unet-resnet18``: an encoder only where the architecture has one."""
     return f"cv-{cfg.arch}" + (f"-{cfg.encoder}" if cfg.arch in SM_ARCHS else "")
 

@@ -56,7 +56,7 @@ def out_of_fold(plan, ctx: DataContext, models: dict, base: InferenceSettings, e
 
 
 def load_folds(done: dict[int, str]) -> dict:
-    """{fold: (network, its TrainConfig)} from the fold runs' logged models."""
+    """{fold: (network, its Train)} from the fold runs' logged models."""
     out = {}
     for k, uri in sorted(done.items()):
         model, cfg, _ = load_model_dir(model_registry.resolve_model_dir(uri))

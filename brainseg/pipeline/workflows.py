@@ -32,7 +32,7 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     registered and reported on test is what was chosen on val.
     """
     trial_uri, number = summary["best_model_uri"], int(summary["best_trial"])
-    # float32: only the stored network and its TrainConfig are wanted (no bfloat16 copy is built)
+    # float32: only the stored network and its Train are wanted (no bfloat16 copy is built)
     trial = model_registry.load_segmenter(trial_uri, precision="float32")
     model, cfg = trial.model, trial.cfg
     tags = {**run_context.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",

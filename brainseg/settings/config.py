@@ -1,7 +1,7 @@
 """Settings: params.yaml (the values DVC records), then --set overrides; profiles in brainseg.settings.profiles.
 
 The merged settings are a plain nested dict (what DVC and MLflow log), checked by :class:`Settings`
-(one pydantic model per section: types, ranges, fixed value sets); :class:`TrainConfig` is the
+(one pydantic model per section: types, ranges, fixed value sets); :class:`Train` is the
 typed view the training code takes.
 """
 
@@ -90,35 +90,60 @@ class Train(Section):
     arch: str = None  # checked against the builders when the network is built (models.factory)
     encoder: str = None
     encoder_weights: str | None = None
-    freeze_encoder_epochs: Int = Field(None, ge=0)
-    deep_supervision: Flag = None
-    base_filters: Int = Field(None, ge=1)
-    channels: Literal["flair", "all"] = None
-    size: Int = Field(None, ge=32, le=1024, multiple_of=32, description="a multiple of 32 in 32..1024")
-    normalize: Literal["zscore", "unit"] = None
-    sharpen: Flag = None
-    crop: Literal["none", "head"] = None
-    loss: dict = Field(None, min_length=1, description="a mapping of loss name to weight")
-    tversky_alpha: Float = Field(None, ge=0, le=1)
-    tversky_beta: Float = Field(None, ge=0, le=1)
-    lr: Float = Field(None, gt=0, le=1)
-    batch_size: Int = Field(None, ge=1, le=4096)  # more would not fit in memory at 128 px; issue 27
-    epochs: Int = Field(None, ge=1)
-    patience: Int = Field(None, ge=0)
-    lr_patience: Int = Field(None, ge=0)
-    lr_schedule: Literal["plateau", "cosine", "linear"] = None
-    warmup_epochs: Int = Field(None, ge=0)
-    budget_minutes: Float | None = Field(None, gt=0)
-    progressive_size: Int | None = None  # checked against size in TrainConfig.from_dict
-    progressive_share: Float = Field(None, gt=0, lt=1)
-    sampling: Literal["balanced", "area"] = None
-    uniform_share: Float = Field(None, ge=0, le=1)
-    tumor_fraction: Float = Field(None, ge=0, le=1)
-    augment: Float = Field(None, ge=0, le=1)
+    freeze_encoder_epochs: Int = Field(0, ge=0)
+    deep_supervision: Flag = False
+    base_filters: Int = Field(16, ge=1)
+    channels: Literal["flair", "all"] = "flair"
+    size: Int = Field(128, ge=32, le=1024, multiple_of=32, description="a multiple of 32 in 32..1024")
+    normalize: Literal["zscore", "unit"] = "zscore"
+    sharpen: Flag = False
+    crop: Literal["none", "head"] = "none"  # head: crop each slice to its head's square box before resizing
+    loss: dict = Field(default_factory=lambda: {"bce": 0.5, "dice": 1.0}, min_length=1,
+                       description="a mapping of loss name to weight")
+    tversky_alpha: Float = Field(0.3, ge=0, le=1)
+    tversky_beta: Float = Field(0.7, ge=0, le=1)
+    lr: Float = Field(1e-3, gt=0, le=1)
+    batch_size: Int = Field(16, ge=1, le=4096)  # more would not fit in memory at 128 px; issue 27
+    epochs: Int = Field(30, ge=1)
+    patience: Int = Field(8, ge=0)
+    lr_patience: Int = Field(3, ge=0)
+    lr_schedule: Literal["plateau", "cosine", "linear"] = "plateau"  # linear: warm-up, then decay to 0
+    warmup_epochs: Int = Field(0, ge=0)
+    budget_minutes: Float | None = Field(None, gt=0)  # wall-clock budget of the training (overrides epochs)
+    progressive_size: Int | None = None  # train the first steps at this size; checked against size in from_dict
+    progressive_share: Float = Field(0.5, gt=0, lt=1)  # share of the training time (or epochs) at progressive_size
+    sampling: Literal["balanced", "area"] = "balanced"  # balanced (tumor_fraction) | area (tumor area + uniform_share)
+    uniform_share: Float = Field(0.5, ge=0, le=1)
+    tumor_fraction: Float = Field(0.5, ge=0, le=1)
+    augment: Float = Field(0.5, ge=0, le=1)
     steps_per_epoch: Int | None = Field(None, ge=1)
-    threshold: Float = Field(None, gt=0, lt=1)
-    seed: Int = None
-    choose_epoch: Literal["best", "last"] = None  # best (on the validation patients) | last (nnU-Net's)
+    threshold: Threshold = 0.5
+    seed: Int = 0
+    choose_epoch: Literal["best", "last"] = "best"  # best (on the validation patients) | last (nnU-Net's)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Train":
+        """``d`` (train settings, any subset of the keys) checked, defaults for the rest; ConfigError in one line."""
+        cfg = cls(**check(cls, d, "train"))
+        if cfg.budget_minutes is not None and cfg.freeze_encoder_epochs:
+            raise ConfigError("train.budget_minutes: a budgeted run cannot also freeze the encoder for "
+                              "freeze_encoder_epochs (set one of them)")
+        if cfg.progressive_size is not None and (int(cfg.progressive_size) % 32 or
+                                                 not 32 <= int(cfg.progressive_size) < int(cfg.size)):
+            raise ConfigError(f"train.progressive_size: {cfg.progressive_size} must be a multiple of 32 "
+                              f"below train.size ({cfg.size}), or null")
+        return cfg
+
+    @property
+    def prep(self) -> "PrepConfig":
+        return PrepConfig(self.channels, int(self.size), self.normalize, bool(self.sharpen), self.crop)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    def replace(self, **changes) -> "Train":
+        """A copy with ``changes``, checked as a new one."""
+        return type(self).from_dict({**self.model_dump(), **changes})
 
 
 class Evaluate(Section):
@@ -232,62 +257,6 @@ class PrepConfig:
 EPOCH_SIZED = {"budget_minutes": None, "progressive_size": None}
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    arch: str = "unet"
-    encoder: str = "resnet34"
-    encoder_weights: str | None = None
-    freeze_encoder_epochs: int = 0
-    deep_supervision: bool = False
-    base_filters: int = 16
-    channels: str = "flair"
-    size: int = 128
-    normalize: str = "zscore"
-    sharpen: bool = False
-    crop: str = "none"
-    loss: dict = dataclasses.field(default_factory=lambda: {"bce": 0.5, "dice": 1.0})
-    tversky_alpha: float = 0.3
-    tversky_beta: float = 0.7
-    lr: float = 1e-3
-    batch_size: int = 16
-    epochs: int = 30
-    patience: int = 8
-    lr_patience: int = 3
-    lr_schedule: str = "plateau"  # plateau (ReduceLROnPlateau) | cosine | linear (warm-up, then decay)
-    warmup_epochs: int = 0
-    budget_minutes: float | None = None  # wall-clock budget of the training (overrides epochs)
-    progressive_size: int | None = None  # train the first steps at this size (progressive resizing)
-    progressive_share: float = 0.5  # share of the training time (or epochs) at progressive_size
-    sampling: str = "balanced"  # balanced (tumor_fraction) | area (tumor area + uniform_share)
-    uniform_share: float = 0.5
-    tumor_fraction: float = 0.5
-    augment: float = 0.5
-    steps_per_epoch: int | None = None
-    threshold: float = 0.5
-    seed: int = 0
-    choose_epoch: str = "best"  # best: restore the best validation epoch | last: keep the last (no early stop)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """``d`` (train settings, any subset of the keys) checked by :class:`Train`, defaults for the rest."""
-        cfg = cls(**check(Train, d, "train"))
-        if cfg.budget_minutes is not None and cfg.freeze_encoder_epochs:
-            raise ConfigError("train.budget_minutes: a budgeted run cannot also freeze the encoder for "
-                              "freeze_encoder_epochs (set one of them)")
-        if cfg.progressive_size is not None and (int(cfg.progressive_size) % 32 or
-                                                 not 32 <= int(cfg.progressive_size) < int(cfg.size)):
-            raise ConfigError(f"train.progressive_size: {cfg.progressive_size} must be a multiple of 32 "
-                              f"below train.size ({cfg.size}), or null")
-        return cfg
-
-    @property
-    def prep(self) -> PrepConfig:
-        return PrepConfig(self.channels, int(self.size), self.normalize, bool(self.sharpen), self.crop)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
     out: dict[str, Any] = {}
@@ -317,5 +286,5 @@ def validate_settings(settings: dict) -> dict:
     """
     out = check(Settings, settings)
     if isinstance(out.get("train"), dict):
-        TrainConfig.from_dict(out["train"])  # what one key cannot say alone (progressive_size < size, ...)
+        Train.from_dict(out["train"])  # what one key cannot say alone (progressive_size < size, ...)
     return out

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from brainseg.settings.architectures import without_unused_encoder
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 
 def clean_metrics(d: dict, prefix: str = "") -> dict[str, float]:
@@ -64,7 +64,7 @@ def best_epoch_summary(history: dict, best_epoch: int, epochs_run: int) -> dict[
     return clean_metrics(out)
 
 
-def train_config_params(cfg: TrainConfig) -> dict:
+def train_config_params(cfg: Train) -> dict:
     """The training config as MLflow params; the loss mapping is ``loss_weights`` (JSON) and
     ``loss_w_NAME``, never ``loss``, which is the metric (the loss value per epoch). An encoder the
     architecture does not have is left out."""

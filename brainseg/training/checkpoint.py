@@ -48,7 +48,6 @@ class CheckpointBusy(CheckpointError):
     """Another process is training this run (it holds the checkpoint's lock)."""
 
 
-def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
 class DiskFull(Exception):
     """The disk filled while the run's model was logged; the checkpoint keeps the training (one line)."""
 
@@ -97,6 +96,7 @@ def _chain(exc: BaseException | None) -> list[BaseException]:
     return found
 
 
+def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, *arrays)
         fh.flush()
@@ -285,15 +285,15 @@ def resume_command(ckpt: Checkpoint, root_default: Path = DEFAULT_ROOT) -> str:
     'brainseg train --resume --run abc'
     >>> resume_command(Checkpoint(Path("/scratch/ck/abc")))
     'brainseg train --resume --run abc --checkpoint-dir /scratch/ck'
-    """
     >>> fold = Checkpoint(Path("checkpoints/abc")); fold.meta = {"cv": {"parent": "p1", "fold": 0}}
     >>> resume_command(fold)
     'brainseg cv --run p1'
+    """
     root = ckpt.folder.parent
     where = "" if root == root_default else f" --checkpoint-dir {root}"
-    return f"brainseg train --resume --run {ckpt.run_id}{where}"
     if (getattr(ckpt, "meta", None) or {}).get("cv"):  # a fold of a cross-validation: the CV continues it
         return f"brainseg cv --run {ckpt.meta['cv']['parent']}{where}"
+    return f"brainseg train --resume --run {ckpt.run_id}{where}"
 
 
 def interrupted(root: Path | str = DEFAULT_ROOT) -> list[tuple[Checkpoint, dict]]:

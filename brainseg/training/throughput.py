@@ -18,7 +18,7 @@ import tf_keras as keras
 from brainseg.data.arrays import Arrays
 from brainseg.data.pipeline import train_dataset
 from brainseg.models.factory import build_model
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.training.train import PatientDice, _compile
 
 
@@ -37,7 +37,7 @@ class Cost:
         return {**dataclasses.asdict(self), "epoch_s": self.epoch_s}
 
 
-def measure(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, steps: int = 8,
+def measure(cfg: Train, train_arrays: Arrays, val_arrays: Arrays, steps: int = 8,
             clock=time.perf_counter) -> Cost:
     """Train ``cfg`` for 2 + ``steps`` steps and validate once; the measured costs."""
     t0 = clock()

@@ -18,7 +18,7 @@ from brainseg.data.arrays import Arrays
 from brainseg.data.pipeline import area_weights, train_dataset
 from brainseg.models.factory import SM_ARCHS, build_model, set_encoder_trainable
 from brainseg.models.losses import make_loss, make_metrics
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.training.budget import BudgetPlan, Phase
 from brainseg.training.checkpoint import Checkpoint, CheckpointError
 from brainseg.training.train_callbacks import (
@@ -42,7 +42,7 @@ class TrainResult:
     budget: dict = dataclasses.field(default_factory=dict)  # budget.* figures of a budgeted run
 
 
-def learning_rate(cfg: TrainConfig, steps: int, lr: float | None = None):
+def learning_rate(cfg: Train, steps: int, lr: float | None = None):
     """The optimizer's learning rate: a constant (``plateau``: ReduceLROnPlateau adjusts it) or a
     :class:`PlannedSchedule` (``cosine`` / ``linear``) over ``epochs`` x ``steps`` (re-planned by a budget)."""
     lr = cfg.lr if lr is None else lr
@@ -52,12 +52,12 @@ def learning_rate(cfg: TrainConfig, steps: int, lr: float | None = None):
     return PlannedSchedule(lr, cfg.epochs * steps, warmup, cfg.lr_schedule)
 
 
-def _compile(model: keras.Model, cfg: TrainConfig, lr) -> None:
+def _compile(model: keras.Model, cfg: Train, lr) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=make_loss(cfg.loss, cfg.tversky_alpha, cfg.tversky_beta),
                   metrics=make_metrics(cfg.threshold))
 
 
-def phases(cfg: TrainConfig, steps: int) -> list[Phase]:
+def phases(cfg: Train, steps: int) -> list[Phase]:
     """The run's resolutions: ``progressive_size`` for ``progressive_share`` of the time (or of the
     epochs without a budget), then ``size``. A low-size epoch has ``size / progressive_size`` times
     the steps: a step there costs about a third to a half (measured at 64 against 128 px), so its
@@ -70,7 +70,7 @@ def phases(cfg: TrainConfig, steps: int) -> list[Phase]:
     return [Phase(low, share, low_steps), Phase(int(cfg.size), 1.0 - share, steps)]
 
 
-def _epoch_phases(cfg: TrainConfig, plan: list[Phase]) -> list[int]:
+def _epoch_phases(cfg: Train, plan: list[Phase]) -> list[int]:
     """Epochs per phase without a budget: ``progressive_share`` of ``epochs`` at the low size."""
     if len(plan) == 1:
         return [cfg.epochs]
@@ -78,7 +78,7 @@ def _epoch_phases(cfg: TrainConfig, plan: list[Phase]) -> list[int]:
     return [low, max(cfg.epochs - low, 0)]
 
 
-def _segments(cfg: TrainConfig, plan_phases: list[Phase], steps: int, frozen: int) -> list[tuple]:
+def _segments(cfg: Train, plan_phases: list[Phase], steps: int, frozen: int) -> list[tuple]:
     """The ``fit`` calls of a run without a budget: (size, first epoch, end epoch, steps per epoch,
     after the frozen-encoder epochs), so that a resumed run finds where it was."""
     segments, e = ([(cfg.size, 0, frozen, steps, False)], frozen) if frozen else ([], 0)
@@ -91,7 +91,7 @@ def _segments(cfg: TrainConfig, plan_phases: list[Phase], steps: int, frozen: in
     return segments
 
 
-def train(cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, *, callbacks: list | None = None,
+def train(cfg: Train, train_arrays: Arrays, val_arrays: Arrays, *, callbacks: list | None = None,
           verbose: int = 1, clock=time.monotonic, checkpoint: Checkpoint | None = None,
           resume: dict | None = None) -> TrainResult:
     """Fit a model from ``cfg`` on ``train_arrays``; select and restore the best epoch on ``val_arrays``
@@ -263,7 +263,7 @@ def save_trained(checkpoint: Checkpoint, result: TrainResult) -> None:
                      "budget_figures": result.budget}, {"trained": result.model.get_weights()})
 
 
-def trained_result(cfg: TrainConfig, checkpoint: Checkpoint, state: dict) -> TrainResult:
+def trained_result(cfg: Train, checkpoint: Checkpoint, state: dict) -> TrainResult:
     """The :class:`TrainResult` a checkpoint of a finished training holds (:func:`save_trained`)."""
     keras.backend.clear_session()
     model = build_model(cfg)
@@ -274,7 +274,7 @@ def trained_result(cfg: TrainConfig, checkpoint: Checkpoint, state: dict) -> Tra
                        len(history.get("loss", [])), dict(state.get("budget_figures") or {}))
 
 
-def budget_figures(cfg: TrainConfig, plan: BudgetPlan | None, plan_phases: list[Phase], history: dict,
+def budget_figures(cfg: Train, plan: BudgetPlan | None, plan_phases: list[Phase], history: dict,
                    seconds: float) -> dict:
     """What a run logs about its compute: steps and slices seen, slices/s, the plan (budgeted runs)."""
     epochs_run = len(history.get("loss", []))

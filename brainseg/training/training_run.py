@@ -16,14 +16,14 @@ from brainseg.data.context import DataContext
 from brainseg.evaluation import plots
 from brainseg.evaluation.evaluate import evaluate, select_postprocessing
 from brainseg.inference.segmenter import InferenceSettings, Segmenter, save_model
-from brainseg.settings.config import TrainConfig, flatten
+from brainseg.settings.config import Train, flatten
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
 from brainseg.training.checkpoint import Checkpoint, resume_command
 from brainseg.training.train import save_trained, train, trained_result
 
 
-def tracked_training(settings: dict, cfg: TrainConfig, ctx: DataContext, *, run_name: str = "train",
+def tracked_training(settings: dict, cfg: Train, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
                      verbose: int = 1, finished_on: tuple = (), report_test: bool = False,
                      checkpoints: Path | None = None, checkpoint_meta: dict | None = None,
@@ -110,7 +110,7 @@ def stopped(ckpt: Checkpoint, by: str) -> None:
     print(text, file=sys.stderr)
 
 
-def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):
+def choose_and_score(settings: dict, model, cfg: Train, ctx: DataContext):
     """In the active run: choose the inference settings on the validation patients
     (:func:`choose_inference`), log them (params ``inference.*``, tag ``inference_chosen_on``, the
     candidates table) and the validation metrics they give. Returns (segmenter, val metrics, a slice)."""
@@ -125,14 +125,14 @@ def choose_and_score(settings: dict, model, cfg: TrainConfig, ctx: DataContext):
     return segmenter, mlflow_runs.log_evaluation(ev, "val_", val_images, truths), val_images[0]
 
 
-def log_model(model, cfg: TrainConfig, segmenter: Segmenter, example, ctx: DataContext) -> str:
+def log_model(model, cfg: Train, segmenter: Segmenter, example, ctx: DataContext) -> str:
     """Log the network with ``segmenter``'s settings as the active run's serving model; its URI."""
     with tempfile.TemporaryDirectory() as tmp:
         save_model(model, cfg, segmenter.settings, Path(tmp))
         return mlflow_runs.log_segmenter_model(Path(tmp), example, {"data_version": ctx.version})
 
 
-def choose_inference(settings: dict, model, cfg: TrainConfig, val_rows, ctx: DataContext):
+def choose_inference(settings: dict, model, cfg: Train, val_rows, ctx: DataContext):
     """The model's inference settings: ``evaluate``'s values, with TTA and post-processing chosen
     on the validation patients when ``evaluate.select_postprocessing`` is on."""
     ev = settings.get("evaluate", {})

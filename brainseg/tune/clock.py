@@ -16,7 +16,7 @@ import time
 
 import optuna
 
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.tune.plan import StudyPlan, make_pruner, study_budget
 from brainseg.tune.study_budget import StudyBudget, TrialPlan, plan_trials
 
@@ -71,7 +71,7 @@ def start_clock(plan: StudyPlan, ctx, study: optuna.Study, refit: bool, started:
 def probe_and_plan(plan: StudyPlan, ctx, budget: StudyBudget, started: float, echo=print) -> TrialPlan:
     from brainseg.training.throughput import measure
 
-    cfg = TrainConfig.from_dict(plan.fidelity.trial_settings(plan.settings["train"]))
+    cfg = Train.from_dict(plan.fidelity.trial_settings(plan.settings["train"]))
     cost = measure(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg))
     trial_plan = plan_trials(budget, elapsed_s=time.time() - started, epoch_s=cost.epoch_s,
                              overhead_s=overhead_estimate(cost.build_s, cost.val_s))

@@ -22,7 +22,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from brainseg.settings import quiet
-from brainseg.settings.config import EPOCH_SIZED, Pruner, TrainConfig
+from brainseg.settings.config import EPOCH_SIZED, Pruner, Train
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tune.sampler import TrialSeededSampler
 from brainseg.tune.space import Param, load_search_space, recipe_params
@@ -209,8 +209,8 @@ def plan_from_settings(settings: dict, study_name: str | None, storage: str | No
     space = load_search_space(space_path)
     fid = fidelity_from(t, settings["train"])
     base = fid.trial_settings(settings["train"])
-    TrainConfig.from_dict(base)
-    TrainConfig.from_dict({**settings["train"]})
+    Train.from_dict(base)
+    Train.from_dict({**settings["train"]})
     from brainseg.models.factory import check_names
 
     check_names(base["arch"], base["encoder"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import optuna
 
 from brainseg.registry.promotion import register_segmenter
-from brainseg.settings.config import EPOCH_SIZED, TrainConfig
+from brainseg.settings.config import EPOCH_SIZED, Train
 from brainseg.tracking import mlflow_runs
 from brainseg.training.checkpoint import DEFAULT_ROOT
 from brainseg.tune.clock import Clock
@@ -28,10 +28,10 @@ def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float
     as many batches as the trial did."""
     train = plan.settings["train"]
     if minutes is not None:
-        return TrainConfig.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
+        return Train.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
     trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
     epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
-    return TrainConfig.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
+    return Train.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
 
 
 def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register: bool, echo=print,
@@ -66,7 +66,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     return finish_refit(owed, settings, ctx, cfg, res)
 
 
-def finish_refit(owed: dict, settings: dict, ctx, cfg: TrainConfig, res: dict) -> dict:
+def finish_refit(owed: dict, settings: dict, ctx, cfg: Train, res: dict) -> dict:
     """What a finished refit run ``res`` owes its study (``owed``: study, parent run, trial,
     register): the registration if asked, the study run's tags and metric. The refit's summary."""
     parent, trial, m = owed["parent"], owed["trial"], res["metrics"]

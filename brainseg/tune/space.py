@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.settings.settings_io import ConfigError
 
 
@@ -62,7 +62,7 @@ def load_search_space(path: Path) -> list[Param]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of parameter name to spec")
     params = []
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_fields = set(Train.model_fields)
     for name, spec in raw.items():
         where = f"{path}: parameter {name!r}"
         if not isinstance(spec, dict) or spec.get("type") not in ("categorical", "float", "int"):
@@ -110,13 +110,13 @@ def apply_params(base: dict, params: dict) -> dict:
     return d
 
 
-def trial_config(trial: optuna.Trial, base: dict, space: list[Param]) -> TrainConfig:
-    """Map a trial to a TrainConfig: ``base`` train settings with the suggested values on top."""
+def trial_config(trial: optuna.Trial, base: dict, space: list[Param]) -> Train:
+    """Map a trial to a Train: ``base`` train settings with the suggested values on top."""
     chosen: dict = {}
     for p in space:
         if p.applies(chosen):
             chosen[p.name] = p.suggest(trial)
-    return TrainConfig.from_dict(apply_params(base, chosen))
+    return Train.from_dict(apply_params(base, chosen))
 
 
 def recipe_params(recipe: dict, space: list[Param], path: Path | str = "search space") -> dict:

@@ -66,9 +66,9 @@ def model_uri(tmp_path_factory) -> str:
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
     from brainseg.registry import modelcard
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64})
     folder = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path_factory.mktemp("tiny-model"))
     facts = {"data": {"version": "0123456789abcdef", "synthetic": True}, "recipe": {"size": 64},
              "val": {"patient_dice_mean": 0.4321, "n_patients": 3}}

@@ -401,9 +401,9 @@ def test_survival_backend_joins_clinical_data():
 def tiny_model(path, size: int = 32, **settings):
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": size})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": size})
     return save_model(build_model(cfg), cfg, InferenceSettings(**settings), path)
 
 

@@ -87,10 +87,10 @@ def registered_model(tmp_path):
     from brainseg.bench import register_champion
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
     from conftest import Tracking
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32, "channels": "flair"})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32, "channels": "flair"})
     keras.utils.set_random_seed(0)
     model_dir = save_model(build_model(cfg), cfg, InferenceSettings(threshold=0.35), tmp_path / "m")
     with Tracking(tmp_path / "user.db"):

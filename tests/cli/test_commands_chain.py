@@ -192,11 +192,11 @@ def test_evaluate_builds_the_missing_manifest_and_split_and_says_so(project, tmp
     """`brainseg evaluate --model FOLDER` right after an import, for real (a tiny untrained model)."""
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
     from conftest import Tracking
     from helpers import invoke
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 32})
     model_dir = save_model(build_model(cfg), cfg, InferenceSettings(), tmp_path / "model")
     with Tracking(tmp_path / "mlflow.db"):
         result = invoke("evaluate", "--model", str(model_dir), "--out", "reports/evaluate")

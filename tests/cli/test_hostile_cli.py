@@ -236,10 +236,10 @@ def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, t
 
     from brainseg.data import imageio
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
     model = tmp_path / "model"
-    save_model(threshold_net(32), TrainConfig(arch="plain_unet", size=32, channels="flair"),
+    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
                InferenceSettings(precision="float32"), model)
     real_write, real_mkdir, writes = Path.write_bytes, Path.mkdir, []
 

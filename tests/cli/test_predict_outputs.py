@@ -23,10 +23,10 @@ SIZE = 64
 def model(tmp_path_factory):
     """A fixed network (bright FLAIR pixels are tumor) saved as a model folder."""
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
     folder = tmp_path_factory.mktemp("model")
-    save_model(threshold_net(32), TrainConfig(arch="plain_unet", size=32, channels="flair"),
+    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
                InferenceSettings(precision="float32"), folder)
     return folder
 

@@ -10,13 +10,13 @@ import numpy as np
 from brainseg.data.arrays import load_arrays
 from brainseg.data.manifest import scan
 from brainseg.data.synth import generate
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 
 def test_two_workers_build_the_same_cache_at_once(tmp_path):
     root = generate(tmp_path / "kaggle_3m", patients=3, slices=4, size=32, seed=1)
     manifest = scan(root).manifest
-    prep = TrainConfig.from_dict({"size": 32, "channels": "flair"}).prep
+    prep = Train.from_dict({"size": 32, "channels": "flair"}).prep
     cache = tmp_path / "cache"
     results, errors = [], []
     start = threading.Barrier(4)
@@ -42,7 +42,7 @@ def test_two_workers_build_the_same_cache_at_once(tmp_path):
 
 def _setup(tmp_path):
     root = generate(tmp_path / "kaggle_3m", patients=2, slices=4, size=32, seed=2)
-    return scan(root).manifest, TrainConfig.from_dict({"size": 32, "channels": "flair"}).prep, tmp_path / "cache"
+    return scan(root).manifest, Train.from_dict({"size": 32, "channels": "flair"}).prep, tmp_path / "cache"
 
 
 def test_a_truncated_cache_is_rebuilt_with_one_line(tmp_path):

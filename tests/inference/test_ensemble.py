@@ -8,9 +8,9 @@ import pytest
 from brainseg.inference.ensemble import ensemble_model, members_of
 from brainseg.inference.segmenter import InferenceSettings, Segmenter, load_model_dir, predict_probs, save_model
 from brainseg.models.factory import build_model
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
-CFG = TrainConfig(arch="plain_unet", base_filters=4, size=32, channels="flair")
+CFG = Train(arch="plain_unet", base_filters=4, size=32, channels="flair")
 
 
 def tiny(seed: int):
@@ -58,4 +58,4 @@ def test_a_bfloat16_copy_of_an_ensemble_stays_close(members):
 def test_one_member_is_the_member_and_mismatched_inputs_are_refused(members):
     assert ensemble_model(members[:1]) is members[0]
     with pytest.raises(ValueError, match="different inputs"):
-        ensemble_model([members[0], build_model(TrainConfig(arch="plain_unet", base_filters=4, size=64))])
+        ensemble_model([members[0], build_model(Train(arch="plain_unet", base_filters=4, size=64))])

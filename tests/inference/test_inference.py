@@ -21,7 +21,7 @@ from brainseg.inference.segmenter import (
     read_settings,
     save_model,
 )
-from brainseg.settings.config import PrepConfig, TrainConfig
+from brainseg.settings.config import PrepConfig, Train
 from brainseg.settings.settings_io import ConfigError
 from helpers import threshold_net
 
@@ -167,7 +167,7 @@ def slice_with(blobs, size=32):
 
 
 def test_save_and_load_keep_the_inference_settings(tmp_path):
-    cfg = TrainConfig(arch="plain_unet", size=32)
+    cfg = Train(arch="plain_unet", size=32)
     settings = InferenceSettings(threshold=0.4, tta=True, min_component_px=5, largest_3d=True, precision="float32")
     save_model(threshold_net(32), cfg, settings, tmp_path / "m")
     model, cfg2, settings2 = load_model_dir(tmp_path / "m")
@@ -179,7 +179,7 @@ def test_save_and_load_keep_the_inference_settings(tmp_path):
 
 
 def test_segmenter_applies_its_stored_post_processing():
-    cfg = TrainConfig(arch="plain_unet", size=32, channels="flair")
+    cfg = Train(arch="plain_unet", size=32, channels="flair")
     images = [slice_with([(10, 20, 10, 20), (26, 27, 26, 27)])]  # a tumor and a 1-px speck
     plain = Segmenter(threshold_net(32), cfg, InferenceSettings(precision="float32")).segment(images).masks[0]
     cleaned = Segmenter(threshold_net(32), cfg, InferenceSettings(precision="float32", min_component_px=4)
@@ -189,7 +189,7 @@ def test_segmenter_applies_its_stored_post_processing():
 
 
 def test_bfloat16_masks_agree_with_float32():
-    cfg = TrainConfig(arch="plain_unet", size=32, channels="flair")
+    cfg = Train(arch="plain_unet", size=32, channels="flair")
     rng = np.random.default_rng(0)
     images = [slice_with([(r, r + 8, c, c + 6)]) for r, c in rng.integers(3, 20, size=(6, 2))]
     f32 = Segmenter(threshold_net(32), cfg, InferenceSettings(precision="float32"))
@@ -203,7 +203,7 @@ def test_bfloat16_masks_agree_with_float32():
 def test_post_processing_is_chosen_on_the_given_slices_only():
     from brainseg.evaluation.evaluate import select_postprocessing
 
-    cfg = TrainConfig(arch="plain_unet", size=32, channels="flair")
+    cfg = Train(arch="plain_unet", size=32, channels="flair")
     images = [slice_with([(10, 20, 10, 20), (26, 27, 26, 27)]), slice_with([(12, 20, 12, 20)]),
               slice_with([(25, 26, 5, 6)])]  # tumor + speck, tumor (64 px), empty truth with a speck
     truths = [np.zeros((32, 32), bool) for _ in images]

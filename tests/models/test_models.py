@@ -9,7 +9,7 @@ import tensorflow as tf
 from brainseg.models.factory import ARCHS, OWN_ARCHS, SM_ARCHS, build_model, check_names
 from brainseg.models.losses import TverskyLoss, make_loss
 from brainseg.settings.architectures import ENCODER_ARCHS, has_encoder
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 
 
 @pytest.mark.parametrize("arch,encoder,channels", [
@@ -20,7 +20,7 @@ from brainseg.settings.config import TrainConfig
     ("plain_unet", "resnet18", "all"),
 ])
 def test_every_architecture_maps_a_slice_to_a_probability_mask(arch, encoder, channels):
-    cfg = TrainConfig.from_dict({"arch": arch, "encoder": encoder, "channels": channels, "size": 64,
+    cfg = Train.from_dict({"arch": arch, "encoder": encoder, "channels": channels, "size": 64,
                                  "base_filters": 4})
     model = build_model(cfg)
     x = np.zeros((2, 64, 64, cfg.prep.n_channels), np.float32)
@@ -36,7 +36,7 @@ def test_the_light_list_of_encoder_architectures_is_the_factorys():
 
 
 def test_unetpp_deep_supervision_averages_heads_into_one_output():
-    cfg = TrainConfig.from_dict({"arch": "unetpp", "size": 32, "base_filters": 4, "deep_supervision": True})
+    cfg = Train.from_dict({"arch": "unetpp", "size": 32, "base_filters": 4, "deep_supervision": True})
     model = build_model(cfg)
     assert model.output_shape == (None, 32, 32, 1)
     assert sum(layer.name.startswith("head") for layer in model.layers) == 4
@@ -44,7 +44,7 @@ def test_unetpp_deep_supervision_averages_heads_into_one_output():
 
 def test_pspnet_needs_a_size_divisible_by_48():
     with pytest.raises(ValueError, match="divisible by 48"):
-        build_model(TrainConfig.from_dict({"arch": "pspnet", "encoder": "resnet18", "size": 64}))
+        build_model(Train.from_dict({"arch": "pspnet", "encoder": "resnet18", "size": 64}))
 
 
 @pytest.mark.parametrize("arch,encoder,match", [("segformer", "resnet18", "unknown architecture"),
@@ -55,7 +55,7 @@ def test_unknown_names_are_refused(arch, encoder, match):
 
 
 def test_encoder_weights_must_be_a_local_file(tmp_path):
-    cfg = TrainConfig.from_dict({"arch": "unet", "encoder": "resnet18", "size": 64, "channels": "all",
+    cfg = Train.from_dict({"arch": "unet", "encoder": "resnet18", "size": 64, "channels": "all",
                                  "encoder_weights": str(tmp_path / "missing.h5")})
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         build_model(cfg)

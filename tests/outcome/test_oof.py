@@ -11,7 +11,7 @@ import pytest
 
 from brainseg.data import manifest
 from brainseg.outcome.oof import fold_plan, oof_masks
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from conftest import make_project
 from helpers import invoke
 
@@ -54,13 +54,13 @@ def test_each_patient_is_predicted_by_a_model_that_never_saw_it(make_synth, monk
         return real_train(cfg, tr, va, **kwargs)
 
     monkeypatch.setattr(train_module, "train", spy)
-    masks, reports = oof_masks(m, split, TrainConfig.from_dict(TINY))
+    masks, reports = oof_masks(m, split, Train.from_dict(TINY))
     assert len(masks) == len(m) and all(mk.shape == (32, 32) and mk.dtype == bool for mk in masks)
     assert [r.test_patients for r in reports] == [2, 2, 2]
     for fitted_on, (_, _, _, test) in zip(seen, fold_plan(split)):
         assert fitted_on and not fitted_on & set(test)
     with pytest.raises(ValueError, match="not in the split"):
-        oof_masks(m, split.iloc[1:], TrainConfig.from_dict(TINY))
+        oof_masks(m, split.iloc[1:], Train.from_dict(TINY))
 
 
 def test_features_oof_command(tmp_path, monkeypatch):

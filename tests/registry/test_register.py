@@ -59,10 +59,10 @@ def constant_run(settings: dict) -> str:
     import tf_keras as keras
 
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
     from brainseg.tracking import mlflow_runs
 
-    cfg = TrainConfig.from_dict(settings["train"])
+    cfg = Train.from_dict(settings["train"])
     model = keras.Sequential([keras.layers.Input((cfg.size, cfg.size, cfg.prep.n_channels)),
                               keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
                                                   bias_initializer=keras.initializers.Constant(-10.0))])

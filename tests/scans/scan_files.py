@@ -108,7 +108,7 @@ def fixed_model(path: Path, channels: str = "all", size: int = 64) -> Path:
     import tf_keras as keras
 
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
     n = 3 if channels == "all" else 1
     inp = keras.Input((size, size, n))
@@ -116,5 +116,5 @@ def fixed_model(path: Path, channels: str = "all", size: int = 64) -> Path:
     model = keras.Model(inp, conv(inp))
     weights = np.array(CHANNEL_WEIGHTS if n == 3 else CHANNEL_WEIGHTS[1:2], np.float32).reshape(1, 1, n, 1)
     conv.set_weights([weights, np.array([-9.0], np.float32)])
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "size": size, "channels": channels, "crop": "head"})
+    cfg = Train.from_dict({"arch": "plain_unet", "size": size, "channels": channels, "crop": "head"})
     return save_model(model, cfg, InferenceSettings(**SETTINGS), path)

@@ -133,9 +133,9 @@ def server(tracking, tmp_path_factory, good_slice):
 
     from brainseg.inference.segmenter import InferenceSettings, save_model
     from brainseg.models.factory import build_model
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
-    cfg = TrainConfig.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64, "channels": "flair"})
+    cfg = Train.from_dict({"arch": "plain_unet", "base_filters": 4, "size": 64, "channels": "flair"})
     keras.utils.set_random_seed(0)
     model_dir = save_model(build_model(cfg), cfg, InferenceSettings(threshold=0.5),
                            tmp_path_factory.mktemp("tiny-model"))

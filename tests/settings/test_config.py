@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainseg.settings.config import PrepConfig, TrainConfig, flatten, load_settings, validate_settings
+from brainseg.settings.config import PrepConfig, Train, flatten, load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError, apply_overrides, deep_merge, parse_override
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -138,20 +138,20 @@ def test_apply_overrides_does_not_modify_its_input():
 def test_project_profiles_give_valid_train_configs(profile):
     s = load_settings(profile, params_file=PROJECT / "params.yaml",
                       profiles_file=PROJECT / "experiments" / "profiles.yaml")
-    cfg = TrainConfig.from_dict(s["train"])
+    cfg = Train.from_dict(s["train"])
     assert cfg.prep.size == s["train"]["size"]
-    assert cfg.to_dict() == TrainConfig.from_dict(cfg.to_dict()).to_dict()
+    assert cfg.to_dict() == Train.from_dict(cfg.to_dict()).to_dict()
 
 
 def test_train_config_errors():
     with pytest.raises(ConfigError, match=r"train.lrr: unknown key; known: arch, encoder, "):
-        TrainConfig.from_dict({"lrr": 0.1})
+        Train.from_dict({"lrr": 0.1})
     with pytest.raises(ConfigError, match="tumor_fraction"):
-        TrainConfig.from_dict({"tumor_fraction": 1.5})
+        Train.from_dict({"tumor_fraction": 1.5})
     with pytest.raises(ConfigError, match="train.loss"):
-        TrainConfig.from_dict({"loss": {}})
+        Train.from_dict({"loss": {}})
     with pytest.raises(ConfigError, match="size: 100"):
-        TrainConfig.from_dict({"size": 100})
+        Train.from_dict({"size": 100})
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from brainseg.settings.config import TrainConfig
+from brainseg.settings.config import Train
 from brainseg.tracking import mlflow_runs, run_metrics, run_notes
 
 ROWS = pd.DataFrame({"patient": ["TCGA_AA_0001"], "slice": [1], "tumor_px": [10]})
@@ -88,6 +88,6 @@ def test_experiments_are_tagged_for_training_and_the_link_opens_runs_not_traces(
     ("unet", {"encoder": "resnet18", "encoder_weights": None, "freeze_encoder_epochs": 0}),
 ])
 def test_train_params_name_an_encoder_only_where_the_architecture_has_one(arch, encoder_params):
-    params = run_metrics.train_config_params(TrainConfig(arch=arch, encoder="resnet18"))
-    assert params["arch"] == arch and params["size"] == TrainConfig().size
+    params = run_metrics.train_config_params(Train(arch=arch, encoder="resnet18"))
+    assert params["arch"] == arch and params["size"] == Train().size
     assert {k: v for k, v in params.items() if "encoder" in k} == encoder_params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -88,10 +87,10 @@ def _arrays(make_synth):
     """A tiny linear-decay config (epochs 1000: only a budget can end it) and train/val arrays."""
     from brainseg.data.arrays import Arrays, load_arrays
     from brainseg.data.manifest import scan
-    from brainseg.settings.config import TrainConfig
+    from brainseg.settings.config import Train
 
     m = scan(make_synth(patients=4, slices=6, size=32)).manifest
-    cfg = TrainConfig(arch="plain_unet", base_filters=4, size=32, batch_size=4, steps_per_epoch=4, lr=3e-3,
+    cfg = Train(arch="plain_unet", base_filters=4, size=32, batch_size=4, steps_per_epoch=4, lr=3e-3,
                       epochs=1000, lr_schedule="linear", warmup_epochs=1, channels="flair")
     X, Y = load_arrays(m, cfg.prep)
     train = m["patient"].isin(m["patient"].unique()[:3]).to_numpy()
@@ -107,7 +106,7 @@ def test_a_budgeted_run_spends_its_budget_and_its_schedule_ends_with_it(make_syn
     from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
-    cfg = dataclasses.replace(cfg, budget_minutes=0.5, progressive_size=progressive)  # 30 s of fake time
+    cfg = cfg.replace(budget_minutes=0.5, progressive_size=progressive)  # 30 s of fake time
     clock = FakeClock(0.5)
     result = train(cfg, tr, va, verbose=0, clock=clock)
     b = result.budget
@@ -137,7 +136,7 @@ def test_a_later_phase_runs_when_its_guessed_cost_is_too_high_but_its_real_cost_
     cfg, tr, va = _arrays(make_synth)
     # 16 px for half of 30 s, then 32 px: guessed at 4 x the 16-px step (8 steps x 2 s + validation =
     # 17 s > the 15 s left), but on this fake machine a step costs the same at both sizes (4 s + 1 s)
-    cfg = dataclasses.replace(cfg, budget_minutes=0.5, progressive_size=16, steps_per_epoch=8)
+    cfg = cfg.replace(budget_minutes=0.5, progressive_size=16, steps_per_epoch=8)
     result = train(cfg, tr, va, verbose=0, clock=FakeClock(0.5))
     assert result.budget["budget_epochs_at_32px"] >= 2
     assert result.history["elapsed_min"][-1] <= 0.5
@@ -161,7 +160,7 @@ def test_a_machine_that_slows_down_is_stopped_at_the_budget_and_its_steps_are_co
 
     cfg, tr, va = _arrays(make_synth)
     clock = SlowingClock(0.5, after=40)
-    result = train(dataclasses.replace(cfg, budget_minutes=0.5), tr, va, verbose=0, clock=clock)
+    result = train(cfg.replace(budget_minutes=0.5), tr, va, verbose=0, clock=clock)
     b = result.budget
     assert b["budget_replans"] >= 1  # the plan followed the slower epochs
     assert int(result.model.optimizer.iterations) == b["actual_steps"]  # steps run, not epochs x steps
@@ -174,7 +173,7 @@ def test_a_real_clock_budget_is_honoured(make_synth):
 
     cfg, tr, va = _arrays(make_synth)
     start = time.monotonic()
-    result = train(dataclasses.replace(cfg, budget_minutes=0.25), tr, va, verbose=0)  # 15 s
+    result = train(cfg.replace(budget_minutes=0.25), tr, va, verbose=0)  # 15 s
     took = time.monotonic() - start
     b = result.budget
     # no step begins once the budget is spent; past it only that step, a validation and the restore

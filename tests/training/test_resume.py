@@ -3,7 +3,6 @@ killed, with the same weights, optimizer, schedule, budget and counters; saves a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -49,7 +48,7 @@ def test_a_run_killed_after_its_second_of_four_epochs_resumes_to_four(make_synth
     from brainseg.training.train import train
 
     cfg, tr, va = _arrays(make_synth)
-    cfg = dataclasses.replace(cfg, epochs=4, patience=10, lr_schedule="cosine", warmup_epochs=1)
+    cfg = cfg.replace(epochs=4, patience=10, lr_schedule="cosine", warmup_epochs=1)
     whole = train(cfg, tr, va, verbose=0)
     resumed, state = _interrupted_then_resumed(cfg, tr, va, tmp_path, after=2)
     assert resumed.epochs_run == whole.epochs_run == 4
@@ -65,7 +64,7 @@ def test_a_run_killed_after_its_second_of_four_epochs_resumes_to_four(make_synth
 
 def test_a_budgeted_run_resumes_with_its_plan_and_the_budget_it_had_spent(make_synth, tmp_path):
     cfg, tr, va = _arrays(make_synth)
-    cfg = dataclasses.replace(cfg, budget_minutes=0.5)  # 30 s of fake time, 0.5 s a reading
+    cfg = cfg.replace(budget_minutes=0.5)  # 30 s of fake time, 0.5 s a reading
     resumed, state = _interrupted_then_resumed(cfg, tr, va, tmp_path, after=2, clock=FakeClock(0.5))
     b = resumed.budget
     assert state["plan"]["phases"][0]["epochs_done"] == 2 and state["elapsed_s"] > 0
@@ -89,7 +88,7 @@ def test_early_stopping_counts_its_patience_across_the_interruption(make_synth, 
 
     monkeypatch.setattr(brainseg.training.train, "PatientDice", Flat)
     cfg, tr, va = _arrays(make_synth)
-    cfg = dataclasses.replace(cfg, epochs=8, patience=2, lr_schedule="cosine")
+    cfg = cfg.replace(epochs=8, patience=2, lr_schedule="cosine")
     resumed, state = _interrupted_then_resumed(cfg, tr, va, tmp_path, after=2)
     assert state["counters"]["early"]["wait"] == 1 and state["counters"]["early"]["best"] == 0.5
     # one epoch of patience was spent before the kill: the run stops after epoch 3 (counting from
