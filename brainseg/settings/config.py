@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from brainseg.settings.profiles import with_profile
 from brainseg.settings.settings_io import (
@@ -87,8 +87,14 @@ class Split(Section):
 
 
 class Train(Section):
-    arch: str = None  # checked against the builders when the network is built (models.factory)
-    encoder: str = None
+    """The training settings, declared once: each field's type, range and default. A partial mapping
+    (a profile, ``--set``, ``survival.oof.train``) is checked for the keys it holds (``check``); what
+    the training code takes is the frozen whole (:meth:`from_dict`: defaults for the rest)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str = "unet"  # checked against the builders when the network is built (models.factory)
+    encoder: str = "resnet34"
     encoder_weights: str | None = None
     freeze_encoder_epochs: Int = Field(0, ge=0)
     deep_supervision: Flag = False
