@@ -19,6 +19,7 @@ from brainseg.training.checkpoint import (
     DEFAULT_ROOT,
     Checkpoint,
     CheckpointError,
+    DiskFull,
     interrupted,
     resume_command,
 )
@@ -88,7 +89,7 @@ def train_command(
                                checkpoints=checkpoint_dir, resume=(ckpt, state) if state is not None else None)
     except BudgetError as exc:
         fail(str(exc), 2)
-    except mlflow_runs.TrackingLost as exc:
+    except (mlflow_runs.TrackingLost, DiskFull) as exc:
         fail(str(exc), 75)  # EX_TEMPFAIL: try again later
     owed = ckpt.meta.get("refit") if state is not None else None
     if owed:  # a tuning refit: what `brainseg tune` would have done after it

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from brainseg.evaluation import plots
 from brainseg.tracking.run_context import PROJECT_ENV, Terminated, quick_http
@@ -171,11 +172,17 @@ def log_evaluation(ev, prefix: str, images=None, truths=None) -> dict:
 
 def log_segmenter_model(model_dir: Path, example_image: np.ndarray | None = None, meta: dict | None = None) -> str:
     """Log the serving (pyfunc) model built from ``model.h5`` + ``brainseg.json``; returns its URI."""
-    from brainseg.serving.pyfunc import (
-        log_pyfunc_segmenter,  # keeps serving imports out of training
-    )
+    from brainseg.serving.pyfunc import log_pyfunc_segmenter  # keeps serving imports out of training
 
-    return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
+    before = {m.model_id for m in logged_models_of(active_run_id())}
+    try:
+        return log_pyfunc_segmenter(Path(model_dir), example_image, meta)
+    except BaseException:  # a full disk: the model goes with what it wrote (no cut model.h5 stays in the store)
+        for m in (m for m in logged_models_of(active_run_id()) if m.model_id not in before):
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the logging is the news
+                mlflow.MlflowClient().delete_logged_model(m.model_id)
+                get_artifact_repository(m.artifact_location).delete_artifacts()
+        raise
 
 
 @contextlib.contextmanager

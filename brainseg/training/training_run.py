@@ -19,7 +19,7 @@ from brainseg.inference.segmenter import InferenceSettings, Segmenter, save_mode
 from brainseg.settings.config import Train, flatten
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
-from brainseg.training.checkpoint import Checkpoint, resume_command
+from brainseg.training.checkpoint import Checkpoint, disk_full, disk_full_stop, resume_command
 from brainseg.training.train import save_trained, train, trained_result
 
 
@@ -81,6 +81,8 @@ def tracked_training(settings: dict, cfg: Train, ctx: DataContext, *, run_name: 
                 metrics.update(report_on_test(segmenter, ctx))
             model_uri = log_model(result.model, cfg, segmenter, example, ctx)
         except Exception as exc:
+            if ckpt is not None and disk_full(exc):  # issue 37: one line, the checkpoint kept and described
+                raise disk_full_stop(ckpt, exc) from exc
             if ckpt is None or not mlflow_runs.unreachable(exc):
                 raise
             ckpt.update(stopped_by="tracking server lost")
