@@ -170,6 +170,13 @@ CASES = {
                                      ["evaluate.tta", "not true or false"]),
     "unknown key": lambda t: (["train", "--set", "train.learning_rate=0.1"], 2, ["unknown key 'train.learning_rate'"]),
     "not KEY=VALUE": lambda t: (["train", "--set", "train.lr"], 2, ["expected KEY=VALUE"]),
+    # issue 37: malformed YAML in a value (nothing is constructed or executed)
+    "--set a python tag": lambda t: (["train", "--set", f"train.lr=!!python/object/apply:os.mkdir [{t / 'pwned'}]"],
+                                     2, ["--set train.lr: the YAML tag !!python/object/apply:os.mkdir is not allowed"]),
+    "--set an unclosed bracket": lambda t: (["train", "--set", "train.lr=[0.1, 0.2"], 2,
+                                            ["--set train.lr: column 10: not valid YAML"]),
+    "--set a recursive anchor": lambda t: (["tune", "--set", "tune.search_space=&x {a: *x}"], 2,
+                                           ["--set tune.search_space.a: an anchor that contains itself"]),
     # ---- commands that need something first
     "survival without features": lambda t: (["survival", "--features", t / "none.csv"], 2,
                                             ["none.csv", "brainseg features --truth"]),
