@@ -121,6 +121,49 @@ def test_the_gate_compares_like_with_like(killed_and_resumed, monkeypatch):
         assert r.exit_code == 0 and "-> champion" in " ".join(r.output.split()), r.output
 
 
+def test_a_registered_ensemble_served_by_mlflow_answers_the_masks_of_brainseg_predict(killed_and_resumed, tmp_path):
+    """`mlflow models serve -m models:/brainseg-segmenter/N` of the CV ensemble, the documented request
+    (base64 slices and their patient): the same masks as `brainseg predict` on the same slices."""
+    import base64
+
+    import mlflow
+    import requests
+
+    from brainseg.bench import serve_model
+    from brainseg.data import imageio
+    from brainseg.inference.ensemble import members_of
+    from brainseg.pipeline.predict import collect_inputs
+    from brainseg.registry import model_registry
+
+    path, uri, _, _ = killed_and_resumed
+    parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
+    with Tracking(path / "mlflow.db"):
+        versions = mlflow.MlflowClient().search_model_versions("name = 'brainseg-segmenter'")
+        version = next((v.version for v in versions if v.run_id == parent), None)
+        if version is None:
+            r = invoke("register", "--run", parent)
+            assert r.exit_code == 0, r.output
+            version = next(v.version for v in mlflow.MlflowClient().search_model_versions(
+                "name = 'brainseg-segmenter'") if v.run_id == parent)
+        model_uri = f"models:/brainseg-segmenter/{version}"
+        assert len(members_of(model_registry.load_segmenter(model_uri).model)) == 2  # the two folds' networks
+        folder = next(p for p in (path / "data/raw/kaggle_3m").iterdir() if p.is_dir())
+        files, _ = collect_inputs([folder])
+        r = invoke("predict", folder, "--model", model_uri, "--out", tmp_path / "pred")
+        assert r.exit_code == 0, r.output
+        by_predict = {f.name: imageio.check_mask(imageio.decode_bytes(next((tmp_path / "pred").rglob(
+            f"{f.stem}_pred.png")).read_bytes(), "p"), "p") for f in files}
+        rows = [[base64.b64encode(f.read_bytes()).decode(), folder.name.rsplit("_", 1)[0]] for f in files]
+        with serve_model(model_uri, mlflow.get_tracking_uri(), tmp_path / "serve", timeout_s=300) as server:
+            answer = requests.post(f"{server.url}/invocations", timeout=120,
+                                   json={"dataframe_split": {"columns": ["image", "patient"], "data": rows}})
+    assert answer.status_code == 200, answer.text[:500]
+    served = [imageio.check_mask(imageio.decode_bytes(base64.b64decode(row["mask_png"]), "a"), "a")
+              for row in answer.json()["predictions"]]
+    for f, mask in zip(files, served, strict=True):
+        np.testing.assert_array_equal(mask, by_predict[f.name], err_msg=f.name)
+
+
 def test_no_test_mask_is_read_before_the_report_and_corrupting_them_changes_only_the_report(
         killed_and_resumed, monkeypatch):
     """The choices (post-processing) and the out-of-fold figures come from the same fold models
