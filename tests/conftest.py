@@ -3,6 +3,8 @@ shared/."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from brainseg.data.synth import generate
-from helpers import PROJECT_ROOT, invoke, project_files
+from helpers import PROJECT_ROOT, brainseg_run_on_a_fresh_clone, invoke, project_files
 
 # MLflow writes its settings into os.environ "so that subprocesses inherit them" (set_tracking_uri,
 # set_registry_uri, set_experiment) and never takes MLFLOW_REGISTRY_URI or MLFLOW_EXPERIMENT_ID out
@@ -220,3 +222,40 @@ def prepared_project(path: Path, patients: int = 10, slices: int = 6, size: int 
     finally:
         os.chdir(old)
     return path
+
+
+# ------------------------------------------------------------------ built once for every test process
+def built_once(tmp_path_factory, name: str, build) -> dict:
+    """``build(folder)`` -> a JSON-able dict, run once per test session however many pytest-xdist
+    processes ask: the first builds it in the session's shared temporary folder under a file lock,
+    the others wait for it and read its result (or its failure, which fails them too). In one
+    process (``-n 0``) it is an ordinary session fixture's value."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / name  # the workers' temporary folders sit in it
+    shared.mkdir(exist_ok=True)
+    done, failed = shared / "result.json", shared / "failed.txt"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if done.exists():
+            return json.loads(done.read_text())
+        if failed.exists():
+            pytest.fail(f"{name}, built by another test process, failed: {failed.read_text()}")
+        try:
+            result = build(shared / "work")
+        except BaseException as exc:
+            failed.write_text(f"{type(exc).__name__}: {exc}"[-5000:])
+            raise
+        (shared / "result.tmp").write_text(json.dumps(result))
+        os.replace(shared / "result.tmp", done)
+        return result
+
+
+@pytest.fixture(scope="session")
+def fresh_run(tmp_path_factory) -> dict:
+    """`brainseg run` once on a fresh clone for the whole session: test_pipeline.py runs it again in
+    its clone (nothing to redo) and copies the clone for the DVC tests; the corrupted-masks test
+    (another file, so another process) compares its reports. ``clone`` is the clone's path; the
+    rest as :func:`helpers.run_reports`."""
+    result = built_once(tmp_path_factory, "fresh-brainseg-run", brainseg_run_on_a_fresh_clone)
+    return {**result, "clone": Path(result["clone"])}

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,29 @@ def threshold_net(size: int = 16):
     model = keras.Model(inp, conv(inp))
     conv.set_weights([np.full((1, 1, 1, 1), 8.0, np.float32), np.array([-4.0], np.float32)])
     return model
+
+
+# ------------------------------------------------------------------ `brainseg run` on a fresh clone
+def pipeline_env() -> dict:
+    """The environment of a `brainseg run` in a test: no MLflow variables of this process, and
+    deterministic kernels, so that two runs on the same data can be compared exactly."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TF_DETERMINISTIC_OPS": "1"}
+
+
+def run_reports(clone: Path, stdout: str) -> dict:
+    """What a finished `brainseg run` in ``clone`` reported (JSON-able): tune, register and test
+    summaries, its console output and the split it used."""
+    read = lambda name: json.loads((clone / name).read_text())  # noqa: E731
+    return {"tune": read("reports/tune.json"), "register": read("reports/register.json"),
+            "test": read("reports/test/metrics.json"), "stdout": stdout,
+            "split": (clone / "data/processed/split.csv").read_text()}
+
+
+def brainseg_run_on_a_fresh_clone(folder: Path) -> dict:
+    """`brainseg run` once on a fresh clone in ``folder``/clone (the Quickstart's main job): its
+    reports (:func:`run_reports`) and the clone's path."""
+    clone = copy_checkout(folder / "clone")
+    first = subprocess.run([sys.executable, "-m", "brainseg", "run"], cwd=clone, env=pipeline_env(),
+                           capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return {"clone": str(clone), **run_reports(clone, first.stdout)}

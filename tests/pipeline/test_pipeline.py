@@ -1,5 +1,6 @@
-"""The main job end to end on the smoke profile, as on a fresh clone: `brainseg run`, then again; DVC
-experiments, metrics and status on a copy of that clone."""
+"""The main job end to end on the smoke profile, as on a fresh clone: `brainseg run` (conftest's
+``fresh_run``, shared with test_pipeline_corrupted.py), then again; DVC experiments, metrics and status
+on a copy of that clone."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from test_dvc import DVC
 
 from brainseg.pipeline.run_pipeline import pending_promotions, stage_commands
-from helpers import PROJECT_ROOT, copy_checkout
+from helpers import PROJECT_ROOT, pipeline_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -40,31 +40,9 @@ def test_brainseg_run_gates_what_the_register_stage_left_ungated(tmp_path, repor
     assert pending_promotions(path) == pending
 
 
-def _env() -> dict:
-    # deterministic kernels, so the clean run and the corrupted-masks run can be compared exactly
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"TF_DETERMINISTIC_OPS": "1"}
-
-
-def _reports(clone: Path, stdout: str) -> dict:
-    read = lambda name: json.loads((clone / name).read_text())  # noqa: E731
-    return {"tune": read("reports/tune.json"), "register": read("reports/register.json"),
-            "test": read("reports/test/metrics.json"), "stdout": stdout,
-            "split": (clone / "data/processed/split.csv").read_text()}
-
-
-@pytest.fixture(scope="module")
-def fresh_run(tmp_path_factory) -> dict:
-    """`brainseg run` once on a fresh clone (the Quickstart's main job); two tests read it."""
-    clone = copy_checkout(tmp_path_factory.mktemp("fresh") / "clone")
-    first = subprocess.run([sys.executable, "-m", "brainseg", "run"], cwd=clone, env=_env(),
-                           capture_output=True, text=True, timeout=1200)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    return {"clone": clone, "first": first, **_reports(clone, first.stdout)}
-
-
 def test_main_job_on_the_embedded_default_then_nothing_to_redo(fresh_run):
-    clone, first, env = fresh_run["clone"], fresh_run["first"], _env()
-    assert "mlflow models serve -m models:/brainseg-segmenter@champion" in first.stdout
+    clone, stdout, env = fresh_run["clone"], fresh_run["stdout"], pipeline_env()
+    assert "mlflow models serve -m models:/brainseg-segmenter@champion" in stdout
     metrics = json.loads((clone / "reports/test/metrics.json").read_text())
     assert metrics["test_n_patients"] >= 1 and 0 <= metrics["test_patient_dice_mean"] <= 1
     assert json.loads((clone / "reports/survival/metrics.json").read_text())["final_roc_auc"] >= 0
@@ -72,7 +50,7 @@ def test_main_job_on_the_embedded_default_then_nothing_to_redo(fresh_run):
     # the register stage registers and tags; `brainseg run` then puts both through the gate
     assert registered["segmenter"]["promoted"] is None and registered["survival"]["promoted"] is None
     assert 0 <= registered["segmenter"]["val_patient_dice_mean"] <= 1
-    assert "promotion gate: brainseg promote brainseg-segmenter 1" in first.stdout
+    assert "promotion gate: brainseg promote brainseg-segmenter 1" in stdout
     assert (clone / "data/raw/kaggle_3m.dvc").is_file()  # the synthetic default is DVC-tracked
 
     check = """
@@ -113,63 +91,10 @@ print(json.dumps({"seg": seg.version, "surv": surv.version, "tags": tag, "runs":
     assert "cdn.jsdelivr" not in page  # the JavaScript is inlined: the page renders offline
 
 
-def _run_with_corrupted_test_masks(path: Path) -> dict:
-    """`brainseg data prepare`, then move every test patient's tumor (np.roll: same pixel count, so
-    the same manifest and split, but wrong labels), then `brainseg run`."""
-    import numpy as np
-    import pandas as pd
-    import tifffile
-
-    clone = copy_checkout(path)
-    env = _env()
-
-    def sh(*cmd):
-        done = subprocess.run(list(cmd), cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
-        assert done.returncode == 0, f"{cmd}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
-        return done
-
-    sh(sys.executable, "-m", "brainseg", "data", "prepare")
-    split_before = (clone / "data/processed/split.csv").read_text()
-    split = pd.read_csv(clone / "data/processed/split.csv")
-    manifest = pd.read_csv(clone / "data/processed/manifest.csv")
-    test = manifest[manifest["patient"].isin(split.loc[split["subset"] == "test", "patient"])]
-    moved = 0
-    for mask_path in test.loc[test["tumor_px"] > 0, "mask_path"]:
-        target = Path(mask_path) if Path(mask_path).is_absolute() else clone / mask_path
-        tifffile.imwrite(target, np.roll(tifffile.imread(target), (17, 23), axis=(0, 1)))
-        moved += 1
-    assert moved, "no test slice with tumor to corrupt"
-    sh("dvc", "add", "data/raw/kaggle_3m")
-    run = sh(sys.executable, "-m", "brainseg", "run")
-    result = _reports(clone, run.stdout)
-    assert result["split"] == split_before  # the pipeline kept the same split
-    return result
-
-
-def test_corrupted_test_masks_change_only_the_test_report(fresh_run, tmp_path):
-    clean = fresh_run  # the same deterministic `brainseg run` on the untouched data
-    corrupt = _run_with_corrupted_test_masks(tmp_path / "corrupt")
-    assert corrupt["split"] == clean["split"]  # same patients in train/val/test
-    for key in ("best_trial", "best_params"):
-        assert clean["tune"][key] == corrupt["tune"][key], key  # tuning chose the same
-    assert corrupt["tune"]["best_value"] == pytest.approx(clean["tune"]["best_value"], abs=1e-6)
-    seg_clean, seg_corrupt = clean["register"]["segmenter"], corrupt["register"]["segmenter"]
-    assert seg_corrupt["val_patient_dice_mean"] == pytest.approx(seg_clean["val_patient_dice_mean"], abs=1e-6)
-    for result in (clean, corrupt):  # smoke: no refit, so the tune stage chose them for the best trial
-        seg, chosen = result["register"]["segmenter"], result["tune"]["postprocessing"]
-        assert seg["inference_chosen_on"] == "val" and seg["inference"] == chosen["inference"]
-        assert result["tune"]["best_model_uri"] == chosen["model_uri"]  # registered and test-reported
-    assert seg_corrupt["inference"] == seg_clean["inference"]  # TTA and post-processing chosen the same
-    for result in (clean, corrupt):  # promoted exactly as before: v1 through the gate
-        assert "brainseg-segmenter v1" in result["stdout"] and "-> champion" in result["stdout"]
-    assert corrupt["test"]["test_patient_dice_mean"] != pytest.approx(clean["test"]["test_patient_dice_mean"],
-                                                                      abs=1e-3)
-
-
 # --------------------------------------------------------------------------------- DVC experiments
 # DVC tells the truth on the same fresh clone: `dvc exp run -S` changes exactly what runs (and MLflow
 # logs it), metrics are compared across runs, and a code edit shows up in `dvc status`. They read a
-# copy of the `brainseg run` above (its cheap features -> survival branch: the smoke profile's
+# copy of conftest's `fresh_run` (its cheap features -> survival branch: the smoke profile's
 # out-of-fold segmenters train 2 steps each), so the pipeline runs once for both.
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
 
