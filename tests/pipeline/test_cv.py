@@ -164,6 +164,58 @@ def test_a_registered_ensemble_served_by_mlflow_answers_the_masks_of_brainseg_pr
         np.testing.assert_array_equal(mask, by_predict[f.name], err_msg=f.name)
 
 
+def test_a_study_refit_by_cross_validation_registers_the_ensemble_with_its_evidence(killed_and_resumed,
+                                                                                     monkeypatch):
+    """`tune.refit: cv`: the best trial's configuration cross-validated, the ensemble registered with
+    out-of-fold evidence (never scored on the validation patients it trained on)."""
+    import mlflow
+
+    from brainseg.data.context import DataContext
+    from brainseg.pipeline import cv, study_evidence
+    from brainseg.tracking import mlflow_runs
+
+    path, uri, _, _ = killed_and_resumed
+    monkeypatch.chdir(path)
+    parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
+    with Tracking(path / "mlflow.db"):
+        settings = cv.stored_settings(parent)
+        ctx = DataContext.from_settings(settings)
+        mlflow_runs.set_experiment("brainseg")
+        summary = {"best_trial": 0, "best_params": {"lr": 0.002}, "parent_run_id": None}
+        out = study_evidence.refit_cv(settings, ctx, "brainseg", summary, register=True, echo=lambda _: None)
+        assert out["kind"] == "cv" and out["run_id"] != parent and out["model_uri"]
+        assert mlflow.MlflowClient().get_run(out["run_id"]).data.params["lr"] == "0.002"  # the best trial's
+        version = mlflow.MlflowClient().get_model_version("brainseg-segmenter", out["registered"]["version"])
+        assert version.tags["brainseg.evidence"] == "cv" and "cv_patient_dice_mean" in version.tags
+        assert not any(k.startswith("val_patient_dice") for k in version.tags)  # not scored on val
+
+
+@pytest.mark.parametrize("second, within, words", [
+    ([0.50, 0.40, 0.55, 0.45, 0.52], False, "beyond the noise"),     # every patient lower: a real difference
+    ([0.85, 0.65, 0.88, 0.62, 0.84], True, "cannot tell them apart"),  # up and down around the best: noise
+])
+def test_the_top_two_trials_are_said_to_be_within_the_noise_or_not(tmp_path, second, within, words):
+    """The study's summary: the paired per-patient difference of its top two trials on the validation
+    patients, and whether its bootstrap interval holds 0."""
+    import pandas as pd
+
+    from brainseg.pipeline.study_evidence import noise_line, top_two_noise
+    from brainseg.tracking import mlflow_runs
+
+    with Tracking(tmp_path / "mlflow.db"):
+        mlflow_runs.set_experiment("noise", tmp_path / "artifacts")
+        with mlflow_runs.run("study", {}) as study:
+            parent = study.info.run_id
+        for best, dice in ((0.80, [0.80, 0.70, 0.90, 0.60, 0.85]), (0.79, second)):
+            with mlflow_runs.run(f"trial-{best}", {"mlflow.parentRunId": parent}):
+                mlflow_runs.log_active_metrics({"best_val_patient_dice": best})
+                mlflow_runs.log_table(pd.DataFrame({"patient": list("abcde"), "volume_dice": dice}),
+                                      "val_per_patient_metrics.csv")
+        noise = top_two_noise("noise", parent)
+    assert noise["n_patients"] == 5 and noise["within_noise"] is within
+    assert words in noise_line(noise)
+
+
 def test_no_test_mask_is_read_before_the_report_and_corrupting_them_changes_only_the_report(
         killed_and_resumed, monkeypatch):
     """The choices (post-processing) and the out-of-fold figures come from the same fold models
