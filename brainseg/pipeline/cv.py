@@ -21,9 +21,9 @@ import pandas as pd
 
 from brainseg.data.context import DataContext, build_split
 from brainseg.evaluation.crossval import Fold, FoldError, check_partition, fold_split, folds_of
-from brainseg.models.factory import SM_ARCHS
 from brainseg.pipeline.cv_ensemble import assemble
 from brainseg.registry import model_registry
+from brainseg.settings.architectures import model_name
 from brainseg.settings.config import Train, flatten
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics, search
@@ -77,7 +77,7 @@ def plan_cv(settings: dict, ctx: DataContext) -> CvPlan:
 
 def run_name(cfg: Train) -> str:
     """``cv-plain_unet`` / ``cv-unet-resnet18``: an encoder only where the architecture has one."""
-    return f"cv-{cfg.arch}" + (f"-{cfg.encoder}" if cfg.arch in SM_ARCHS else "")
+    return f"cv-{model_name(cfg.arch, cfg.encoder)}"
 
 
 def parent_params(plan: CvPlan) -> dict:
