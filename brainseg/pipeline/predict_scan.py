@@ -2,12 +2,14 @@
 
 The volumes are read in the model's slice orientation (:mod:`brainseg.data.volumes`), put on the
 FLAIR's grid (refused when they are not, unless ``resample``), turned into the (H, W, 3) uint8
-slices the TIFF path sees (pre-contrast, FLAIR, post-contrast) and segmented by the same
+slices the TIFF path sees (pre-contrast, FLAIR, post-contrast: :mod:`brainseg.inference.volume`, the
+path the served model's ``volume`` column and the page take too) and segmented by the same
 :meth:`Segmenter.segment <brainseg.inference.segmenter.Segmenter.segment>` call as ``brainseg
 predict`` on slice files, the volume's slices as one patient (so the stored 3-D post-processing
 applies). Written: the mask as ``<name>_mask.nii.gz`` in the FLAIR's own geometry (and
 ``<name>_seg.dcm``, a DICOM SEG, for a DICOM FLAIR), the per-slice masks and overlays, and
-features.csv / patients.csv with the physical columns of :mod:`brainseg.outcome.physical`.
+features.csv / patients.csv with the physical columns of :mod:`brainseg.outcome.physical`
+(:func:`brainseg.outcome.volume_features.volume_rows`).
 Everything is written into a temporary folder inside ``out_dir`` and moved into place at the end.
 """
 
@@ -26,63 +28,12 @@ import pandas as pd
 import brainseg
 from brainseg.data import imageio
 from brainseg.data.dicom_seg import write_dicom_seg
-from brainseg.data.scan import BadScan, Scan
-from brainseg.data.volumes import (
-    check_same_grid,
-    grid_difference,
-    read_scan,
-    resample_onto,
-    rgb_slices,
-    scan_name,
-    write_mask,
-)
+from brainseg.data.scan import BadScan
+from brainseg.data.volumes import write_mask
 from brainseg.evaluation import plots
-from brainseg.outcome import features, physical
-from brainseg.pipeline import slices
+from brainseg.inference.volume import PatientScans, ScanRefused, check_channels, load_scans, segment_scans
+from brainseg.outcome.volume_features import volume_rows
 from brainseg.pipeline.predict import ModelNotFound, write_atomic
-
-
-class ScanRefused(ValueError):
-    """Inputs the model cannot take (a 3-channel model given FLAIR alone); nothing was written."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PatientScans:
-    """One patient's volumes, every one on the FLAIR's grid (model orientation)."""
-
-    name: str
-    flair: Scan
-    pre: Scan | None = None
-    post: Scan | None = None
-    resampled: tuple[str, ...] = ()  # which sequences were resampled onto the FLAIR's grid
-
-
-def load_scans(flair: Path, pre: Path | None = None, post: Path | None = None, *, resample: bool = False,
-               name: str | None = None) -> PatientScans:
-    """Read the FLAIR and the optional pre/post volumes; :class:`BadScan` (one line naming the
-    file or both files) for a bad file or a grid other than the FLAIR's without ``resample``."""
-    ref = read_scan(flair)
-    others, resampled = {}, []
-    for label, path in (("pre", pre), ("post", post)):
-        if path is None:
-            continue
-        scan = read_scan(path)
-        if grid_difference(ref.geometry, scan.geometry) is not None:
-            if not resample:
-                check_same_grid(ref.geometry, scan.geometry)
-            scan = resample_onto(scan, ref.geometry)
-            resampled.append(label)
-        others[label] = scan
-    return PatientScans(name or scan_name(Path(flair)), ref, others.get("pre"), others.get("post"), tuple(resampled))
-
-
-def check_channels(channels: str, scans: PatientScans, model: str) -> None:
-    """:class:`ScanRefused` when a 3-channel model (``train.channels: all``) lacks --pre or --post."""
-    if channels != "flair" and (scans.pre is None or scans.post is None):
-        missing = " and ".join(f"--{k}" for k in ("pre", "post") if getattr(scans, k) is None)
-        raise ScanRefused(f"{model}: this model reads 3 channels (pre-contrast, FLAIR, post-contrast; "
-                          f"train.channels: {channels}): give {missing} too, or use a FLAIR-only model "
-                          "(train.channels: flair)")
 
 
 @dataclasses.dataclass
@@ -94,32 +45,14 @@ class ScanPrediction:
     problems: list[str] = dataclasses.field(default_factory=list)  # e.g. a DICOM SEG that could not be made
 
 
-def segment_scans(segmenter, scans: PatientScans) -> tuple[list[np.ndarray], np.ndarray]:
-    """(slices as (H, W, 3) uint8, (Z, H, W) bool masks): the volume as one patient, in slice order."""
-    images = rgb_slices(scans.flair, scans.pre, scans.post)
-    masks = segmenter.segment(images, groups=[scans.name] * len(images)).masks
-    return images, np.stack(masks).astype(bool)
-
-
 def _tables(scans: PatientScans, images, masks: np.ndarray, files: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    geometry = scans.flair.geometry
-    known = geometry.kind != "tiff"  # Kaggle slices stacked by `data export` carry no real spacing
-    affine = geometry.model_affine if known else None
-    rows = []
-    for z, (image, mask) in enumerate(zip(images, masks)):
-        number = z + 1  # 1 = the most inferior slice, as the Kaggle numbering
-        rows.append({"file": geometry.source, "patient": scans.name, "patient_dir": scans.name, "slice": number,
-                     **features.slice_features(mask, image), **physical.slice_physical(mask, z, affine),
-                     "mask_file": files["pred"][z], "overlay_file": files["overlay"][z]})
-    patients, problems = slices.patient_rows((scans.name, z + 1, m) for z, m in enumerate(masks))
-    if problems:  # one volume: its slices share one size and distinct numbers
-        raise RuntimeError(problems[0])
-    sz, sr, sc = geometry.spacing
-    patients[0] |= physical.patient_physical(masks, affine) | {
-        "coordinates": physical.COORDINATES if known else "", "spacing_mm": f"{sr:.4g}x{sc:.4g}x{sz:.4g}"
-        if known else "unknown",
-        "resampled": ",".join(scans.resampled), "mask_file": files["mask"], "seg_file": files.get("seg", "")}
-    return pd.DataFrame(rows), pd.DataFrame(patients)
+    rows, patient = volume_rows(scans, images, masks)
+    source = scans.flair.geometry.source
+    table = [{"file": source, "patient": scans.name, "patient_dir": scans.name,
+              **{k: v for k, v in r.items() if k != "patient"},
+              "mask_file": files["pred"][z], "overlay_file": files["overlay"][z]} for z, r in enumerate(rows)]
+    patient |= {"mask_file": files["mask"], "seg_file": files.get("seg", "")}
+    return pd.DataFrame(table), pd.DataFrame([patient])
 
 
 def write_prediction(scans: PatientScans, images, masks: np.ndarray, out_dir: Path) -> ScanPrediction:
@@ -176,7 +109,7 @@ def predict_scan_to_folder(flair: Path, out_dir: Path, model_uri: str, *, pre: P
         segmenter = segmenter.with_settings(threshold=threshold)
     total = scans.flair.array.shape[0]
     with (progress or (lambda n: contextlib.nullcontext(None)))(total) as advance:
-        images, masks = segment_scans(segmenter, scans)
+        images, masks = segment_scans(lambda ims, groups: segmenter.segment(ims, groups=groups).masks, scans)
         if advance:
             advance(total)
     return write_prediction(scans, images, masks, out_dir)

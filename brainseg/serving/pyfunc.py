@@ -4,13 +4,17 @@
 Request: a table with a column ``image`` of base64-encoded TIFF or PNG bytes, one slice per row
 (``dataframe_split`` or ``dataframe_records``), and optionally a column ``patient``: rows with the
 same patient id, in slice order, form one volume for the stored 3-D post-processing (component_confidence),
-as in ``evaluate`` and ``brainseg predict`` (without it each row stands alone).
+as in ``evaluate`` and ``brainseg predict`` (without it each row stands alone); and optionally a
+column ``spacing``, each row's pixel spacing ``"y,x"`` in mm, for ``area_mm2``. Or a whole scanner
+volume per row: a column ``volume`` of base64 NIfTI bytes (:mod:`brainseg.serving.volume_request`,
+answered per patient, by the path of ``brainseg predict --flair``).
 Params: ``threshold`` (float in (0, 1); default: the model's stored InferenceSettings) and
 ``return_mask`` (bool, default true). Everything else
 (TTA, post-processing, ``precision``, batch size) is the InferenceSettings stored with the model.
 
 Answer: one row per slice, columns :data:`OUTPUT_COLUMNS`: the per-slice features of
-:mod:`brainseg.outcome.features`, ``mask_png`` (base64 PNG, 0/255, input size; null when
+:mod:`brainseg.outcome.features`, ``area_mm2`` (null without a spacing) and ``spacing_mm`` (``0.9x0.9``,
+or ``unknown``), ``mask_png`` (base64 PNG, 0/255, input size; null when
 ``return_mask`` is false), the params applied (``threshold``, ``return_mask``), ``model_run_id``,
 ``data_version``. The JSON is strict: an undefined feature (the centroid of an empty mask) is
 ``null``, never NaN.
@@ -46,7 +50,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -62,6 +65,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from brainseg.data import imageio
+from brainseg.data.scan import VolumeLimits
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.serving.limits import RequestLimits
 from brainseg.serving.request import (  # noqa: F401  (re-exported: the served model's request side)
@@ -75,8 +79,11 @@ from brainseg.serving.request import (  # noqa: F401  (re-exported: the served m
     decode_cell,
     decode_image,
     decode_request,
+    json_value,
     patient_groups,
+    row_spacings,
 )
+from brainseg.serving.volume_request import answer_volumes, is_volume_request
 
 
 class ReasonFirst(MlflowException):
@@ -151,7 +158,8 @@ def http_errors(*refusals: type[Exception]):
 
 
 LOG = logging.getLogger(__name__)
-OUTPUT_COLUMNS = [*SLICE_FEATURE_COLUMNS, "mask_png", *PARAMS, "model_run_id", "data_version"]
+OUTPUT_COLUMNS = [*SLICE_FEATURE_COLUMNS, "area_mm2", "spacing_mm", "mask_png", *PARAMS, "model_run_id",
+                  "data_version"]
 MODEL_DIR_ARTIFACT = "model_dir"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the brainseg package, shipped with the model
 
@@ -164,20 +172,23 @@ def encode_mask_png(mask: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def json_value(v):
-    """A feature as a strict-JSON Python value: NaN/inf -> None, NumPy scalars -> Python."""
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+def area_mm2(mask: np.ndarray, spacing: tuple[float, float] | None) -> float | None:
+    """Tumor pixels x the pixel's area (``spacing``: (y, x) in mm); None when the spacing is unknown.
+
+    >>> area_mm2(np.ones((2, 3), bool), (0.5, 0.9)), area_mm2(np.ones((2, 3), bool), None)
+    (2.7, None)
+    """
+    return None if spacing is None else round(float(np.count_nonzero(mask)) * spacing[0] * spacing[1], 9)
 
 
-def answer_rows(masks, images, threshold: float, return_mask: bool, meta: dict) -> pd.DataFrame:
-    """One row per slice (columns OUTPUT_COLUMNS, object dtype so None stays None in the JSON)."""
+def answer_rows(masks, images, threshold: float, return_mask: bool, meta: dict, spacings=None) -> pd.DataFrame:
+    """One row per slice (columns OUTPUT_COLUMNS, object dtype so None stays None in the JSON);
+    ``spacings``: each slice's (y, x) pixel spacing in mm or None (unknown)."""
     rows = []
-    for mask, image in zip(masks, images, strict=True):
+    spacings = spacings or [None] * len(masks)
+    for mask, image, spacing in zip(masks, images, spacings, strict=True):
         row = [json_value(v) for v in slice_features(mask, image).values()]
+        row += [area_mm2(mask, spacing), "unknown" if spacing is None else f"{spacing[0]:g}x{spacing[1]:g}"]
         row += [encode_mask_png(mask) if return_mask else None, threshold, return_mask,
                 meta.get("run_id", ""), meta.get("data_version", "")]
         rows.append(row)
@@ -187,11 +198,11 @@ def answer_rows(masks, images, threshold: float, return_mask: bool, meta: dict) 
 def output_schema():
     """The answer's columns and types; geometric features are optional (null on an empty mask)."""
     long_cols = {"area_px", "n_components", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
-    always = {"tumor", "area_px", "area_pct", "n_components", *PARAMS, "model_run_id", "data_version"}
+    always = {"tumor", "area_px", "area_pct", "n_components", "spacing_mm", *PARAMS, "model_run_id", "data_version"}
     specs = []
     for c in OUTPUT_COLUMNS:
         kind = ("boolean" if c in ("tumor", "return_mask") else "long" if c in long_cols
-                else "string" if c in ("mask_png", "model_run_id", "data_version") else "double")
+                else "string" if c in ("spacing_mm", "mask_png", "model_run_id", "data_version") else "double")
         specs.append(ColSpec(kind, c, required=c in always))
     return Schema(specs)
 
@@ -209,6 +220,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         _, _, meta = segmenter.read_settings(next(model_dir.rglob(segmenter.SETTINGS_FILE)))
         self.meta = {k: str(v) for k, v in meta.items()}
         self.limits = RequestLimits.from_env()
+        self.volume_limits = VolumeLimits.from_env()  # the volume reader's (brainseg predict --flair)
         self.segmenter = segmenter.Segmenter(model, cfg, settings)
         self.segmenter.warm_up()  # trace the graph before the first request
 
@@ -228,17 +240,22 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         with http_errors(RequestError):  # a 400 whose message begins with the reason; never a traceback
             threshold, return_mask = check_params(params, self.segmenter.settings.threshold)
+            if is_volume_request(model_input):  # a whole scanner volume per row: brainseg predict --flair's path
+                return answer_volumes(model_input, lambda images, groups: self.segment(images, threshold, groups),
+                                      self.segmenter.cfg.channels, self.limits, self.volume_limits, threshold,
+                                      return_mask, self.meta)
             images = decode_request(model_input, self.segmenter.cfg.channels, self.limits)
-            groups = patient_groups(model_input)
+            groups, spacings = patient_groups(model_input), row_spacings(model_input)
             try:
                 masks = self.segment(images, threshold, groups)
             except MemoryError as exc:
                 raise bad_request(f"out of memory segmenting {len(images)} slices; send fewer rows") from exc
-            return answer_rows(masks, images, threshold, return_mask, self.meta)
+            return answer_rows(masks, images, threshold, return_mask, self.meta, spacings)
 
 
 SERVING_PACKAGES = ("mlflow", "tf-keras", "segmentation-models", "numpy", "pandas",
-                    "opencv-python-headless", "tifffile", "imagecodecs", "pillow", "scikit-image", "pyyaml")
+                    "opencv-python-headless", "tifffile", "imagecodecs", "pillow", "scikit-image", "pyyaml",
+                    "nibabel", "pydicom", "scipy")  # the last three: the `volume` column's NIfTI reader
 TENSORFLOW_PACKAGES = ("tensorflow-cpu", "tensorflow")  # the `cpu` / `gpu` extras; the first installed wins
 
 

@@ -3,6 +3,11 @@
 
 Nothing is decoded before the table's shape, the row count, each cell's size and each image's
 header have been checked against :class:`brainseg.serving.limits.RequestLimits`.
+
+A slice request may carry a column ``spacing``: each row's pixel spacing ``"y,x"`` in mm (rows,
+then columns), from which the answer's ``area_mm2`` is computed (:func:`row_spacings`); without it
+(or with a null cell) the spacing is unknown and ``area_mm2`` is null. A whole volume (a ``volume``
+column) is :mod:`brainseg.serving.volume_request`'s.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from brainseg.serving.limits import RequestLimits
 
 IMAGE_COLUMN = "image"
 PATIENT_COLUMN = "patient"
+SPACING_COLUMN = "spacing"
 PARAMS = ("threshold", "return_mask")  # the params the signature declares, echoed in the answer
 MIN_SIDE_PX = RequestLimits.MIN_SIDE_PX  # the same for brainseg predict (RequestLimits.image_problem)
 SHOWN_CHARS = 40  # a value quoted in a refusal is cut here: an answer never repeats the request
@@ -52,6 +58,15 @@ def names(columns) -> str:
     return ", ".join(cut) + (f" and {len(columns) - 10} more" if len(columns) > 10 else "")
 
 
+def json_value(v):
+    """A feature as a strict-JSON Python value: NaN/inf -> None, NumPy scalars -> Python."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 # ------------------------------------------------------------------------------------ params
 def check_params(params: dict | None, default_threshold: float) -> tuple[float, bool]:
     """``params`` -> (threshold, return_mask), or a 400 naming the parameter.
@@ -79,7 +94,8 @@ def check_params(params: dict | None, default_threshold: float) -> tuple[float, 
 
 
 # ------------------------------------------------------------------------------------- input
-def _kind(value) -> str:
+def value_kind(value) -> str:
+    """What a request cell holds, for a refusal ("null", "a number", "a list", ...)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "null"
     if isinstance(value, (bool, np.bool_)):
@@ -97,7 +113,7 @@ def decode_cell(value, row: int, limits: RequestLimits) -> bytes:
     """One request cell -> the image file's bytes, or a 400 naming the row, the column and the problem."""
     source = f"row {row}, column {IMAGE_COLUMN!r}"
     if not isinstance(value, str):
-        raise bad_request(f"{source}: got {_kind(value)}; expected a string of base64-encoded TIFF or PNG bytes")
+        raise bad_request(f"{source}: got {value_kind(value)}; expected a string of base64-encoded TIFF or PNG bytes")
     value = value.strip()
     if not value:
         raise bad_request(f"{source}: empty string; expected base64-encoded TIFF or PNG bytes")
@@ -128,10 +144,40 @@ def patient_groups(model_input: pd.DataFrame) -> list[str] | None:
     groups = []
     for i, v in enumerate(model_input[PATIENT_COLUMN].tolist()):
         if isinstance(v, bool) or not isinstance(v, (str, int, np.integer)) or str(v).strip() == "":
-            got = "an empty string" if isinstance(v, str) else _kind(v)
+            got = "an empty string" if isinstance(v, str) else value_kind(v)
             raise bad_request(f"row {i}, column {PATIENT_COLUMN!r}: got {got}; expected a patient id (string)")
         groups.append(str(v))
     return groups
+
+
+def parse_spacing(value, row: int) -> tuple[float, float] | None:
+    """A ``spacing`` cell -> (row, column) pixel spacing in mm; None for a null cell (unknown); a 400
+    naming the row otherwise.
+
+    >>> parse_spacing("0.9, 0.45", 0), parse_spacing(None, 1)
+    ((0.9, 0.45), None)
+    """
+    if value_kind(value) == "null":
+        return None
+    source = f"row {row}, column {SPACING_COLUMN!r}"
+    expected = 'expected "y,x": the pixel spacing in mm (rows, then columns), e.g. "0.9,0.9"'
+    if not isinstance(value, str):
+        raise bad_request(f"{source}: got {value_kind(value)}; {expected}")
+    parts = value.split(",")
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except ValueError:
+        numbers = ()
+    if len(parts) != 2 or len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        raise bad_request(f"{source}: {shown(value)} is not two positive numbers; {expected}")
+    return numbers
+
+
+def row_spacings(model_input: pd.DataFrame) -> list[tuple[float, float] | None]:
+    """Each row's (y, x) pixel spacing in mm from the optional ``spacing`` column (None: unknown)."""
+    if SPACING_COLUMN not in model_input.columns:
+        return [None] * len(model_input)
+    return [parse_spacing(v, i) for i, v in enumerate(model_input[SPACING_COLUMN].tolist())]
 
 
 def decode_request(model_input, channels: str, limits: RequestLimits) -> list[np.ndarray]:
@@ -145,10 +191,11 @@ def decode_request(model_input, channels: str, limits: RequestLimits) -> list[np
         got = (f"columns {names(model_input.columns)}" if isinstance(model_input, pd.DataFrame)
                else type(model_input).__name__)
         raise bad_request(f"input must be a table with a column {IMAGE_COLUMN!r} (got {got})")
-    extra = [str(c) for c in model_input.columns if c not in (IMAGE_COLUMN, PATIENT_COLUMN)]
+    extra = [str(c) for c in model_input.columns if c not in (IMAGE_COLUMN, PATIENT_COLUMN, SPACING_COLUMN)]
     if extra:
         raise bad_request(f"unknown column(s) {names(extra)}; the columns are {IMAGE_COLUMN!r} "
-                          f"and, optionally, {PATIENT_COLUMN!r}")
+                          f"and, optionally, {PATIENT_COLUMN!r} and {SPACING_COLUMN!r} (or, for a whole volume, "
+                          "'volume')")
     n = len(model_input)
     if n == 0:
         raise bad_request("the request holds no rows; send one base64 image per row")
