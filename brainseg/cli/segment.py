@@ -239,6 +239,8 @@ def predict(output: Annotated[Path, typer.Option("--out", help="Folder for masks
     problems += pred.problems
     out.print(f"{len(pred.slices)} slices, {len(pred.patients)} patients -> {output} "
               f"(masks *_pred.png, overlays *_overlay.png, features.csv, patients.csv); model {model}")
+    for note in pred.notes:  # spacing unknown: the physical columns are empty
+        out.print(note, markup=False, highlight=False)
     for p in problems:
         console.print(f"BAD {p}", markup=False, highlight=False)
     if problems:

@@ -9,6 +9,10 @@ applies too, :class:`brainseg.serving.limits.RequestLimits`, a name with a contr
 output name too long for the output folder's file system) is one problem line naming it; the others
 are still segmented and written. Only a fault of the output folder itself (a full disk, no
 permission) stops the batch.
+
+Slice files carry no pixel spacing: the physical columns of :mod:`brainseg.outcome.physical`
+(``area_mm2``, ``tumor_volume_ml``, ...) are written, empty (null), with ``spacing_mm`` ``unknown``,
+and :data:`SPACING_UNKNOWN` is the note that says so; never a pixel count presented as millimetres.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 
 from brainseg.data import imageio
 from brainseg.evaluation import plots
-from brainseg.outcome import features
+from brainseg.outcome import features, physical
 from brainseg.outcome.client import survival_probabilities
 from brainseg.pipeline import slices
 from brainseg.serving.limits import RequestLimits
@@ -35,6 +39,8 @@ OUTPUT_SUFFIXES = ("_pred.png", "_overlay.png")
 LONGEST_WRITTEN = len(".") + len("_overlay.png") + len(".part")  # added to a stem: write_atomic's temporary file
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # a newline in a name would be read as a slice number, or split a line
 PER_FILE_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ}  # a write fault of that file, not of the folder
+SPACING_UNKNOWN = ("spacing unknown: slice files carry no pixel spacing, so the physical columns (area_mm2, "
+                   "tumor_volume_ml, centroids and extents in mm) are empty, never pixels")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -138,9 +144,10 @@ def slice_identity(path: Path) -> dict:
 
 @dataclasses.dataclass
 class Prediction:
-    slices: pd.DataFrame     # one row per slice: identity + SLICE_FEATURE_COLUMNS + files written
-    patients: pd.DataFrame   # one row per patient: PATIENT_FEATURE_COLUMNS
+    slices: pd.DataFrame     # per slice: identity, SLICE_FEATURE_COLUMNS, PHYSICAL_SLICE_COLUMNS (null), files
+    patients: pd.DataFrame   # per patient: PATIENT_FEATURE_COLUMNS, PHYSICAL_PATIENT_COLUMNS (null), spacing_mm
     problems: list[str]
+    notes: list[str] = dataclasses.field(default_factory=lambda: [SPACING_UNKNOWN])  # said once, not a problem
 
 
 def patient_chunks(files: list[Path], limit: int = 256) -> list[list[Path]]:
@@ -207,7 +214,7 @@ def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None,
             if problem:
                 problems.append(problem)
                 continue
-            rows.append({**ident, **features.slice_features(mask, image),
+            rows.append({**ident, **features.slice_features(mask, image), **physical.slice_physical(mask, 0, None),
                          **{f"{kind}_file": f"{stems[f].as_posix()}{suffix}"
                             for kind, suffix in zip(("mask", "overlay"), OUTPUT_SUFFIXES)}})
             masks_by_patient.setdefault(ident["patient"], []).append((ident["slice"], mask))
@@ -216,6 +223,7 @@ def predict_files(segmenter, files: list[Path], out_dir: Path, progress=None,
     patients, volume_problems = slices.patient_rows(
         (patient, number, mask) for patient, items in masks_by_patient.items() for number, mask in items)
     problems += volume_problems
+    patients = [row | physical.patient_physical(None, None) | {"spacing_mm": "unknown"} for row in patients]
     return Prediction(pd.DataFrame(rows), pd.DataFrame(patients), problems)
 
 
