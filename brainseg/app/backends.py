@@ -9,7 +9,10 @@ Segmenter backends::
 settings (the code path of ``brainseg predict`` and the served model, so the masks are the same);
 ``RestBackend`` posts the slices to a ``mlflow models serve`` endpoint of the same model.
 ``groups`` (a patient id per slice, slices in order) lets the stored 3-D post-processing see a
-patient's whole volume, as predict does. Both raise :class:`SegmentError`. ``limits``: what one
+patient's whole volume, as predict does. Both raise :class:`SegmentError`. A scanner volume
+(:mod:`brainseg.app.volumes`) goes through ``segment_volume(scans, files) -> (slices, masks)``: in
+process, :func:`brainseg.inference.volume.segment_scans` (``brainseg predict --flair``'s path); over
+REST, the NIfTI files in the served model's ``volume`` columns, the mask read back from its answer. ``limits``: what one
 call may hold (None: no limit; the REST backend: the server's
 :class:`brainseg.serving.limits.RequestLimits`, which cover a whole real patient by default).
 """
@@ -17,6 +20,7 @@ call may hold (None: no limit; the REST backend: the server's
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
 import os
@@ -30,6 +34,9 @@ import pandas as pd
 
 from brainseg.app.provenance import card_fields, empty_provenance, model_provenance
 from brainseg.data import imageio
+from brainseg.data.scan import BadScan
+from brainseg.data.volumes import read_scan, rgb_slices
+from brainseg.inference.volume import ScanRefused, check_channels, segment_scans
 from brainseg.outcome.client import load, model_inputs
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
 from brainseg.serving.limits import RequestLimits
@@ -83,6 +90,15 @@ class InProcessBackend:
         except Exception as exc:
             raise SegmentError(f"the model failed ({type(exc).__name__}: {exc})") from exc
         return [(mask, slice_features(mask, image)) for mask, image in zip(masks, images)]
+
+    def segment_volume(self, scans, files=None) -> tuple[list[np.ndarray], np.ndarray]:
+        """A patient's volumes (:class:`brainseg.inference.volume.PatientScans`) -> (slices, masks)."""
+        try:
+            check_channels(self.segmenter.cfg.channels, scans, self.provenance.get("model", "the model"),
+                           given=("a pre-contrast T1 volume", "a post-contrast T1 volume"))
+            return segment_scans(lambda images, groups: self.segmenter.segment(images, groups=groups).masks, scans)
+        except ScanRefused as exc:
+            raise SegmentError(str(exc)) from exc
 
 
 class RestBackend:
@@ -141,11 +157,38 @@ class RestBackend:
             except (KeyError, TypeError, ValueError) as exc:
                 raise SegmentError(f"{source}: unusable ({exc})", per_item=False) from exc
             out.append((mask, {k: _nan_if_none(row.get(k)) for k in SLICE_FEATURE_COLUMNS}))
+        self._note_model(rows)
+        return out
+
+    def _note_model(self, rows: list) -> None:
         run_id = rows[0].get("model_run_id", "") if rows else ""
         if run_id and run_id != self.provenance["run_id"]:
             self.provenance.update(run_id=run_id, data_version=rows[0].get("data_version", ""),
                                    **registered_version(run_id))
-        return out
+
+    def segment_volume(self, scans, files: dict) -> tuple[list[np.ndarray], np.ndarray]:
+        """POST the uploaded NIfTI files (``files``: sequence -> (name, bytes)) as one ``volume`` row;
+        the answer's mask (in the FLAIR's geometry) is read back into the model's orientation."""
+        columns = {"flair": "volume", "pre": "pre_volume", "post": "post_volume"}
+        names = [columns[k] for k in files]
+        cells = [base64.b64encode(data).decode("ascii") for _, data in files.values()]
+        body = self._post({"dataframe_split": {"columns": names + ["patient"], "data": [cells + [scans.name]]},
+                           "params": {"return_mask": True}})
+        rows = body.get("predictions") if isinstance(body, dict) else None
+        if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
+            raise SegmentError(f"endpoint answered {type(rows).__name__} instead of one volume row", per_item=False)
+        with tempfile.TemporaryDirectory(prefix="brainseg-mask-") as tmp:
+            path = Path(tmp) / "mask.nii.gz"
+            try:
+                path.write_bytes(base64.b64decode(rows[0]["mask_nifti"], validate=True))
+                mask = read_scan(path)
+            except (KeyError, TypeError, binascii.Error, BadScan) as exc:
+                raise SegmentError(f"the endpoint's mask is unusable ({exc})", per_item=False) from exc
+        if mask.array.shape != scans.flair.array.shape:
+            raise SegmentError(f"the endpoint's mask is {mask.array.shape}, the volume {scans.flair.array.shape}",
+                               per_item=False)
+        self._note_model(rows)
+        return rgb_slices(scans.flair, scans.pre, scans.post), mask.array > 0
 
 
 def registered_version(run_id: str) -> dict:

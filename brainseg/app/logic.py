@@ -9,7 +9,9 @@ Split along the page's sections; this module holds the page's settings and is it
   and the model card's facts;
 - :mod:`brainseg.app.results`: segmenting a patient volume at a time, tables with units and a
   glossary, per-patient volume features (shared with ``brainseg predict`` through
-  :mod:`brainseg.pipeline.slices`), pictures and downloads.
+  :mod:`brainseg.pipeline.slices`), pictures and downloads;
+- :mod:`brainseg.app.volumes`: a scanner volume uploaded as NIfTI (FLAIR, optionally pre/post),
+  segmented by ``brainseg predict --flair``'s path, its volume in mL, its slices and its mask.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ from brainseg.app.uploads import (  # noqa: F401
     decode_slice,
     example_upload,
     parse_uploads,
+)
+from brainseg.app.volumes import (  # noqa: F401
+    SEQUENCE_LABELS,
+    VOLUME_TYPES,
+    analyse_volume,
+    default_volume_slice,
+    mask_download,
+    parse_volume_uploads,
+    volume_line,
+    volume_metric,
+    volume_views,
 )
 from brainseg.pipeline.slices import identify  # noqa: F401  (re-exported for the page)
 

@@ -13,8 +13,8 @@ import streamlit as st
 
 from brainseg.app import logic
 
-BACKEND_KEY, SURVIVAL_KEY, ANALYSIS_KEY = "backend", "survival", "analysis"
-UPLOAD, EXAMPLE = "Upload files", "Bundled synthetic example"
+BACKEND_KEY, SURVIVAL_KEY, ANALYSIS_KEY, SCAN_KEY = "backend", "survival", "analysis", "scan"
+UPLOAD, EXAMPLE, SCAN = "Upload files", "Bundled synthetic example", "Upload a scan (NIfTI volumes)"
 
 st.set_page_config(page_title="brainseg: LGG tumor segmentation", layout="wide")
 settings = logic.AppSettings.from_env()
@@ -53,9 +53,8 @@ def survival_model():
         return None, f"The survival model {settings.survival_uri} cannot be loaded: {exc}"
 
 
-def read_inputs():
+def read_inputs(mode: str):
     """(key identifying the inputs, function giving the parsed Upload)."""
-    mode = st.radio("Slices from", [UPLOAD, EXAMPLE], horizontal=True)
     if mode == EXAMPLE:
         title = st.selectbox("Example", list(logic.EXAMPLES))
         return ("example", title), lambda: logic.example_upload(title)
@@ -90,7 +89,9 @@ def analyse(key, parse) -> dict:
 
 
 UNITS_NOTE = ("Lengths and areas are in pixels (px): the images carry no pixel spacing, so nothing here is "
-              "in mm or mm². Hover a column header for its meaning, or open the glossary.")
+              "in mm or mm² (spacing unknown). Hover a column header for its meaning, or open the glossary.")
+SPACING_UNKNOWN = ("spacing unknown: slice files carry no pixel spacing, so no volume in mL is given (upload a "
+                   "NIfTI scan for mL)")
 
 
 def show_table(table, glossary: dict) -> None:
@@ -133,11 +134,12 @@ def show_patient(state: dict, patient: str, group: list[logic.SliceResult]) -> N
     if row.empty:
         return
     info = row.iloc[0]
-    left, middle, right = st.columns(3)
+    left, middle, right, last = st.columns(4)
     left.metric("Tumor volume (px, predicted)", f"{int(info['tumor_volume_px']):,}")
-    middle.metric("Slices with tumor", f"{int(info['tumor_slices'])} of {int(info['slices'])}")
+    middle.metric("Tumor volume (mL)", "spacing unknown", help=SPACING_UNKNOWN)
+    right.metric("Slices with tumor", f"{int(info['tumor_slices'])} of {int(info['slices'])}")
     if "volume_dice" in info and not math.isnan(info["volume_dice"]):
-        right.metric("Volume Dice vs truth", f"{info['volume_dice']:.3f}")
+        last.metric("Volume Dice vs truth", f"{info['volume_dice']:.3f}")
     st.line_chart(logic.area_by_slice(group), x_label="slice number", y_label="tumor area (px)")
     model, why = survival_model()
     if model is None:
@@ -194,13 +196,74 @@ def deployment_note() -> str:
     return f"Model loaded from {where} and run in this process."
 
 
+def read_scan_uploads():
+    """(key identifying the uploaded volumes, function giving {sequence: (name, bytes) or None})."""
+    picked = {}
+    for column, (sequence, label) in zip(st.columns(3), logic.SEQUENCE_LABELS.items()):
+        optional = "" if sequence == "flair" else " (optional, 3-channel models)"
+        picked[sequence] = column.file_uploader(f"{label} volume, .nii or .nii.gz{optional}", type=logic.VOLUME_TYPES,
+                                                key=f"volume-{sequence}")
+    key = tuple((k, f.file_id, f.name, f.size) for k, f in picked.items() if f is not None)
+    return key, lambda: {k: (f.name, f.getvalue()) if f is not None else None for k, f in picked.items()}
+
+
+def analyse_scan(key, files) -> dict:
+    """Read and segment the uploaded volumes once; reruns (the slider) reuse the session's copy."""
+    state, backend = st.session_state.get(SCAN_KEY), segmenter()
+    if state is not None and state["key"] == (key, id(backend)):
+        return state
+    upload, problems = logic.parse_volume_uploads(files())
+    result = None
+    if upload is not None:
+        with st.spinner("Segmenting the volume..."):
+            result, more = logic.analyse_volume(upload, backend)
+        problems += more
+    state = {"key": (key, id(backend)), "result": result, "problems": problems, "provenance": backend.describe()}
+    st.session_state[SCAN_KEY] = state
+    return state
+
+
+def show_scan() -> None:
+    """A patient's NIfTI volumes: the volume in mL, a slider over the slices with the overlay, downloads."""
+    state = analyse_scan(*read_scan_uploads())
+    for problem in state["problems"]:
+        st.error(problem)
+    result = state["result"]
+    if result is None:
+        st.info("Upload the patient's FLAIR volume (.nii or .nii.gz; pre- and post-contrast T1 too for a "
+                "3-channel model). A DICOM series: convert it first (dcm2niix), or use brainseg predict --flair.")
+        return
+    st.caption("Result produced by " + logic.provenance_line(state["provenance"]))
+    st.subheader(f"Patient {result.name}")
+    line = logic.volume_line(result.patient)
+    left, right = st.columns(2)
+    left.metric("Tumor volume (predicted)", logic.volume_metric(result.patient), help=line)
+    right.metric("Slices with tumor", f"{int(result.patient['tumor_slices'])} of {len(result.masks)}")
+    st.caption(f"{line}; coordinates {result.patient['coordinates'] or 'unknown'} (mm, RAS+: right, anterior, "
+               "superior)")
+    z = st.slider("Slice (1 = most inferior)", 1, len(result.masks), logic.default_volume_slice(result) + 1,
+                  key="volume-slice", help="Opens on the slice with the largest predicted tumor.") - 1
+    for column, (caption, picture) in zip(st.columns(2), logic.volume_views(result, z)):
+        column.image(picture, caption=caption, width=300)
+    st.subheader("Features per slice")
+    st.dataframe(result.slices.round(3), hide_index=True)
+    left, right = st.columns(2)
+    left.download_button("Download the mask (.nii.gz, the FLAIR's geometry)", logic.mask_download(result),
+                         f"{result.name}_mask.nii.gz", "application/gzip")
+    right.download_button("Download features (CSV)", logic.csv_bytes(result.slices), "features.csv", "text/csv")
+
+
 def main() -> None:
     st.title("Lower-grade glioma: tumor segmentation on brain MRI")
     st.caption("Research software, not a medical device: results are not a diagnosis.")
     backend = segmenter()
     with st.sidebar:
         show_model(backend.describe())
-    key, parse = read_inputs()
+    mode = st.radio("Slices from", [UPLOAD, EXAMPLE, SCAN], horizontal=True)
+    if mode == SCAN:
+        show_scan()
+        return
+    key, parse = read_inputs(mode)
     try:
         state = analyse(key, parse)
     except Exception as exc:  # noqa: BLE001 - the page keeps working whatever the input
