@@ -66,20 +66,48 @@ def data_validate(root: Annotated[Path, typer.Argument(help="kaggle_3m folder, a
         raise typer.Exit(1)
 
 
-def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download: kaggle_3m folder, a parent, or the "
-                                                         "archive.")],
-                dest: Path = Path("data/raw/kaggle_3m"),
-                dvc: Annotated[bool, typer.Option(help="Track the copy with DVC (dvc add).")] = True):
-    """Copy or unpack a dataset into data/raw/kaggle_3m and track it with DVC (switches the pipeline to it)."""
-    from brainseg.data.importer import import_dataset
+PatternOpt = Annotated[Optional[list[str]], typer.Option(help="Volumes: file-name pattern(s) of this sequence in a "
+                                                          "patient folder (fnmatch, any case; repeatable; default: "
+                                                          "BraTS and nnU-Net names, docs/scans.md).")]
 
+
+def data_import(src: Annotated[Path, typer.Argument(help="The Kaggle download (kaggle_3m folder, a parent, or the "
+                                                         "archive), or a folder of patients given as NIfTI volumes "
+                                                         "(one folder per patient, or nnU-Net's imagesTr/labelsTr).")],
+                dest: Path = Path("data/raw/kaggle_3m"),
+                dvc: Annotated[bool, typer.Option(help="Track the copy with DVC (dvc add).")] = True,
+                flair: PatternOpt = None, pre: PatternOpt = None, post: PatternOpt = None, label: PatternOpt = None,
+                label_rule: Annotated[str, typer.Option(help="Volumes: how labels become the binary abnormality: "
+                                                        "'any' (label > 0, BraTS whole tumour) or label values, "
+                                                        "e.g. 1,2,4.")] = "any",
+                resample: Annotated[bool, typer.Option(help="Volumes: resample pre/post onto the FLAIR's grid when "
+                                                       "they lie on another (default: refuse).")] = False,
+                clinical: Annotated[Optional[Path], typer.Option(help="Volumes: a data.csv for the patients "
+                                                                 "(Patient = the source folder names); default: "
+                                                                 "a Patient column alone.")] = None,
+                site: Annotated[str, typer.Option(help="Volumes: the 2-character institution code of renamed "
+                                                  "patients (TCGA_<site>_<nnnn>_00000000).")] = "IM"):
+    """Copy or unpack a dataset into data/raw/kaggle_3m and track it with DVC (switches the pipeline to it).
+
+    A folder of NIfTI volumes (BraTS, nnU-Net, your own) is converted into the same layout, with each
+    patient's spacing recorded (docs/scans.md, "Bring your own training data")."""
+    from brainseg.data.importer import holds_volumes, import_dataset, import_volumes
+    from brainseg.data.volume_import import DEFAULT_PATTERNS, LabelRule, Options
+
+    chosen = {"flair": flair, "pre": pre, "post": post, "label": label}
     try:
-        message = import_dataset(src, dest, use_dvc=dvc)
+        if any(chosen.values()) or clinical is not None or holds_volumes(src):
+            options = Options(patterns={k: tuple(v) if v else DEFAULT_PATTERNS[k] for k, v in chosen.items()},
+                              label_rule=LabelRule.parse(label_rule), resample=resample, site=site)
+            message = import_volumes(src, dest, options, use_dvc=dvc, clinical_csv=clinical,
+                                     echo=lambda line: out.print(line, markup=False, highlight=False))
+        else:
+            message = import_dataset(src, dest, use_dvc=dvc)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         fail(str(exc), 2)
     except OSError as exc:  # a read-only --dest, a full disk
         fail(f"import: cannot write {exc.filename or dest}: {exc.strerror or exc}", 1)
-    out.print(message)
+    out.print(message, markup=False, highlight=False)
 
 
 def data_manifest(profile: ProfileOpt = None, set_: SetOpt = None,

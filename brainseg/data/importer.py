@@ -9,6 +9,10 @@ Import is safe by construction:
 - the new copy is built and validated beside the old one (``.kaggle_3m.importing-*``) and swapped
   in by renames only when every pair decodes and ``data.csv`` reads; otherwise nothing changes;
 - archives are unpacked with limits (see :class:`brainseg.data.layout.ArchiveLimits`).
+
+Patients given as volumes (NIfTI: one folder per patient, BraTS names, nnU-Net's layout) are
+converted into the same layout by :func:`import_volumes` (:mod:`brainseg.data.volume_import`), with
+the same staging, validation and swap, and each patient's spacing recorded beside its slices.
 """
 
 from __future__ import annotations
@@ -25,8 +29,20 @@ from pathlib import Path
 import yaml
 
 from brainseg.data import synth
-from brainseg.data.layout import FOLDER_RE, ArchiveLimits, as_user_path, is_archive, open_dataset
+from brainseg.data.layout import FOLDER_RE, ArchiveLimits, as_user_path, find_root, is_archive, open_dataset
 from brainseg.data.manifest import scan
+from brainseg.data.nifti import is_nifti
+from brainseg.data.scan import BadScan
+from brainseg.data.volume_import import (
+    ImportProblem,
+    Options,
+    clinical_table,
+    convert_patient,
+    find_patients,
+    patient_line,
+    platform_names,
+    summary_lines,
+)
 
 MARKER_SUFFIX = ".import.json"    # beside the dataset: kaggle_3m.import.json (what was imported, when)
 BACKUP_INFIX = ".previous-"       # beside the dataset: kaggle_3m.previous-20261127-231500
@@ -110,11 +126,13 @@ def _problems_line(src: Path, problems: list) -> str:
             f"See them all with `brainseg data validate {src}`")
 
 
-def _write_marker(dest: Path, src: Path, summary: dict, backup: Path | None, previous_dvc: str | None) -> None:
+def _write_marker(dest: Path, src: Path, summary: dict, backup: Path | None, previous_dvc: str | None,
+                  extra: dict | None = None) -> None:
     marker_path(dest).write_text(json.dumps({
         "source": str(src), "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "patients": summary["patients"], "slices": summary["slices"],
-        "previous_backup": str(backup) if backup else None, "previous_dvc_md5": previous_dvc}, indent=2) + "\n")
+        "previous_backup": str(backup) if backup else None, "previous_dvc_md5": previous_dvc, **(extra or {})},
+        indent=2) + "\n")
 
 
 def _dvc_md5(dest: Path) -> str | None:
@@ -141,18 +159,82 @@ def import_dataset(src: Path, dest: Path, use_dvc: bool = True, limits: ArchiveL
     kind = check_destination(src, dest)
     with staging_beside(dest) as staging:
         new, result = validated_copy(src, dest, staging, limits)
-        previous_dvc = _dvc_md5(dest)
-        with swapped_in(new, dest, kind, staging) as backup:
-            _write_marker(dest, src, result.summary(), backup, previous_dvc)
-            (dest.parent / "SYNTHETIC").unlink(missing_ok=True)
-            status = dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
+        status, backup, previous_dvc = _put_in_place(new, src, dest, kind, staging, result, use_dvc)
     s = result.summary()
-    lines = [f"imported {s['patients']} patients, {s['slices']} slices from {src}", status]
-    if backup is not None:
-        lines.append(f"the previous dataset is kept in {backup} (nothing was deleted); to go back: "
-                     f"`brainseg data import {backup} --dest {dest}`; delete it when no longer needed"
-                     + (f" (it is also in the DVC cache, md5 {previous_dvc})" if previous_dvc else ""))
-    return "\n".join(lines)
+    return "\n".join([f"imported {s['patients']} patients, {s['slices']} slices from {src}", status,
+                      *_backup_lines(backup, dest, previous_dvc)])
+
+
+def _put_in_place(new: Path, src: Path, dest: Path, kind: str, staging: Path, result, use_dvc: bool,
+                  extra: dict | None = None) -> tuple[str, Path | None, str | None]:
+    """Swap the validated ``new`` dataset in at ``dest``, write the marker, track it; (status, backup, old md5)."""
+    previous_dvc = _dvc_md5(dest)
+    with swapped_in(new, dest, kind, staging) as backup:
+        _write_marker(dest, src, result.summary(), backup, previous_dvc, extra)
+        (dest.parent / "SYNTHETIC").unlink(missing_ok=True)
+        status = dvc_track(dest) if use_dvc else f"{dest}: copied (DVC not used)"
+    return status, backup, previous_dvc
+
+
+def _backup_lines(backup: Path | None, dest: Path, previous_dvc: str | None) -> list[str]:
+    if backup is None:
+        return []
+    return [f"the previous dataset is kept in {backup} (nothing was deleted); to go back: "
+            f"`brainseg data import {backup} --dest {dest}`; delete it when no longer needed"
+            + (f" (it is also in the DVC cache, md5 {previous_dvc})" if previous_dvc else "")]
+
+
+def holds_volumes(src: Path) -> bool:
+    """True for a folder that is not a Kaggle-layout dataset but holds NIfTI files (import them as volumes)."""
+    src = Path(src)
+    if not src.is_dir():
+        return False
+    try:
+        find_root(src)
+        return False
+    except (FileNotFoundError, ValueError):
+        return any(p.is_file() and is_nifti(p) for p in src.rglob("*.nii*"))
+
+
+def import_volumes(src: Path, dest: Path, options: Options | None = None, use_dvc: bool = True,
+                   clinical_csv: Path | None = None, echo=None) -> str:
+    """Convert the patients of ``src`` given as volumes (:mod:`brainseg.data.volume_import`) into the
+    Kaggle layout at ``dest``, validated, swapped in as :func:`import_dataset` does, with each
+    patient's spacing in its sidecar. Raises :class:`ImportRefused` / FileNotFoundError / ValueError
+    with ``dest`` unchanged (every bad patient named, nothing replaced)."""
+    src, dest, options = Path(src), Path(dest), options or Options()
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    kind = check_destination(src, dest, found=src)
+    try:
+        sources = find_patients(src, options)
+        names = platform_names(sources, options.site)
+    except ImportProblem as exc:
+        raise ImportRefused(str(exc)) from None
+    with staging_beside(dest) as staging:
+        new, problems, sidecars = staging / "new", [], {}
+        new.mkdir()
+        for source in sources:
+            try:
+                sidecars[names[source.name]] = convert_patient(source, new / names[source.name], options)
+            except (BadScan, ImportProblem) as exc:
+                problems.append(str(exc))
+                continue
+            if echo:
+                echo(patient_line(source.name, names[source.name], sidecars[names[source.name]]))
+        if problems:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise ImportRefused(f"{src}: {len(problems)} patient(s) cannot be imported, nothing was replaced: {shown}")
+        clinical_table(names, clinical_csv).to_csv(new / "data.csv", index=False)
+        result = scan(new)
+        if not result.ok:
+            raise ImportRefused(as_user_path(f"{src}: the converted slices have {len(result.problems)} problem(s): "
+                                             f"{result.problems[0]}", new, dest))
+        extra = {"kind": "volumes", "label_rule": options.label_rule.describe(),
+                 "patient_names": {dest_name: src_name for src_name, dest_name in names.items()}}
+        status, backup, previous_dvc = _put_in_place(new, src, dest, kind, staging, result, use_dvc, extra)
+    return "\n".join([*summary_lines(src, result.summary(), sidecars, names, options), status,
+                      *_backup_lines(backup, dest, previous_dvc)])
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from brainseg.data.arrays import load_full_images
 from brainseg.data.context import DataContext
+from brainseg.data.manifest import patient_spacing, with_volumes_ml
 from brainseg.evaluation.evaluate import evaluate
 from brainseg.registry import model_registry
 from brainseg.tracking import mlflow_runs, run_context
@@ -69,7 +70,9 @@ def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset:
         raise ValueError(f"evaluate: subset {described!r} has no slices")
     truths = subset_truths(ctx, subset, rows, described)
     images = load_full_images(rows)
-    result = evaluate(segmenter, rows, images, truths)
+    spacing = patient_spacing(rows)  # an imported dataset's mm (HD95 in mm, volumes in mL); else None: voxels
+    result = evaluate(segmenter, rows, images, truths, spacing=spacing)
+    result.patients = with_volumes_ml(result.patients, spacing)
     all_tags = {**run_context.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": described,
                 **(tags or {})}
     with mlflow_runs.run(f"evaluate-{label}", all_tags) as active:
