@@ -55,10 +55,10 @@ Pruner = Literal["hyperband", "sha", "median", "none"]
 Precision = Literal["auto", "float32", "bfloat16"]
 # How probabilities become masks: declared once, used by the `evaluate` section (params.yaml) and by the
 # settings stored with every model (brainseg.inference.segmenter.InferenceSettings)
-Threshold = Annotated[float, Field(gt=0, lt=1)]
-MinComponentPx = Annotated[int, Field(ge=0)]
-Confidence = Annotated[float, Field(ge=0, lt=1)]
-BatchSize = Annotated[int, Field(ge=1)]
+Threshold = Annotated[Float, Field(gt=0, lt=1)]
+MinComponentPx = Annotated[Int, Field(ge=0)]
+Confidence = Annotated[Float, Field(ge=0, lt=1)]
+BatchSize = Annotated[Int, Field(ge=1)]
 Classifier = Literal["logreg", "rf", "gb"]
 FeatureSet = Literal["clinical", "imaging", "both"]
 
@@ -148,17 +148,17 @@ class Train(Section):
         return self.model_dump()
 
     def replace(self, **changes) -> "Train":
-        """A copy with ``changes``, checked as a new one."""
-        return type(self).from_dict({**self.model_dump(), **changes})
+        """A copy with ``changes``, each field checked (not :meth:`from_dict`'s rules across fields)."""
+        return type(self)(**{**self.model_dump(), **changes})
 
 
 class Evaluate(Section):
     subset: str = None  # train, val, test, all or e.g. train+val (data.split.patients_in)
-    threshold: Threshold | None = None
-    min_component_px: MinComponentPx | None = None
+    threshold: Threshold = None
+    min_component_px: MinComponentPx = None
     keep_largest: Flag = None
     tta: Flag = None
-    batch_size: BatchSize | None = None
+    batch_size: BatchSize = None
     precision: Precision = None
     select_postprocessing: Flag = None
 

@@ -264,7 +264,8 @@ def test_features_and_survival_commands_on_a_synthetic_project(tmp_path, monkeyp
         folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=candidate, artifact_path="fold_scores.csv"))
         assert summary["failures"]["worst_folds"][0]["roc_auc"] == pytest.approx(folds["roc_auc"].min())
         loaded = mlflow.pyfunc.load_model(summary["final_model_uri"])
-        inputs = {c.name: c.type.name for c in loaded.metadata.get_input_schema().inputs}
-        assert inputs["gender"] == "string" and inputs["age_at_initial_pathologic"] == "double"
+        # numbers are typed Any, so that the model's own check sees a JSON boolean and refuses it (issue 37)
+        inputs = {c.name: getattr(c.type, "name", "any") for c in loaded.metadata.get_input_schema().inputs}
+        assert inputs["gender"] == "string" and inputs["age_at_initial_pathologic"] == "any"
         missing = invoke("survival", "--features", "nowhere/patients.csv")
         assert missing.exit_code == 2 and "brainseg features --oof" in missing.output

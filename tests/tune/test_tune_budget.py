@@ -105,7 +105,9 @@ def test_a_study_on_a_budget_ends_in_time_with_the_recipe_first_and_a_registered
         for t in trials:
             assert t.datetime_start.timestamp() <= clock.last_start + 1
             assert t.datetime_complete is not None and t.datetime_complete.timestamp() <= clock.search_end + 15
-            assert max(t.intermediate_values, default=0) <= plan["trial_s"] + 5  # seconds of training
+            # seconds of training; an epoch ending in the second of the one before it is reported one step
+            # later (every value reaches the pruner), so the steps may run ahead by one per report
+            assert max(t.intermediate_values, default=0) <= plan["trial_s"] + 5 + len(t.intermediate_values)
         client = mlflow.MlflowClient()
         fidelities = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags["fidelity"] for t in trials
                       if "mlflow_run_id" in t.user_attrs}
