@@ -63,13 +63,16 @@ def _check_pair(ref: SliceRef, spacing: str = "") -> tuple[dict | None, Problem 
 
 
 def folder_spacing(folder: Path) -> tuple[str, Problem | None]:
-    """A patient folder's ``"z,y,x"`` spacing in mm from its :data:`SIDECAR` ("" without one), or a
-    problem naming the sidecar when it does not hold three positive numbers."""
+    """A patient folder's ``"z,y,x"`` spacing in mm from its :data:`SIDECAR` ("" without one, or when
+    it records none), or a problem naming the sidecar when it does not hold three positive numbers."""
     path = Path(folder) / SIDECAR
     if not path.is_file():
         return "", None
     try:
-        values = [float(v) for v in json.loads(path.read_text())["spacing_mm"]]
+        recorded = json.loads(path.read_text())["spacing_mm"]
+        if recorded is None:  # volumes stacked from slices without spacing (`brainseg data export`'s)
+            return "", None
+        values = [float(v) for v in recorded]
     except (ValueError, KeyError, TypeError) as exc:
         return "", Problem(str(path), f"unreadable spacing_mm ({type(exc).__name__}: {exc})")
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):

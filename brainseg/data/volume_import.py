@@ -154,6 +154,13 @@ def nnunet_channels(root: Path) -> dict[str, str]:
     return out
 
 
+def _nifti_file(stem: Path) -> Path:
+    """``stem.nii.gz``, else ``stem.nii`` when only that exists."""
+    gz = stem.with_name(stem.name + ".nii.gz")
+    plain = stem.with_name(stem.name + ".nii")
+    return plain if plain.is_file() and not gz.is_file() else gz
+
+
 def find_patients(src: Path, options: Options) -> list[Source]:
     """The patients of ``src`` (sorted by name), or :class:`ImportProblem` naming what is missing or ambiguous."""
     src = Path(src)
@@ -164,8 +171,8 @@ def find_patients(src: Path, options: Options) -> list[Source]:
         cases = sorted({re.sub(r"_\d{4}$", "", nifti_stem(p)) for p in (src / "imagesTr").iterdir() if is_nifti(p)})
         out = []
         for case in cases:
-            files = {seq: src / "imagesTr" / f"{case}_{suffix}.nii.gz" for seq, suffix in channels.items()}
-            files["label"] = src / "labelsTr" / f"{case}.nii.gz"
+            files = {seq: _nifti_file(src / "imagesTr" / f"{case}_{suffix}") for seq, suffix in channels.items()}
+            files["label"] = _nifti_file(src / "labelsTr" / case)
             missing = [str(p) for seq, p in files.items() if not p.is_file() and seq in ("flair", "label")]
             if missing:
                 raise ImportProblem(f"{missing[0]}: missing (case {case})")
@@ -188,10 +195,13 @@ def find_patients(src: Path, options: Options) -> list[Source]:
 
 
 def platform_names(sources: list[Source], site: str) -> dict[str, str]:
-    """source name -> the layout's folder name (kept when it already parses as TCGA_<site>_<id>_<date>).
+    """source name -> the layout's folder name: kept when it parses as TCGA_<site>_<id>_<date>, a
+    patient id (TCGA_<site>_<id>: nnU-Net cases of ``brainseg data export``) gets the unknown date.
 
-    >>> platform_names([Source("BraTS20_Training_001", {}), Source("TCGA_CS_4941_19960909", {})], "IM")
-    {'BraTS20_Training_001': 'TCGA_IM_0001_00000000', 'TCGA_CS_4941_19960909': 'TCGA_CS_4941_19960909'}
+    >>> platform_names([Source("BraTS20_Training_001", {}), Source("TCGA_CS_4941_19960909", {}),
+    ...                 Source("TCGA_DU_5855", {})], "IM")  # doctest: +NORMALIZE_WHITESPACE
+    {'BraTS20_Training_001': 'TCGA_IM_0001_00000000', 'TCGA_CS_4941_19960909': 'TCGA_CS_4941_19960909',
+     'TCGA_DU_5855': 'TCGA_DU_5855_00000000'}
     """
     if not re.fullmatch(r"[A-Z0-9]{2}", site):
         raise ValueError(f"--site {site!r}: two capital letters or digits (the layout's institution code)")
@@ -199,6 +209,8 @@ def platform_names(sources: list[Source], site: str) -> dict[str, str]:
     for s in sources:
         if FOLDER_RE.match(s.name):
             out[s.name] = s.name
+        elif FOLDER_RE.match(f"{s.name}_00000000"):
+            out[s.name] = f"{s.name}_00000000"
         else:
             n += 1
             if n > 9999:
@@ -218,6 +230,21 @@ def to_plane(array: np.ndarray, interpolation: int) -> tuple[np.ndarray, int]:
     pad = [((side - h) // 2, side - h - (side - h) // 2), ((side - w) // 2, side - w - (side - w) // 2)]
     square = np.pad(array, pad + [(0, 0)] * (array.ndim - 2))
     return cv2.resize(square, (SIZE, SIZE), interpolation=interpolation), side
+
+
+def resize_text(h: int, w: int) -> str:
+    """What :func:`to_plane` does to an ``h`` x ``w`` plane, in words.
+
+    >>> resize_text(256, 256), resize_text(240, 240)
+    ('none', '240x240 resized to 256x256 (images bilinear, masks nearest)')
+    >>> resize_text(240, 200)
+    '240x200 zero-padded to 240x240, resized to 256x256 (images bilinear, masks nearest)'
+    """
+    if (h, w) == (SIZE, SIZE):
+        return "none"
+    side = max(h, w)
+    padded = f" zero-padded to {side}x{side}," if h != w else ""
+    return f"{h}x{w}{padded} resized to {SIZE}x{SIZE} (images bilinear, masks nearest)"
 
 
 def convert_patient(source: Source, folder: Path, options: Options, limits: VolumeLimits | None = None) -> dict:
@@ -259,11 +286,11 @@ def convert_patient(source: Source, folder: Path, options: Options, limits: Volu
     h, w = images[0].shape[:2]
     sidecar = {
         "format": 1, "source_patient": source.name, "files": {k: str(v) for k, v in source.files.items()},
-        "spacing_mm": [round(sz, 6), round(sy * scale, 6), round(sx * scale, 6)],
-        "source_spacing_mm": [round(sz, 6), round(sy, 6), round(sx, 6)],
+        "spacing_mm": None if flair.geometry.kind == "tiff" else [round(sz, 6), round(sy * scale, 6),
+                                                                   round(sx * scale, 6)],
+        "source_spacing_mm": None if flair.geometry.kind == "tiff" else [round(sz, 6), round(sy, 6), round(sx, 6)],
         "source_plane": [h, w], "slices": [first + 1, last + 1, len(images)],
-        "resize": "none" if (h, w) == (SIZE, SIZE) else f"{h}x{w} zero-padded to {side}x{side}, resized to "
-                  f"{SIZE}x{SIZE} (images bilinear, masks nearest)",
+        "resize": resize_text(h, w),
         "label_rule": options.label_rule.describe(), "label_values": found,
         "resampled": resampled,
         "sequences": sorted(k for k in ("pre", "post") if k in scans) or ["flair only: pre/post filled with FLAIR"],
@@ -296,6 +323,8 @@ def clinical_table(names: dict[str, str], clinical_csv: Path | None) -> pd.DataF
 def patient_line(source: str, name: str, sidecar: dict) -> str:
     """One line per converted patient: its names, the slices kept and the spacing."""
     first, last, total = sidecar["slices"]
+    if sidecar["spacing_mm"] is None:
+        return f"{source} -> {name}: slices {first}-{last} of {total}, spacing unknown (a volume stacked from slices)"
     z, y, x = sidecar["spacing_mm"]
     return f"{source} -> {name}: slices {first}-{last} of {total}, {z:g} x {y:g} x {x:g} mm (z, y, x)"
 

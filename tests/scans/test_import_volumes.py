@@ -138,6 +138,28 @@ def test_nnunet_channels_are_read_from_dataset_json(project, tmp_path):
     assert np.array_equal(got, images) and np.array_equal(masks > 0, label > 0)
 
 
+def test_brainsegs_own_nnunet_export_imports_back_to_its_slices_without_a_spacing(project, tmp_path):
+    from brainseg.data.synth import generate
+
+    root = generate(tmp_path / "kaggle_3m", patients=4, slices=5, size=256, seed=2)
+    sets = [f"data.root={root}", f"data.manifest={tmp_path / 'm.csv'}", f"data.split={tmp_path / 's.csv'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "split.val_fraction=0.25", "split.test_fraction=0.25"]
+    dest = tmp_path / "Dataset501_LGG"
+    code, output = invoke_flat("data", "export", dest, "--format", "nnunet", *[a for s in sets for a in ("--set", s)])
+    assert code == 0, output
+    code, output = invoke_flat("data", "import", dest, "--no-dvc")
+    assert code == 0, output
+    assert "spacing unknown (a volume stacked from slices)" in output
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (dest / "labelsTr").iterdir())
+    assert len(cases) >= 2
+    for case in cases:  # the patient ids are kept, the scan date is unknown
+        images, masks = slices_of(project / "data/raw/kaggle_3m" / f"{case}_00000000")
+        (original,) = root.glob(f"{case}_*")
+        assert np.array_equal(images, slices_of(original)[0]) and np.array_equal(masks > 0, slices_of(original)[1] > 0)
+    assert invoke_flat("data", "manifest")[0] == 0
+    assert read_manifest(project / "data/processed/manifest.csv")["spacing_mm"].isna().all()  # unknown, not 1 mm
+
+
 def bad_sources(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     images, label = synthetic_patient(1)
     cases = {}
