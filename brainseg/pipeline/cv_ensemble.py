@@ -24,12 +24,13 @@ import pandas as pd
 from brainseg.data.arrays import load_full_images, load_full_masks
 from brainseg.data.context import DataContext
 from brainseg.evaluation.crossval import choose_on_pooled, fold_spread, paired_difference
-from brainseg.evaluation.evaluate import evaluate, score
+from brainseg.evaluation.evaluate import score
 from brainseg.inference.ensemble import ensemble_model
 from brainseg.inference.segmenter import InferenceSettings, Segmenter, final_masks, load_model_dir, save_model
 from brainseg.registry import evidence, model_registry
 from brainseg.tracking import mlflow_runs
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
+from brainseg.training.training_run import report_on_test
 
 CHOSEN_ON = "cv-oof"  # the CHOSEN_ON_TAG value: chosen on the pooled out-of-fold predictions
 
@@ -115,19 +116,11 @@ def assemble(plan, ctx: DataContext, done: dict[int, str], parent_id: str, *, re
 
 
 def ensemble_test_report(segmenter: Segmenter, ctx: DataContext, echo=print) -> dict:
-    """The ensemble on the test patients, once, after every choice (``test_*``: report only)."""
-    rows = ctx.rows("test")
-    if rows.empty:
-        mlflow_runs.set_active_tags({"test_report": "no test patients"})
-        return {}
-    try:
-        images, truths = load_full_images(rows), load_full_masks(rows)
-    except (OSError, ValueError) as exc:
-        mlflow_runs.set_active_tags({"test_report": f"unavailable: {exc}"[:500]})
-        return {}
-    ev = evaluate(segmenter, rows, images, truths)
-    metrics = mlflow_runs.log_evaluation(ev, "test_", images, truths)
-    mlflow_runs.set_active_tags({"test_report": "test_* metrics: report only, used in no choice"})
-    echo(f"test (report only, {metrics['n_patients']} patients): per-patient Dice {metrics['patient_dice_mean']:.3f} "
-         f"mean / {metrics['patient_dice_median']:.3f} median, FP on empty slices {metrics['empty_slice_fp_rate']:.1%}")
-    return {f"test_{k}": v for k, v in metrics.items()}
+    """The ensemble on the test patients, once, after every choice (``test_*``: report only): the
+    same report as a single training run's (:func:`brainseg.training.training_run.report_on_test`)."""
+    out = report_on_test(segmenter, ctx)
+    if out:
+        echo(f"test (report only, {out['test_n_patients']} patients): per-patient Dice "
+             f"{out['test_patient_dice_mean']:.3f} mean / {out['test_patient_dice_median']:.3f} median, "
+             f"FP on empty slices {out['test_empty_slice_fp_rate']:.1%}")
+    return out
