@@ -126,16 +126,7 @@ class BodyChecks:
             await asyncio.to_thread(check_body, body, content_type)  # a 64 MiB parse off the event loop
         except BodyRefused as exc:
             return await answer(send, exc.status, str(exc), "BAD_REQUEST")
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replaying(body, receive), send)
 
 
 class CleanErrors:
@@ -222,16 +213,7 @@ class BodyLimit:
             more = message.get("more_body", False)
             if total > self.max_bytes:
                 return await answer(send, 413, self.message(f"more than {self.max_bytes:,}"))
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replaying(b"".join(chunks), receive), send)
 
 
 def create_app(model_uri: str | None = None, limits: RequestLimits | None = None):
@@ -247,3 +229,17 @@ def create_app(model_uri: str | None = None, limits: RequestLimits | None = None
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(model_uri))
     checked = BodyChecks(CleanErrors(app))
     return ContentTypeRequired(ContentEncodingRefused(BodyLimit(checked, limits.max_body_bytes, limits.body_timeout_s)))
+
+
+def replaying(body: bytes, receive):
+    """An ASGI ``receive`` that hands the app the body already read (once), then the client's own."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
