@@ -36,7 +36,7 @@ from brainseg.data.manifest import scan
 from brainseg.data.split import SUBSETS
 from brainseg.evaluation.evaluate import score
 from brainseg.inference.segmenter import InferenceSettings, Segmenter
-from brainseg.settings.config import Train, load_settings
+from brainseg.settings.config import Settings, Train, load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError
 from brainseg.training.budget import BudgetError, parse_budget
 from brainseg.training.train import train
@@ -144,7 +144,7 @@ def minutes(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def load_data(args, settings: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_data(args, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(manifest, patient split): of --data (split built in memory as `brainseg data split` builds it), or
     of the project's `data` settings (manifest and split built first when missing, as every command does)."""
     if args.data is None:
@@ -155,7 +155,7 @@ def load_data(args, settings: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     found = scan(Path(args.data))
     if not found.ok:
         raise ValueError(f"{args.data}: {len(found.problems)} problem(s), e.g. {found.problems[0]}")
-    return found.manifest, build_split(found.manifest, settings["split"])
+    return found.manifest, build_split(found.manifest, settings.split)
 
 
 def parse_args(argv):
@@ -215,18 +215,18 @@ def report(runs: dict, table: list[dict], header: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        settings = load_settings(profile=args.profile)
         sized = ({"budget_minutes": None, "epochs": args.epochs, "steps_per_epoch": args.steps} if args.epochs
                  else {"budget_minutes": args.budget})
-        cfg = Train.from_dict({**settings["train"], **sized, "seed": args.seed})
-        ev = settings.get("evaluate", {})
-        inference = InferenceSettings(threshold=cfg.threshold, batch_size=int(ev.get("batch_size", 32)),
-                                      precision=ev.get("precision", "float32"))
+        settings = validate_settings(load_settings(profile=args.profile)).with_changes(
+            train={**sized, "seed": args.seed})
+        cfg, ev = settings.train, settings.evaluate
+        inference = InferenceSettings(threshold=cfg.threshold, batch_size=ev.batch_size or 32,
+                                      precision=ev.precision or "float32")
         manifest, patient_split = load_data(args, settings)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"protocol_audit: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    cache = settings["data"].get("cache_dir")
+    cache = settings.data.cache_dir
     started, load = time.time(), os.getloadavg()
     try:
         runs, table = run_audit(cfg, inference, manifest, patient_split, np.random.default_rng(args.seed),

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from brainseg.data.context import DataContext
-from brainseg.settings.config import Train, load_settings, validate_settings
+from brainseg.settings.config import Settings, Train, load_settings, validate_settings
 from brainseg.settings.settings_io import apply_overrides
 from brainseg.training.budget import parse_budget
 
@@ -65,7 +65,7 @@ def paired_summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: float, echo=print) -> pd.DataFrame:
+def compare(settings: Settings, variants: dict[str, list[str]], budget_minutes: float, echo=print) -> pd.DataFrame:
     """Train every variant (``--set`` overrides on ``settings``) on every fold; one row per run."""
     from brainseg.training.train import train
 
@@ -73,8 +73,8 @@ def compare(settings: dict, variants: dict[str, list[str]], budget_minutes: floa
     rows = []
     for k, train_p, score_p in fold_patients(ctx.split):
         for name, overrides in variants.items():
-            s = apply_overrides(settings, overrides)
-            cfg = Train.from_dict({**s["train"], "budget_minutes": budget_minutes})
+            s = validate_settings(apply_overrides(settings.as_dict(), overrides))
+            cfg = Train.from_dict({**s.train.model_dump(), "budget_minutes": budget_minutes})
             fold_split = ctx.split.assign(subset=np.where(ctx.split["patient"].astype(str).isin(score_p), "val",
                                                           np.where(ctx.split["patient"].astype(str).isin(train_p),
                                                                    "train", "unused")))

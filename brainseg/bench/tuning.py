@@ -10,7 +10,7 @@ from brainseg.data.context import DataContext
 from brainseg.data.manifest import patients_table, scan
 from brainseg.data.split import split_patients
 from brainseg.data.synth import generate
-from brainseg.settings.config import load_settings
+from brainseg.settings.config import load_settings, validate_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,11 +36,11 @@ def tuning_comparison(workdir: Path, trials: int, epochs: int, pruner: str, seed
     experiment_in("brainseg-bench-tune", workdir / "artifacts")  # run_study finds it by name
     for label, name in (("pruned", pruner), ("unpruned", "none")):
         storage = f"sqlite:///{workdir / f'optuna-{label}.db'}"
-        settings = load_settings("smoke", [
+        settings = validate_settings(load_settings("smoke", [
             f"tune.search_space={project_file('experiments/search_space_smoke.yaml').resolve()}",
             f"tune.pruner={name}", f"tune.n_trials={trials}", f"tune.epochs={epochs}", f"tune.storage={storage}",
             f"tune.sampler_seed={seed}", f"train.patience={epochs}"],
-            params_file=project_file("params.yaml"), profiles_file=project_file("experiments/profiles.yaml"))
+            params_file=project_file("params.yaml"), profiles_file=project_file("experiments/profiles.yaml")))
         plan = plan_from_settings(settings, f"bench-{label}", storage, trials, 3600)
         t0 = time.monotonic()
         summary = run_study(plan, ctx, "brainseg-bench-tune")

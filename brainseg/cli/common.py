@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from brainseg.settings import quiet
-from brainseg.settings.config import load_settings, validate_settings
+from brainseg.settings.config import Settings, load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError
 
 # soft_wrap: messages and BAD lines name long paths; never break them across lines
@@ -48,7 +48,7 @@ def writable_folder_or_fail(path: Path, option: str = "--out") -> Path:
     return path
 
 
-def settings_or_fail(profile: str | None, overrides: list[str] | None) -> dict:
+def settings_or_fail(profile: str | None, overrides: list[str] | None) -> Settings:
     """Settings with every value type- and range-checked (exit 2 naming the key, before any run)."""
     try:
         return validate_settings(load_settings(profile, overrides or []))

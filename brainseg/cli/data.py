@@ -118,8 +118,8 @@ def data_manifest(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.data.manifest import scan
 
     settings = settings_or_fail(profile, set_)
-    root = root or Path(settings["data"]["root"])
-    output = output or Path(settings["data"]["manifest"])
+    root = root or Path(settings.data.root)
+    output = output or Path(settings.data.manifest)
     if not root.exists():
         fail(f"{root}: dataset not found (run `brainseg data import PATH` or `brainseg run`)", 2)
     result = scan(root)
@@ -139,16 +139,13 @@ def data_split(profile: ProfileOpt = None, set_: SetOpt = None,
                output: Annotated[Optional[Path], typer.Option("--out")] = None):
     """Split patients (never slices) into train/val/test and k folds, stratified by institution and burden."""
     from brainseg.data.manifest import patients_table, read_manifest
-    from brainseg.data.split import split_patients
+    from brainseg.data.split import split_with
 
     settings = settings_or_fail(profile, set_)
-    manifest = manifest or Path(settings["data"]["manifest"])
-    output = output or Path(settings["data"]["split"])
+    manifest = manifest or Path(settings.data.manifest)
+    output = output or Path(settings.data.split)
     try:
-        m = read_manifest(manifest)
-        sp = settings["split"]
-        split = split_patients(patients_table(m), val_fraction=sp["val_fraction"], test_fraction=sp["test_fraction"],
-                               folds=sp["folds"], seed=sp["seed"], burden_bins=sp["burden_bins"])
+        split = split_with(patients_table(read_manifest(manifest)), settings.split)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), 2)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +161,7 @@ def data_prepare(profile: ProfileOpt = None, set_: SetOpt = None,
     from brainseg.data.importer import dvc_available, ensure_dataset
 
     settings = settings_or_fail(profile, set_)
-    out.print(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"],
+    out.print(ensure_dataset(Path(settings.data.root), settings.data.synth.given(),
                              use_dvc=dvc and dvc_available()))
     data_manifest(profile=profile, set_=set_, root=None, output=None)
     data_split(profile=profile, set_=set_, manifest=None, output=None)

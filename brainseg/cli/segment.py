@@ -53,7 +53,7 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
     from brainseg.tracking import mlflow_runs
 
     settings = settings_or_fail(profile, set_)
-    subset = "test" if folder else subset or settings["evaluate"]["subset"]  # a folder's patients: its "test"
+    subset = "test" if folder else subset or settings.evaluate.subset  # a folder's patients: its "test"
     label, described = scored_name(subset, folder)
     if tune_summary is not None:
         best = json.loads(tune_summary.read_text()) if tune_summary.is_file() else {}
@@ -62,7 +62,7 @@ def evaluate(model: Annotated[str, typer.Option(help="Model: a folder/.h5, runs:
         model = (best.get("refit") or {}).get("model_uri") or best["best_model_uri"]  # the refit, if any
     writable_folder_or_fail(output)  # before the model loads, and before any run
     try:
-        ctx = (DataContext.from_folder(folder, Path(settings["data"]["cache_dir"])) if folder
+        ctx = (DataContext.from_folder(folder, Path(settings.data.cache_dir)) if folder
                else DataContext.from_settings(settings))
         mlflow_runs.set_experiment(EXPERIMENT)
         res = tracked_evaluation(settings, model, ctx, subset, out_dir=output, folder=folder)
@@ -141,7 +141,7 @@ def tune(profile: ProfileOpt = None, set_: SetOpt = None,
                   f"test {'n/a' if test is None else f'{test:.3f}'} (report only); run {r['run_id']}"
                   + (f"; registered version {r['registered']['version']}" if r.get("registered") else ""))
     if "minutes" in summary:
-        out.print(f"study time {summary['minutes']:.1f} min of its {settings['tune']['budget_minutes']:g}-min budget")
+        out.print(f"study time {summary['minutes']:.1f} min of its {settings.tune.budget_minutes:g}-min budget")
 
 
 def register(tune_summary: Annotated[Optional[Path], typer.Option("--tune", help="Summary of `brainseg tune`.")]

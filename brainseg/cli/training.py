@@ -10,7 +10,7 @@ import typer
 
 from brainseg.cli.common import EXPERIMENT, ProfileOpt, SetOpt, fail, out, print_metrics, settings_or_fail
 from brainseg.settings.architectures import model_name
-from brainseg.settings.config import Train
+from brainseg.settings.config import Train, validate_settings
 from brainseg.settings.locks import holder_line
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import run_notes
@@ -58,13 +58,15 @@ def train_command(
         if profile or set_ or budget:
             fail("--resume continues the run with its own settings: drop --profile, --set and --budget", 2)
         ckpt, state = reopen_or_fail(checkpoint_dir, run)
-        settings, test_report = ckpt.meta["settings"], bool(ckpt.meta.get("report_test", test_report))
+        test_report = bool(ckpt.meta.get("report_test", test_report))
     else:
         settings = settings_or_fail(profile, set_)
     try:
+        if state is not None:  # the settings it ran with, checked as params.yaml is
+            settings = validate_settings(ckpt.meta["settings"])
         if budget not in (None, ""):  # "" = the settings' own (as `mlflow run -e train` passes it)
-            settings["train"]["budget_minutes"] = parse_budget(budget)
-        cfg = Train.from_dict(settings["train"])
+            settings = settings.with_changes(train={"budget_minutes": parse_budget(budget)})
+        cfg = settings.train
         check_names(cfg.arch, cfg.encoder)
         ctx = DataContext.from_settings(settings)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
@@ -208,15 +210,14 @@ def cv(profile: ProfileOpt = None, set_: SetOpt = None,
             run = newest_open_parent(EXPERIMENT)
             if run is None:
                 fail("--resume: no cross-validation run waits for its folds or its ensemble", 2)
-        settings = stored_settings(run) if run else settings_or_fail(profile, set_)
-        settings.setdefault("cv", {})
+        settings = validate_settings(stored_settings(run)) if run else settings_or_fail(profile, set_)
         if folds:  # 0 (MLproject's default): the split's own split.folds
-            settings["split"]["folds"] = folds
+            settings = settings.with_changes(split={"folds": folds})
         if budget not in (None, ""):
-            settings["cv"]["budget_minutes"] = parse_budget(budget)
-        check_names(settings["train"]["arch"], settings["train"].get("encoder"))
+            settings = settings.with_changes(cv={"budget_minutes": parse_budget(budget)})
+        check_names(settings.train.arch, settings.train.encoder)
         ctx = DataContext.from_settings(settings)
-        epochs = Train.from_dict(settings["train"]).epochs
+        epochs = settings.train.epochs
         res = run_cv(settings, ctx, EXPERIMENT, parent_id=run, only_fold=fold, report_test=test_report,
                      checkpoints=checkpoint_dir, echo=lambda line: out.print(line, markup=False, highlight=False),
                      callbacks_for=lambda f: [b] if (b := epoch_progress(epochs, progress, console=out)) else [])

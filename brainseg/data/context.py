@@ -12,9 +12,9 @@ import pandas as pd
 from brainseg.data.arrays import Arrays, load_arrays, load_full_masks
 from brainseg.data.layout import find_root
 from brainseg.data.manifest import patients_table, read_manifest, scan
-from brainseg.data.split import patients_in, split_patients
+from brainseg.data.split import patients_in, split_with
 from brainseg.data.version import data_version
-from brainseg.settings.config import Train
+from brainseg.settings.config import Settings, Split, Train
 
 
 @dataclasses.dataclass
@@ -26,17 +26,17 @@ class DataContext:
     cache_dir: Path | None
 
     @classmethod
-    def from_settings(cls, settings: dict, echo=None, prepare: bool = True) -> "DataContext":
-        """The dataset of ``settings["data"]``; with ``prepare`` the manifest and split are (re)built
+    def from_settings(cls, settings: Settings, echo=None, prepare: bool = True) -> "DataContext":
+        """The dataset of ``settings.data``; with ``prepare`` the manifest and split are (re)built
         first when missing or stale for the current data version, saying so through ``echo``."""
-        d = settings["data"]
-        root, split_path = Path(d["root"]), Path(d["split"])
+        d = settings.data
+        root, split_path = Path(d.root), Path(d.split)
         if prepare:
             ensure_prepared(settings, echo=echo)
         elif not split_path.is_file():
             raise FileNotFoundError(f"{split_path}: split not found (run `brainseg data split` first)")
-        return cls(root, read_manifest(Path(d["manifest"])), pd.read_csv(split_path), data_version(root),
-                   Path(d["cache_dir"]) if d.get("cache_dir") else None)
+        return cls(root, read_manifest(Path(d.manifest)), pd.read_csv(split_path), data_version(root),
+                   Path(d.cache_dir) if d.cache_dir else None)
 
     @classmethod
     def from_folder(cls, path: Path, cache_dir: Path | None = None) -> "DataContext":
@@ -101,23 +101,20 @@ def manifest_staleness(manifest_path: Path, root: Path, version: str) -> str | N
     return None
 
 
-def build_split(manifest: pd.DataFrame, split_settings: dict) -> pd.DataFrame:
-    """The patient split of ``brainseg data split`` for ``manifest`` with ``settings["split"]``."""
-    sp = split_settings
-    return split_patients(patients_table(manifest), val_fraction=sp["val_fraction"],
-                          test_fraction=sp["test_fraction"], folds=sp["folds"], seed=sp["seed"],
-                          burden_bins=sp["burden_bins"])
+def build_split(manifest: pd.DataFrame, sp: Split) -> pd.DataFrame:
+    """The patient split of ``brainseg data split`` for ``manifest`` with the ``split`` settings."""
+    return split_with(patients_table(manifest), sp)
 
 
-def ensure_prepared(settings: dict, echo=None) -> list[str]:
+def ensure_prepared(settings: Settings, echo=None) -> list[str]:
     """Build ``data.manifest`` and ``data.split`` when missing or stale; returns what was done.
 
     Raises FileNotFoundError when there is no dataset and ValueError (naming the first bad file)
     when the dataset has problems, before anything is written.
     """
     say = echo or (lambda line: print(line, file=sys.stderr))
-    d = settings["data"]
-    root, manifest_path, split_path = Path(d["root"]), Path(d["manifest"]), Path(d["split"])
+    d = settings.data
+    root, manifest_path, split_path = Path(d.root), Path(d.manifest), Path(d.split)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset not found (run `brainseg data import PATH`, or "
                                 "`brainseg data prepare` for the synthetic default)")
@@ -148,7 +145,7 @@ def ensure_prepared(settings: dict, echo=None) -> list[str]:
         except (ValueError, KeyError, pd.errors.ParserError):
             split_reason = "is unreadable"
     if split_reason:
-        split = build_split(manifest, settings["split"])
+        split = build_split(manifest, settings.split)
         split_path.parent.mkdir(parents=True, exist_ok=True)
         split.to_csv(split_path, index=False)
         counts = split["subset"].value_counts().to_dict()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from brainseg.settings.config import Split
+
 SUBSETS = ("train", "val", "test")
 
 
@@ -68,3 +70,9 @@ def patients_in(split: pd.DataFrame, subset: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown subset {subset!r}: use train, val, test, all or e.g. train+val")
     return sorted(split.loc[split["subset"].isin(subsets), "patient"])
+
+
+def split_with(patients: pd.DataFrame, sp: Split) -> pd.DataFrame:
+    """:func:`split_patients` of ``patients`` (``manifest.patients_table``) with the ``split`` settings."""
+    return split_patients(patients, val_fraction=sp.val_fraction, test_fraction=sp.test_fraction, folds=sp.folds,
+                          seed=sp.seed, burden_bins=sp.burden_bins)

@@ -15,6 +15,7 @@ from brainseg.data.context import DataContext
 from brainseg.data.manifest import patient_spacing, with_volumes_ml
 from brainseg.evaluation.evaluate import evaluate
 from brainseg.registry import model_registry
+from brainseg.settings.config import Settings
 from brainseg.tracking import mlflow_runs, run_context
 
 
@@ -49,7 +50,7 @@ def scored_name(subset: str, folder: Path | None = None) -> tuple[str, str]:
     return "folder", f"folder:{Path(folder).resolve().name}"
 
 
-def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset: str,
+def tracked_evaluation(settings: Settings, model_uri: str, ctx: DataContext, subset: str,
                        overrides: dict | None = None, out_dir: Path | None = None,
                        tags: dict | None = None, folder: Path | None = None) -> dict:
     """Evaluate a model, with its stored inference settings (``overrides`` on top), on ``subset``
@@ -73,7 +74,7 @@ def tracked_evaluation(settings: dict, model_uri: str, ctx: DataContext, subset:
     spacing = patient_spacing(rows)  # an imported dataset's mm (HD95 in mm, volumes in mL); else None: voxels
     result = evaluate(segmenter, rows, images, truths, spacing=spacing)
     result.patients = with_volumes_ml(result.patients, spacing)
-    all_tags = {**run_context.lineage_tags(ctx.version, settings), "model_uri": model_uri, "subset": described,
+    all_tags = {**run_context.lineage_tags(ctx.version, settings.profile), "model_uri": model_uri, "subset": described,
                 **(tags or {})}
     with mlflow_runs.run(f"evaluate-{label}", all_tags) as active:
         mlflow_runs.log_params({f"inference.{k}": v for k, v in segmenter.settings.to_dict().items()}

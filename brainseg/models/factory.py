@@ -8,7 +8,6 @@ from pathlib import Path
 
 import segmentation_models as sm
 import tf_keras as keras
-from segmentation_models.models._utils import freeze_model
 
 from brainseg.models.unets import plain_unet, unet_plus_plus
 from brainseg.settings.config import Train
@@ -71,10 +70,7 @@ def _build(cfg: Train, variable_size: bool = False) -> keras.Model:
 
 
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
-    """Unfreeze (or freeze) the encoder of a segmentation-models model; BatchNorm stays frozen
-    while frozen, as segmentation-models does."""
-    if trainable:
-        for layer in model.layers:
-            layer.trainable = True
-    else:
-        freeze_model(model)
+    """Unfreeze (or freeze) a segmentation-models model; frozen, its BatchNormalization layers stay
+    trainable, as segmentation-models' own ``encoder_freeze`` leaves them."""
+    for layer in model.layers:  # what segmentation-models' private _utils.freeze_model does, with Keras' public API
+        layer.trainable = trainable or isinstance(layer, keras.layers.BatchNormalization)

@@ -17,6 +17,7 @@ from brainseg.data.clinical import TARGET
 from brainseg.outcome.cv import SCORES, SurvivalResult, calibration_figure, roc_figure
 from brainseg.outcome.pyfunc import log_final_model
 from brainseg.outcome.validate import build_spec
+from brainseg.settings.config import Settings
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 
 METRIC_KEYS = tuple(f"{s}_{k}" for s in SCORES for k in ("mean", "std", "low", "high")) + (
@@ -78,20 +79,19 @@ def log_comparison(results: Sequence[SurvivalResult], y: pd.Series, *, tags: dic
     return {"parent_run_id": parent.info.run_id, "runs": runs}
 
 
-def log_fit(fit, settings: dict, experiment: str) -> dict:
+def log_fit(fit, settings: Settings, experiment: str) -> dict:
     """A :class:`brainseg.outcome.workflow.SurvivalFit` as MLflow records: the comparison (a parent
     run, one nested run per candidate) and the final pipeline as a model; their run ids and URI."""
-    sv = settings["survival"]
+    sv = settings.survival
     final = fit.final
     evidence = {"cv_roc_auc": final.cv["roc_auc_mean"], "cv_n_patients": final.cv["patients"],
                 "data_version": fit.data_version, "fitted_on": fit.fitted_on, "features_from": fit.features_from}
-    tags = {**run_context.lineage_tags(fit.data_version, settings), "features_from": fit.features_from,
+    tags = {**run_context.lineage_tags(fit.data_version, settings.profile), "features_from": fit.features_from,
             "fitted_on": fit.fitted_on}
     mlflow_runs.set_experiment(experiment)
     logged = log_comparison(fit.results, fit.y, tags=tags, final_key=final.key, join_report=fit.join,
-                            settings_params={"inner_folds": int(sv["inner_folds"]),
-                                             "min_frequency": int(sv["min_frequency"])})
-    spec = build_spec(fit.X, final.columns, sv["min_known_fraction"])
+                            settings_params={"inner_folds": sv.inner_folds, "min_frequency": sv.min_frequency})
+    spec = build_spec(fit.X, final.columns, sv.min_known_fraction)
     run_id, model_uri = log_final_model(
         fit.pipeline, fit.X, spec, evidence,
         tags={**tags, "final": "true", "mlflow.parentRunId": logged["parent_run_id"]},

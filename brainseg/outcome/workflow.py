@@ -29,11 +29,11 @@ from brainseg.outcome.oof import oof_masks
 from brainseg.outcome.runs import log_fit, summary_row
 from brainseg.registry.model_registry import load_segmenter
 from brainseg.registry.modelcard import survival_failures
-from brainseg.settings.config import EPOCH_SIZED, Train
+from brainseg.settings.config import EPOCH_SIZED, Settings, Train
 
 SOURCE_FILE = "source.json"
 # ------------------------------------------------------------------------------------ features
-def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None, truth: bool = False,
+def compute_features(settings: Settings, *, out_dir: Path, root: Path | None = None, truth: bool = False,
                      model: str | None = None, oof: bool = False, echo: Callable[[str], None] = print) -> dict:
     """Per-slice and per-patient features from truth masks, one model's masks, or out-of-fold masks.
 
@@ -44,21 +44,21 @@ def compute_features(settings: dict, *, out_dir: Path, root: Path | None = None,
         raise ValueError("give exactly one of --truth, --model URI or --oof")
     reports = None
     if oof:
-        if root is not None and Path(root).resolve() != Path(settings["data"]["root"]).resolve():
+        if root is not None and Path(root).resolve() != Path(settings.data.root).resolve():
             raise ValueError("--oof uses the project's manifest and split: set data.root (--set data.root=...) "
                              "instead of a ROOT argument")
         ctx = DataContext.from_settings(settings)
         # fold segmenters are sized in epochs (survival.oof.train): no recipe budget or resize schedule
-        cfg = Train.from_dict({**settings["train"], **EPOCH_SIZED, **settings["survival"]["oof"]["train"]})
+        cfg = Train.from_dict({**settings.train.model_dump(), **EPOCH_SIZED, **settings.survival.oof.train.given()})
         found, m = ctx.root, ctx.manifest
-        masks, reports = oof_masks(m, ctx.split, cfg, settings.get("evaluate"), cache_dir=ctx.cache_dir,
+        masks, reports = oof_masks(m, ctx.split, cfg, settings.evaluate.given(), cache_dir=ctx.cache_dir,
                                    version=ctx.version, on_fold=lambda r: echo(
                                        f"fold {r.fold}: trained on {r.train_patients} patients, val Dice "
                                        f"{r.val_patient_dice:.3f} (epoch {r.best_epoch}), predicted "
                                        f"{r.test_patients} patients in {r.seconds:.0f} s"))
         source = "oof_predicted"
     else:
-        found = find_root(Path(root or settings["data"]["root"]))
+        found = find_root(Path(root or settings.data.root))
         result = scan(found)
         for p in result.problems:
             echo(f"skipped: {p}")
@@ -118,12 +118,11 @@ class SurvivalFit:
     failures: dict
 
 
-def fit_survival(settings: dict, *, features_csv: Path, clinical_csv: Path | None = None,
+def fit_survival(settings: Settings, *, features_csv: Path, clinical_csv: Path | None = None,
                  compare_csvs: Sequence[Path] = ()) -> SurvivalFit:
     """Compare the candidates by repeated CV and fit the declared final pipeline (no tracking)."""
-    sv = settings["survival"]
-    sv = {**sv, **{k: int(sv[k]) for k in ("folds", "repeats", "seed", "inner_folds", "min_frequency")}}
-    root = Path(settings["data"]["root"])
+    sv = settings.survival
+    root = Path(settings.data.root)
     main_table, source = read_features(features_csv)
     clinical = read_clinical(Path(clinical_csv or root / "data.csv"))
     X_main, y, report = join_features(clinical, main_table)
@@ -134,27 +133,26 @@ def fit_survival(settings: dict, *, features_csv: Path, clinical_csv: Path | Non
         name = extra_source["features_from"]
         tables[name if name not in tables else f"{name}:{Path(extra).parent.name}"] = join_features(clinical, table)[0]
     tables, y = common_patients(tables, y)
-    results = compare(tables, y, classifiers=sv["classifiers"], feature_sets=sv["feature_sets"], folds=sv["folds"],
-                      repeats=sv["repeats"], seed=sv["seed"], inner_folds=sv["inner_folds"],
-                      min_frequency=sv["min_frequency"])
-    declared = sv["final"]
-    final = find_result(results, declared["classifier"], declared["feature_set"], main_from)
+    results = compare(tables, y, classifiers=sv.classifiers, feature_sets=sv.feature_sets, folds=sv.folds,
+                      repeats=sv.repeats, seed=sv.seed, inner_folds=sv.inner_folds, min_frequency=sv.min_frequency)
+    declared = sv.final
+    final = find_result(results, declared.classifier, declared.feature_set, main_from)
     if final is None:
-        raise ValueError(f"survival.final {declared} is not among the compared candidates "
+        raise ValueError(f"survival.final {declared.given()} is not among the compared candidates "
                          f"(survival.classifiers / survival.feature_sets)")
     notes = list(final.notes)
-    if declared.get("features_from") and declared["features_from"] != main_from:
-        notes.append(f"survival.final declares features_from={declared['features_from']} but the features "
+    if declared.features_from and declared.features_from != main_from:
+        notes.append(f"survival.final declares features_from={declared.features_from} but the features "
                      f"given are {main_from}: the served model sees other masks than it was fitted on")
     X = tables[main_from]
-    inner = inner_folds_for(y, sv["folds"], sv["inner_folds"])
+    inner = inner_folds_for(y, sv.folds, sv.inner_folds)
 
     def factory():
-        return make_pipeline(final.classifier, final.columns, seed=sv["seed"], inner_folds=inner,
-                             min_frequency=sv["min_frequency"])
+        return make_pipeline(final.classifier, final.columns, seed=sv.seed, inner_folds=inner,
+                             min_frequency=sv.min_frequency)
 
     pipeline = factory().fit(X[final.columns], y)
-    importance = permutation_importances(factory, X[final.columns], y, folds=sv["folds"], seed=sv["seed"])
+    importance = permutation_importances(factory, X[final.columns], y, folds=sv.folds, seed=sv.seed)
     version = source.get("data_version") or (data_version(root) if root.exists() else "unknown")
     fitted_on = "synthetic" if source.get("synthetic", is_synthetic(root, list(y.index))) else "real"
     failures = survival_failures(final.cv["fold_scores"], final.cv["oof_probability"], y,
@@ -163,7 +161,7 @@ def fit_survival(settings: dict, *, features_csv: Path, clinical_csv: Path | Non
                        coefficients(pipeline).rename_axis("feature").reset_index(), version, fitted_on, failures)
 
 
-def run_survival(settings: dict, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
+def run_survival(settings: Settings, *, features_csv: Path, out_dir: Path, clinical_csv: Path | None = None,
                  compare_csvs: Sequence[Path] = (), experiment: str = "brainseg-survival") -> dict:
     """Fit (:func:`fit_survival`), log to MLflow (:func:`brainseg.outcome.runs.log_fit`), write the
     reports; returns the summary written to ``out_dir/cv.json`` (``final``, ``results``, run ids,

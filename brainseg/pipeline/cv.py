@@ -24,7 +24,7 @@ from brainseg.evaluation.crossval import Fold, FoldError, check_partition, fold_
 from brainseg.pipeline.cv_ensemble import assemble
 from brainseg.registry import model_registry
 from brainseg.settings.architectures import model_name
-from brainseg.settings.config import Train, flatten
+from brainseg.settings.config import Settings, Train, flatten
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics, search
 from brainseg.training.checkpoint import DEFAULT_ROOT, Checkpoint, interrupted
@@ -42,37 +42,34 @@ class CvRefused(ValueError):
 
 @dataclasses.dataclass
 class CvPlan:
-    settings: dict          # the settings of the whole CV (as given)
-    fold_settings: dict     # what each fold trains with (choose_epoch, its share of the budget)
-    cfg: Train        # the fold's training config
+    settings: Settings       # the settings of the whole CV (as given)
+    fold_settings: Settings  # what each fold trains with (choose_epoch, its share of the budget)
+    cfg: Train               # the fold's training config
     split: pd.DataFrame     # the patient split with the CV's folds
     folds: list[Fold]
 
 
-def plan_cv(settings: dict, ctx: DataContext) -> CvPlan:
+def plan_cv(settings: Settings, ctx: DataContext) -> CvPlan:
     """The folds (``split.folds`` of the non-test patients; the subsets are the split's own) and each
     fold's training settings. Raises :class:`CvRefused` in one line."""
-    split = build_split(ctx.manifest, settings["split"])  # same subsets; the fold column for split.folds
+    split = build_split(ctx.manifest, settings.split)  # same subsets; the fold column for split.folds
     on_disk = ctx.split.set_index("patient")["subset"]
     if not split.set_index("patient")["subset"].equals(on_disk.reindex(split["patient"])):
-        raise CvRefused(f"the split on disk ({settings['data']['split']}) is not the one split.* gives: "
+        raise CvRefused(f"the split on disk ({settings.data.split}) is not the one split.* gives: "
                         "run `brainseg data split` first")
     try:
         folds = folds_of(split)
         check_partition(split, folds)
     except FoldError as exc:
         raise CvRefused(str(exc)) from exc
-    cv = settings.get("cv") or {}
-    train = {**settings["train"], "choose_epoch": cv.get("choose_epoch") or "last"}
-    if cv.get("budget_minutes"):
-        train["budget_minutes"] = float(cv["budget_minutes"]) / len(folds)
-    fold_settings = {**settings, "train": train,
-                     "evaluate": {**settings["evaluate"], "select_postprocessing": False}}
+    train = {"choose_epoch": settings.cv.choose_epoch}
+    if settings.cv.budget_minutes:
+        train["budget_minutes"] = float(settings.cv.budget_minutes) / len(folds)
     try:
-        cfg = Train.from_dict(train)
+        fold_settings = settings.with_changes(train=train, evaluate={"select_postprocessing": False})
     except ConfigError as exc:
         raise CvRefused(str(exc)) from exc
-    return CvPlan(settings, fold_settings, cfg, split, folds)
+    return CvPlan(settings, fold_settings, fold_settings.train, split, folds)
 
 
 def run_name(cfg: Train) -> str:
@@ -81,12 +78,11 @@ def run_name(cfg: Train) -> str:
 
 
 def parent_params(plan: CvPlan) -> dict:
-    cv = plan.settings.get("cv") or {}
-    return {**run_metrics.train_config_params(plan.cfg), "profile": plan.settings.get("profile"),
-            "cv.folds": len(plan.folds), "cv.budget_minutes": cv.get("budget_minutes"),
+    return {**run_metrics.train_config_params(plan.cfg), "profile": plan.settings.profile,
+            "cv.folds": len(plan.folds), "cv.budget_minutes": plan.settings.cv.budget_minutes,
             "cv.fold_budget_minutes": plan.cfg.budget_minutes, "cv.choose_epoch": plan.cfg.choose_epoch,
             "cv.patients": sum(len(f.held_out) for f in plan.folds),
-            **{f"split.{k}": v for k, v in flatten(plan.settings.get("split", {})).items()}}
+            **{f"split.{k}": v for k, v in flatten(plan.settings.split.given()).items()}}
 
 
 def stored_settings(parent_id: str) -> dict:
@@ -146,7 +142,7 @@ def train_fold(plan: CvPlan, ctx: DataContext, fold: Fold, parent_id: str, *, ch
     return res
 
 
-def run_cv(settings: dict, ctx: DataContext, experiment: str, *, parent_id: str | None = None,
+def run_cv(settings: Settings, ctx: DataContext, experiment: str, *, parent_id: str | None = None,
            only_fold: int | None = None, report_test: bool = True, checkpoints: Path = DEFAULT_ROOT,
            callbacks_for=None, echo=print) -> dict:
     """One ``brainseg cv``: the folds not done yet (or fold ``only_fold`` alone), then, when every
@@ -159,7 +155,7 @@ def run_cv(settings: dict, ctx: DataContext, experiment: str, *, parent_id: str 
     plan = plan_cv(settings, ctx)
     if only_fold is not None and only_fold not in [f.k for f in plan.folds]:
         raise CvRefused(f"--fold {only_fold}: the folds are {', '.join(str(f.k) for f in plan.folds)}")
-    tags = {**run_context.lineage_tags(ctx.version, settings), ROLE_TAG: "cv"}
+    tags = {**run_context.lineage_tags(ctx.version, settings.profile), ROLE_TAG: "cv"}
     with mlflow_runs.run(run_name(plan.cfg), tags, run_id=parent_id) as active:
         parent_id = active.info.run_id
         if active.data.tags.get(STATE_TAG) == "assembled":  # nothing left to do: say what it made
@@ -167,7 +163,7 @@ def run_cv(settings: dict, ctx: DataContext, experiment: str, *, parent_id: str 
                     "model_uri": active.data.tags.get(MODEL_TAG), "already_assembled": True}
         if not active.data.params:  # a new CV: its record, and the settings a resume runs with
             mlflow_runs.log_params(parent_params(plan))
-            mlflow_runs.log_dict(settings, SETTINGS_ARTIFACT)
+            mlflow_runs.log_dict(settings.as_dict(), SETTINGS_ARTIFACT)
             mlflow_runs.set_active_tags({STATE_TAG: "training folds"})
         echo(f"cross-validation run {parent_id}: {len(plan.folds)} folds of "
              f"{sum(len(f.held_out) for f in plan.folds)} non-test patients"

@@ -71,13 +71,12 @@ def assemble(plan, ctx: DataContext, done: dict[int, str], parent_id: str, *, re
     log the ensemble model; the test report last. Returns the figures and the model's URI."""
     models = load_folds(done)
     cfg = models[plan.folds[0].k][1]
-    ev_settings = plan.settings.get("evaluate", {})
-    base = InferenceSettings.from_dict({**ev_settings, "threshold": cfg.threshold, "tta": False})
+    base = InferenceSettings.from_dict({**plan.settings.evaluate.given(), "threshold": cfg.threshold, "tta": False})
     oof = out_of_fold(plan, ctx, models, base, echo)
     manifest, groups = oof["manifest"], oof["manifest"]["patient"].tolist()
     folds = manifest.drop_duplicates("patient").set_index("patient")["fold"]
     chosen, table = base, None
-    if ev_settings.get("select_postprocessing", True):
+    if plan.settings.evaluate.select_postprocessing:
         chosen, table = choose_on_pooled(manifest, oof["probs"], oof["shapes"], oof["boxes"], oof["truths"], base,
                                          folds)
         mlflow_runs.log_table(table, "cv_postprocessing_candidates.csv")

@@ -31,7 +31,7 @@ import yaml
 
 from brainseg.data.importer import dvc_available, ensure_dataset
 from brainseg.settings import locks
-from brainseg.settings.config import load_settings
+from brainseg.settings.config import load_settings, validate_settings
 from brainseg.settings.profiles import use_profile
 from brainseg.settings.settings_io import ConfigError, read_yaml
 from brainseg.tracking import mlflow_runs, run_context
@@ -92,16 +92,16 @@ def _run_all_stages(profile: str | None, use_dvc: bool, promote: bool, echo) -> 
     if profile:
         for key, old, new in use_profile(profile, PARAMS_FILE):
             echo(f"params.yaml: {key}: {old!r} -> {new!r} (profile {profile})")
-    settings = load_settings()
+    settings = validate_settings(load_settings())  # a bad params.yaml: one line before any stage
     use_dvc = use_dvc and dvc_available()
     try:
-        echo(ensure_dataset(Path(settings["data"]["root"]), settings["data"]["synth"], use_dvc=use_dvc))
+        echo(ensure_dataset(Path(settings.data.root), settings.data.synth.given(), use_dvc=use_dvc))
     except RuntimeError as exc:  # `dvc add` refused (DVC's own lock held by a dvc command run by hand)
         raise ConfigError(f"{' '.join(str(exc).split())[:400]}; nothing ran") from None
     run_id = uuid.uuid4().hex[:12]
-    launcher, moved = claim_launcher(run_id, settings)
+    launcher, moved = claim_launcher(run_id, settings.profile)
     env = {**os.environ, PIPELINE_ENV: run_id}  # after the claim: the stages' runs nest under the launcher
-    echo(f"pipeline run {run_id} (profile {settings['profile']}; MLflow tag {PIPELINE_TAG}={run_id})")
+    echo(f"pipeline run {run_id} (profile {settings.profile}; MLflow tag {PIPELINE_TAG}={run_id})")
     status = "FAILED"
     try:
         if use_dvc:
@@ -125,17 +125,17 @@ def _run_all_stages(profile: str | None, use_dvc: bool, promote: bool, echo) -> 
     return run_id
 
 
-def claim_launcher(run_id: str, settings: dict) -> tuple[str | None, bool]:
+def claim_launcher(run_id: str, profile: str) -> tuple[str | None, bool]:
     """Under ``mlflow run . -e main``: the project run becomes the pipeline's run in ``brainseg``
     (moved there when ``mlflow run`` put it in Default, as ``-e tune`` does), so every stage's run
     is its child in one tree. Returns (its id or None, moved)."""
     project = os.environ.get(run_context.PROJECT_ENV)
     if not project or os.environ.get(PIPELINE_ENV):
         return None, False
-    tags = {**run_context.lineage_tags("pipeline", settings), PIPELINE_TAG: run_id, "brainseg.role": "pipeline"}
+    tags = {**run_context.lineage_tags("pipeline", profile), PIPELINE_TAG: run_id, "brainseg.role": "pipeline"}
     tags.pop("data_version", None)  # the stages record theirs; the pipeline may import new data
     return mlflow_runs.claim_project_run(project, PIPELINE_EXPERIMENT, f"pipeline-{run_id}", tags,
-                                      {"profile": settings.get("profile")})
+                                      {"profile": profile})
 
 
 def pending_promotions(report: Path) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from brainseg.evaluation.crossval import paired_difference
 from brainseg.pipeline.cv import run_cv
 from brainseg.registry import model_registry
 from brainseg.registry.promotion import register_segmenter
+from brainseg.settings.config import Settings
 from brainseg.tracking import mlflow_runs, search
 
 PER_PATIENT = "val_per_patient_metrics.csv"
@@ -50,13 +51,13 @@ def noise_line(noise: dict | None) -> str | None:
             f"validation patients (95% CI {noise['diff_ci_low']:+.3f} to {noise['diff_ci_high']:+.3f}): {verdict}")
 
 
-def refit_cv(settings: dict, ctx: DataContext, experiment: str, summary: dict, register: bool, echo=print) -> dict:
+def refit_cv(settings: Settings, ctx: DataContext, experiment: str, summary: dict, register: bool, echo=print) -> dict:
     """``tune.refit: cv``: cross-validate the best trial's configuration (the recipe's schedule and
     ``cv.budget_minutes``), log the fold ensemble, register it if asked; linked to the study's run."""
     from brainseg.tune.space import apply_params  # Optuna: only a study pays for it
 
     params = summary.get("best_params") or {}
-    cv_settings = {**settings, "train": apply_params(settings["train"], params)}
+    cv_settings = settings.with_changes(train=apply_params(settings.train.model_dump(), params))
     echo(f"refit (cross-validated): trial {summary.get('best_trial')}'s configuration, {params}")
     res = run_cv(cv_settings, ctx, experiment, echo=echo)
     parent = summary.get("parent_run_id")

@@ -16,13 +16,14 @@ from brainseg.data.context import DataContext
 from brainseg.pipeline.study_evidence import noise_line, refit_cv, top_two_noise
 from brainseg.registry import model_registry
 from brainseg.registry.promotion import register_segmenter, register_survival
+from brainseg.settings.config import Settings
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.training.budget import BudgetError
 from brainseg.training.training_run import choose_and_score, log_model
 
 
-def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=print) -> dict:
+def choose_for_best_trial(settings: Settings, ctx: DataContext, summary: dict, echo=print) -> dict:
     """The best trial's network with TTA and post-processing chosen on the validation patients, as
     a model of its own (run ``postprocessing-trial-NNN``, tagged with the study parent).
 
@@ -35,7 +36,7 @@ def choose_for_best_trial(settings: dict, ctx: DataContext, summary: dict, echo=
     # float32: only the stored network and its Train are wanted (no bfloat16 copy is built)
     trial = model_registry.load_segmenter(trial_uri, precision="float32")
     model, cfg = trial.model, trial.cfg
-    tags = {**run_context.lineage_tags(ctx.version, settings), "brainseg.role": "postprocessing",
+    tags = {**run_context.lineage_tags(ctx.version, settings.profile), "brainseg.role": "postprocessing",
             "brainseg.study_parent_run_id": summary["parent_run_id"], "optuna.study": summary["study"],
             "postprocessing_of_trial": str(number), "trial_run_id": summary["best_run_id"],
             "trial_model_uri": trial_uri}
@@ -57,7 +58,7 @@ class TuneRefused(ValueError):
     """Bad tuning input, or a study storage that cannot be opened: found before any trial ran."""
 
 
-def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = None, storage: str | None = None,
+def tracked_tuning(settings: Settings, experiment: str, *, study_name: str | None = None, storage: str | None = None,
                    n_trials: float | None = None, timeout: float | None = None, create_only: bool = False,
                    refit: bool | None = None, register: bool | None = None, worker: int | None = None,
                    study_trials: int | None = None, settings_args: list[str] | None = None, echo=print) -> dict:
@@ -76,14 +77,14 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
     started = time.time()  # tune.budget_minutes counts from here
     try:
         ctx = DataContext.from_settings(settings)
-        name = study_name or f"{settings['tune']['study_name']}-{settings['profile']}-{ctx.version[:8]}"
+        name = study_name or f"{settings.tune.study_name}-{settings.profile}-{ctx.version[:8]}"
         if not study_name and os.environ.get(run_context.PROJECT_ENV) and not os.environ.get(run_context.PIPELINE_ENV):
             name += f"-{os.environ[run_context.PROJECT_ENV][:8]}"  # each `mlflow run` its own study
         plan = plan_from_settings(settings, name, storage or None, int(n_trials or 0), float(timeout or 0))
-        refit = settings["tune"].get("refit", False) if refit is None else refit
-        if refit is True and settings["tune"].get("refit") == "cv":  # --refit: the kind is tune.refit's
+        refit = settings.tune.refit if refit is None else refit
+        if refit is True and settings.tune.refit == "cv":  # --refit: the kind is tune.refit's
             refit = "cv"
-        register = settings["tune"].get("register", False) if register is None else register
+        register = settings.tune.register_ if register is None else register
         study_budget(plan, bool(refit) and worker is None)  # a budget that cannot hold the refit fails here
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         raise TuneRefused(str(exc)) from exc
@@ -106,14 +107,14 @@ def tracked_tuning(settings: dict, experiment: str, *, study_name: str | None = 
         if refit == "cv" and summary.get("best_trial") is not None:
             summary["refit"] = refit_cv(settings, ctx, experiment, summary, bool(register), echo)
     if (summary.get("best_model_uri") and not summary.get("refit") and worker is None
-            and settings.get("evaluate", {}).get("select_postprocessing", False)):
+            and settings.evaluate.select_postprocessing):
         chosen = choose_for_best_trial(settings, ctx, summary, echo)
         summary.update({"postprocessing": chosen, "best_trial_model_uri": summary["best_model_uri"],
                         "best_model_uri": chosen["model_uri"]})
     return summary
 
 
-def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | None = None,
+def register_models(settings: Settings, *, tune_summary: Path | None, run_id: str | None = None,
                     survival_summary: Path | None = None, promote: bool | None = None, force: bool = False,
                     echo=print) -> dict:
     """``brainseg register``: the segmenter of run ``run_id`` (else the model ``tune_summary`` hands
@@ -123,7 +124,7 @@ def register_models(settings: dict, *, tune_summary: Path | None, run_id: str | 
     each decision.
     FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
 
-    promote = bool(settings["register"].get("promote", False)) if promote is None else promote
+    promote = settings.register_.promote if promote is None else promote
     results, trained_in = {}, None
     if run_id:
         logged = mlflow_runs.logged_models_of(run_id)

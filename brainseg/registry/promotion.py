@@ -21,6 +21,7 @@ from brainseg.data.context import DataContext
 from brainseg.registry import evidence, model_registry
 from brainseg.registry.registration import register_whole
 from brainseg.settings.architectures import model_name
+from brainseg.settings.config import Settings
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
@@ -28,15 +29,15 @@ from brainseg.tracking.run_context import CHOSEN_ON_TAG
 GATE_SUBSETS = ("val",)
 
 
-def gate_subset(settings: dict) -> str:
-    subset = settings["register"].get("subset", "val")
+def gate_subset(settings: Settings) -> str:
+    subset = settings.register_.subset
     if subset not in GATE_SUBSETS:
         raise ConfigError(f"register.subset: {subset!r} cannot choose models; use one of {GATE_SUBSETS} "
                           "(test patients are for the report only)")
     return subset
 
 
-def segmenter_score(settings: dict, ctx: DataContext, name: str, version: str, subset: str,
+def segmenter_score(settings: Settings, ctx: DataContext, name: str, version: str, subset: str,
                     role: str) -> float | None:
     """``{subset}_patient_dice_mean`` of a version on ``subset`` of the current data version.
 
@@ -63,9 +64,9 @@ def segmenter_score(settings: dict, ctx: DataContext, name: str, version: str, s
     return value
 
 
-def _log_decision(settings: dict, version_of_data: str, decision: model_registry.Decision, force: bool,
+def _log_decision(settings: Settings, version_of_data: str, decision: model_registry.Decision, force: bool,
                   subset: str | None) -> None:
-    tags = {**run_context.lineage_tags(version_of_data, settings), "model_name": decision.name,
+    tags = {**run_context.lineage_tags(version_of_data, settings.profile), "model_name": decision.name,
             "decision": decision.line()}
     with mlflow_runs.run(f"promote-{decision.name}", tags):
         mlflow_runs.log_params({"model_name": decision.name, "model_version": decision.version,
@@ -77,7 +78,7 @@ def _log_decision(settings: dict, version_of_data: str, decision: model_registry
             "promoted": decision.promoted}))
 
 
-def promote_segmenter(settings: dict, ctx: DataContext, name: str, version: str, force: bool = False) -> dict:
+def promote_segmenter(settings: Settings, ctx: DataContext, name: str, version: str, force: bool = False) -> dict:
     """The gate: challenger vs champion on evidence of the same kind (:mod:`brainseg.registry.evidence`):
     the validation patients of the current data version, or the out-of-fold predictions of the same folds."""
     subset = gate_subset(settings)
@@ -128,14 +129,14 @@ def stored_inference(model_uri: str) -> dict:
     return read_settings(next(model_registry.resolve_model_dir(model_uri).rglob(SETTINGS_FILE)))[1].to_dict()
 
 
-def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri: str, promote: bool = False,
+def register_segmenter(settings: Settings, ctx: DataContext, run_id: str, model_uri: str, promote: bool = False,
                        force: bool = False, extra_tags: dict | None = None, trained_in: str | None = None) -> dict:
     """Register the model ``model_uri`` logged in run ``run_id`` and tag it with its validation score
     and its stored inference settings (and where they were chosen); gate it if ``promote``.
 
     ``trained_in``: the training run of the network when ``run_id`` only chose its inference
     settings (the lineage and best-epoch tags come from it)."""
-    name = settings["register"]["segmenter_name"]
+    name = settings.register_.segmenter_name
     subset = gate_subset(settings)
     model_run = mlflow_runs.client().get_run(run_id)
     run = mlflow_runs.client().get_run(trained_in) if trained_in else model_run
@@ -175,30 +176,30 @@ def register_segmenter(settings: dict, ctx: DataContext, run_id: str, model_uri:
 
 
 # ------------------------------------------------------------------------------------ survival
-def _is_final(mv, settings: dict) -> bool:
-    final = settings["survival"]["final"]
-    return mv.tags.get("classifier") == final["classifier"] and mv.tags.get("feature_set") == final["feature_set"]
+def _is_final(mv, settings: Settings) -> bool:
+    final = settings.survival.final
+    return mv.tags.get("classifier") == final.classifier and mv.tags.get("feature_set") == final.feature_set
 
 
-def promote_survival(settings: dict, name: str, version: str, force: bool = False) -> dict:
+def promote_survival(settings: Settings, name: str, version: str, force: bool = False) -> dict:
     """Promote the version fitted with the pre-registered ``survival.final`` (no score comparison)."""
     mv = model_registry.get_version(name, version)
     champ = model_registry.champion(name)
     champ_version = champ.version if champ is not None else None
     metric = "cv_roc_auc_mean"
     score = float(mv.tags.get(metric, "nan"))
-    final = settings["survival"]["final"]
+    final = settings.survival.final
     d = model_registry.decide_preregistered(name, version, metric, score, _is_final(mv, settings),
-                                      f"({final['classifier']}, {final['feature_set']})", champ_version, force)
+                                            f"({final.classifier}, {final.feature_set})", champ_version, force)
     if d.reason != "already the champion":
         model_registry.apply(d)
         _log_decision(settings, mv.tags.get("data_version", ""), d, force, None)
     return {"name": name, "version": str(version), "promoted": d.promoted, "decision": d.line()}
 
 
-def register_survival(settings: dict, summary: dict, promote: bool = False, force: bool = False) -> dict:
+def register_survival(settings: Settings, summary: dict, promote: bool = False, force: bool = False) -> dict:
     """Register the final survival pipeline with its cross-validated figures (``cv_*`` tags)."""
-    name = settings["register"]["survival_name"]
+    name = settings.register_.survival_name
     run_id, model_uri = summary["final_run_id"], summary["final_model_uri"]
     final = summary["final"]
     run = mlflow_runs.client().get_run(run_id)
@@ -221,12 +222,12 @@ def register_survival(settings: dict, summary: dict, promote: bool = False, forc
     return out
 
 
-def promote(settings: dict, name: str, version: str, force: bool = False, ctx: DataContext | None = None) -> dict:
+def promote(settings: Settings, name: str, version: str, force: bool = False, ctx: DataContext | None = None) -> dict:
     """``brainseg promote NAME VERSION``: the gate of whichever model ``name`` is."""
-    reg = settings["register"]
-    if name == reg["segmenter_name"]:
+    reg = settings.register_
+    if name == reg.segmenter_name:
         return promote_segmenter(settings, ctx or DataContext.from_settings(settings), name, version, force)
-    if name == reg["survival_name"]:
+    if name == reg.survival_name:
         return promote_survival(settings, name, version, force)
-    raise ValueError(f"unknown model {name!r}: register.segmenter_name is {reg['segmenter_name']!r}, "
-                     f"register.survival_name is {reg['survival_name']!r}")
+    raise ValueError(f"unknown model {name!r}: register.segmenter_name is {reg.segmenter_name!r}, "
+                     f"register.survival_name is {reg.survival_name!r}")

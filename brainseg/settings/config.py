@@ -1,8 +1,8 @@
 """Settings: params.yaml (the values DVC records), then --set overrides; profiles in brainseg.settings.profiles.
 
-The merged settings are a plain nested dict (what DVC and MLflow log), checked by :class:`Settings`
-(one pydantic model per section: types, ranges, fixed value sets); :class:`Train` is the
-typed view the training code takes.
+The merged settings are read as a plain nested dict (what DVC and MLflow log), then checked and
+typed once by :func:`validate_settings` into a frozen :class:`Settings` (one pydantic model per
+section: types, ranges, defaults, fixed value sets), which is what every function takes.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Data(Section):
     manifest: str = None
     split: str = None
     cache_dir: str = None
-    synth: Synth = None
+    synth: Synth = Field(default_factory=Synth)
 
 
 class Split(Section):
@@ -160,33 +160,33 @@ class Evaluate(Section):
     tta: Flag = None
     batch_size: BatchSize = None
     precision: Precision = None
-    select_postprocessing: Flag = None
+    select_postprocessing: Flag = True
 
 
 class Tune(Section):
     study_name: str = None
     storage: str = None
     search_space: str = None
-    sampler_seed: Int = None
+    sampler_seed: Int = 0
     pruner: Pruner = None
     n_trials: Int = Field(None, ge=1)
     timeout: Number = Field(None, gt=0)
     epochs: Int = Field(None, ge=1)
-    min_resource: Int = None
-    reduction_factor: Int = None
+    min_resource: Int = Field(1, ge=1)
+    reduction_factor: Int = Field(3, ge=2)
     size: Int | None = None
     steps_per_epoch: Int | None = None
-    n_startup_trials: Int = None
-    enqueue_recipe: Flag = None
-    workers: Int = None
-    threads: Int = None
-    refit: Flag | Literal["cv"] = None  # true: the best trial retrained once; cv: cross-validated, the ensemble
-    register_: Flag = Field(None, alias="register")  # (`register` would shadow BaseModel.register)
-    heartbeat: Number = Field(None, gt=0)
+    n_startup_trials: Int = Field(4, ge=0)
+    enqueue_recipe: Flag = True
+    workers: Int = Field(1, ge=1)
+    threads: Int = Field(0, ge=0)
+    refit: Flag | Literal["cv"] = False  # true: the best trial retrained once; cv: cross-validated, the ensemble
+    register_: Flag = Field(False, alias="register")  # (`register` would shadow BaseModel.register)
+    heartbeat: Number = Field(60, gt=0)
     budget_minutes: Number | None = Field(None, gt=0)
-    target_trials: Int = Field(None, ge=1)
-    rungs: Int = Field(None, ge=1)
-    reserve_minutes: Number = Field(None, ge=0)
+    target_trials: Int = Field(12, ge=1)
+    rungs: Int = Field(3, ge=1)
+    reserve_minutes: Number = Field(0, ge=0)
 
 
 class Final(Section):
@@ -196,7 +196,7 @@ class Final(Section):
 
 
 class Oof(Section):
-    train: Train = None  # train settings of the fold segmenters, on top of `train`
+    train: Train = Field(default_factory=Train)  # the fold segmenters' train settings: .given() on top of `train`
 
 
 class Survival(Section):
@@ -208,32 +208,48 @@ class Survival(Section):
     inner_folds: Int = Field(None, ge=2)
     min_frequency: Int = Field(None, ge=1)
     min_known_fraction: Float = Field(None, ge=0, le=1)
-    final: Final = None
-    oof: Oof = None
+    final: Final = Field(default_factory=Final)
+    oof: Oof = Field(default_factory=Oof)
 
 
 class Cv(Section):
     budget_minutes: Number | None = Field(None, gt=0)  # the whole cross-validation; folds share it evenly
-    choose_epoch: Literal["best", "last"] = None  # what a fold model keeps (last: chooses nothing on its fold)
+    choose_epoch: Literal["best", "last"] = "last"  # what a fold model keeps (last: chooses nothing on its fold)
 
 
 class Register(Section):
     segmenter_name: str = None
     survival_name: str = None
-    subset: str = None  # the promotion gate says which subsets can choose models (promotion.GATE_SUBSETS)
-    promote: Flag = None
+    subset: str = "val"  # the promotion gate says which subsets can choose models (promotion.GATE_SUBSETS)
+    promote: Flag = False
 
 
 class Settings(Section):
-    profile: str = None
-    data: Data = None
-    split: Split = None
-    train: Train = None
-    evaluate: Evaluate = None
-    tune: Tune = None
-    survival: Survival = None
-    cv: Cv = None
-    register_: Register = Field(None, alias="register")
+    """All the settings of a command, typed and frozen: what every function takes. Built once by
+    :func:`validate_settings` from params.yaml, a profile and ``--set``; :meth:`as_dict` gives back
+    the keys as given (what DVC and MLflow record); :meth:`with_changes` a changed copy, checked."""
+
+    profile: str = "custom"
+    data: Data = Field(default_factory=Data)
+    split: Split = Field(default_factory=Split)
+    train: Train = Field(default_factory=Train)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    tune: Tune = Field(default_factory=Tune)
+    survival: Survival = Field(default_factory=Survival)
+    cv: Cv = Field(default_factory=Cv)
+    register_: Register = Field(default_factory=Register, alias="register")
+
+    def as_dict(self) -> dict:
+        """The settings as given, a plain nested dict (``train`` whole: what the training ran with)."""
+        return {**self.given(), "train": self.train.model_dump()}
+
+    def with_changes(self, **sections: dict) -> "Settings":
+        """A copy with keys of some sections changed (``with_changes(cv={"budget_minutes": 10})``),
+        checked as params.yaml is (:func:`validate_settings`)."""
+        d = self.as_dict()
+        for name, changes in sections.items():
+            d[name] = {**d.get(name, {}), **changes}
+        return validate_settings(d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,21 +292,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ checking settings before a run
-def validate_settings(settings: dict) -> dict:
-    """Check the merged settings' types and ranges (:class:`Settings`) before any run starts.
+def validate_settings(values: dict) -> Settings:
+    """The merged settings (a plain nested dict, as read) checked and typed before any run starts.
 
-    Returns a copy with values converted to their setting's type (``"1e-3"`` -> 0.001, ``5.0`` -> 5
-    for an integer); raises :class:`ConfigError` naming the key, in one line.
+    Values are converted to their setting's type (``"1e-3"`` -> 0.001, ``5.0`` -> 5 for an
+    integer); a wrong one raises :class:`ConfigError` naming the key, in one line.
 
-    >>> validate_settings({"train": {"lr": "1e-3"}})["train"]["lr"]
+    >>> validate_settings({"train": {"lr": "1e-3"}}).train.lr
     0.001
+    >>> validate_settings({"train": {"lr": "1e-3"}}).as_dict()["train"]["epochs"]  # the whole train section
+    30
     >>> try:
     ...     validate_settings({"train": {"epochs": 0}})
     ... except ConfigError as exc:
     ...     print(exc)
     train.epochs: 0 is not an integer >= 1
     """
-    out = check(Settings, settings)
-    if isinstance(out.get("train"), dict):
-        Train.from_dict(out["train"])  # what one key cannot say alone (progressive_size < size, ...)
-    return out
+    out = check(Settings, values)
+    train = Train.from_dict(out.get("train") or {})  # what one key cannot say alone (progressive_size < size, ...)
+    return Settings.model_validate({**out, "train": train})

@@ -200,10 +200,16 @@ Flag = StrictBool  # true or false, not 1 or "yes"
 
 
 class Section(BaseModel):
-    """A group of settings. Every key is optional (default None, left out of the checked result):
-    a section is checked for the keys it holds, params.yaml holds the values. Unknown keys are refused."""
+    """A group of settings, frozen. Every key is optional (its default is left out of the checked
+    result): a section is checked for the keys it holds, params.yaml holds the values. Unknown keys
+    are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def given(self) -> dict:
+        """The keys that were given (params.yaml, a profile, ``--set``) as a plain dict, by their
+        file names: what DVC and MLflow record. Defaults are left out."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
 
 
 def check(model: type[BaseModel], values: dict, prefix: str = "") -> dict:

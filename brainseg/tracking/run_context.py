@@ -25,9 +25,8 @@ def adopt_project_run() -> None:
         os.environ[PROJECT_ENV] = run_id
 
 
-def lineage_tags(version: str, settings: dict | None = None) -> dict[str, str]:
-    tags = {"data_version": version, "git_commit": git_commit(),
-            "profile": str((settings or {}).get("profile", ""))}
+def lineage_tags(version: str, profile: str | None = None) -> dict[str, str]:
+    tags = {"data_version": version, "git_commit": git_commit(), "profile": profile or ""}
     if os.environ.get(PIPELINE_ENV):
         tags[PIPELINE_TAG] = os.environ[PIPELINE_ENV]
     if os.environ.get(PROJECT_ENV):

@@ -16,14 +16,14 @@ from brainseg.data.context import DataContext
 from brainseg.evaluation import plots
 from brainseg.evaluation.evaluate import evaluate, select_postprocessing
 from brainseg.inference.segmenter import InferenceSettings, Segmenter, save_model
-from brainseg.settings.config import Train, flatten
+from brainseg.settings.config import Settings, Train, flatten
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
 from brainseg.training.checkpoint import Checkpoint, disk_full, disk_full_stop, resume_command
 from brainseg.training.train import save_trained, train, trained_result
 
 
-def tracked_training(settings: dict, cfg: Train, ctx: DataContext, *, run_name: str = "train",
+def tracked_training(settings: Settings, cfg: Train, ctx: DataContext, *, run_name: str = "train",
                      nested: bool = False, callbacks: list | None = None, tags: dict | None = None,
                      verbose: int = 1, finished_on: tuple = (), report_test: bool = False,
                      checkpoints: Path | None = None, checkpoint_meta: dict | None = None,
@@ -44,16 +44,17 @@ def tracked_training(settings: dict, cfg: Train, ctx: DataContext, *, run_name: 
     Returns run_id, model_uri, best_epoch (1-based), val_patient_dice and the validation metrics.
     """
     ckpt, state = resume if resume else (None, None)
-    all_tags = {**run_context.lineage_tags(ctx.version, settings), **(tags or {})}
+    all_tags = {**run_context.lineage_tags(ctx.version, settings.profile), **(tags or {})}
     with mlflow_runs.run(run_name, all_tags, nested=nested, finished_on=finished_on,
                       run_id=ckpt.run_id if ckpt else None) as active:
         if ckpt is None:
-            mlflow_runs.log_params({**run_metrics.train_config_params(cfg), "profile": settings.get("profile"),
-                                 **{f"split.{k}": v for k, v in flatten(settings.get("split", {})).items()}})
+            mlflow_runs.log_params({**run_metrics.train_config_params(cfg), "profile": settings.profile,
+                                 **{f"split.{k}": v for k, v in flatten(settings.split.given()).items()}})
             mlflow_runs.log_dataset_input(ctx.rows("train"), ctx.root, ctx.version, "training")
             mlflow_runs.log_dataset_input(ctx.rows("val"), ctx.root, ctx.version, "validation")
-            meta = {"settings": {**settings, "train": cfg.to_dict()}, "run_name": run_name, "report_test": report_test,
-                    "data_version": ctx.version, **(checkpoint_meta or {})}  # the config that runs (a refit's differs)
+            meta = {"settings": {**settings.as_dict(), "train": cfg.to_dict()}, "run_name": run_name,
+                    "report_test": report_test, "data_version": ctx.version,
+                    **(checkpoint_meta or {})}  # the config that runs (a refit's differs)
             ckpt = Checkpoint.of(checkpoints, active.info.run_id, meta) if checkpoints else None
         else:
             mlflow_runs.log_missing_epochs(state["history"])  # saved, but killed before they were logged
@@ -86,7 +87,7 @@ def tracked_training(settings: dict, cfg: Train, ctx: DataContext, *, run_name: 
             if ckpt is None or not mlflow_runs.unreachable(exc):
                 raise
             ckpt.update(stopped_by="tracking server lost")
-            local = save_model(result.model, cfg, InferenceSettings.from_dict({**settings.get("evaluate", {}),
+            local = save_model(result.model, cfg, InferenceSettings.from_dict({**settings.evaluate.given(),
                                                                                "threshold": cfg.threshold}),
                                ckpt.folder / "model", {"data_version": ctx.version, "run_id": ckpt.run_id})
             raise mlflow_runs.TrackingLost(
@@ -112,7 +113,7 @@ def stopped(ckpt: Checkpoint, by: str) -> None:
     print(text, file=sys.stderr)
 
 
-def choose_and_score(settings: dict, model, cfg: Train, ctx: DataContext):
+def choose_and_score(settings: Settings, model, cfg: Train, ctx: DataContext):
     """In the active run: choose the inference settings on the validation patients
     (:func:`choose_inference`), log them (params ``inference.*``, tag ``inference_chosen_on``, the
     candidates table) and the validation metrics they give. Returns (segmenter, val metrics, a slice)."""
@@ -134,13 +135,12 @@ def log_model(model, cfg: Train, segmenter: Segmenter, example, ctx: DataContext
         return mlflow_runs.log_segmenter_model(Path(tmp), example, {"data_version": ctx.version})
 
 
-def choose_inference(settings: dict, model, cfg: Train, val_rows, ctx: DataContext):
+def choose_inference(settings: Settings, model, cfg: Train, val_rows, ctx: DataContext):
     """The model's inference settings: ``evaluate``'s values, with TTA and post-processing chosen
     on the validation patients when ``evaluate.select_postprocessing`` is on."""
-    ev = settings.get("evaluate", {})
-    base = InferenceSettings.from_dict({**ev, "threshold": cfg.threshold})
+    base = InferenceSettings.from_dict({**settings.evaluate.given(), "threshold": cfg.threshold})
     segmenter = Segmenter(model, cfg, base)
-    if not ev.get("select_postprocessing", False):
+    if not settings.evaluate.select_postprocessing:
         return segmenter, None
     best, table = select_postprocessing(segmenter, val_rows, load_full_images(val_rows), ctx.truths("val"))
     return segmenter.with_settings(**best.to_dict()), table

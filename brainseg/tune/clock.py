@@ -71,7 +71,7 @@ def start_clock(plan: StudyPlan, ctx, study: optuna.Study, refit: bool, started:
 def probe_and_plan(plan: StudyPlan, ctx, budget: StudyBudget, started: float, echo=print) -> TrialPlan:
     from brainseg.training.throughput import measure
 
-    cfg = Train.from_dict(plan.fidelity.trial_settings(plan.settings["train"]))
+    cfg = Train.from_dict(plan.fidelity.trial_settings(plan.settings.train.model_dump()))
     cost = measure(cfg, ctx.arrays("train", cfg), ctx.arrays("val", cfg))
     trial_plan = plan_trials(budget, elapsed_s=time.time() - started, epoch_s=cost.epoch_s,
                              overhead_s=overhead_estimate(cost.build_s, cost.val_s))
@@ -91,13 +91,13 @@ def session_clock(budget: StudyBudget, trial_plan: TrialPlan, started: float) ->
 
 def use_plan(plan: StudyPlan, study: optuna.Study, trial_plan: TrialPlan) -> None:
     plan.fidelity = plan.fidelity.on_budget(trial_plan.trial_s, trial_plan.rungs_s[0])
-    study.pruner = make_pruner(plan.tune["pruner"], plan.fidelity)
+    study.pruner = make_pruner(plan.tune.pruner, plan.fidelity)
 
 
 def worker_clock(plan: StudyPlan, study: optuna.Study) -> Clock | None:
     """A worker's view: the plan and the launcher's deadlines, as stored in the study."""
     stored, clock = study.user_attrs.get(PLAN_ATTR), study.user_attrs.get(CLOCK_ATTR)
-    if not stored or not clock or plan.tune.get("budget_minutes") is None:
+    if not stored or not clock or plan.tune.budget_minutes is None:
         return None
     use_plan(plan, study, TrialPlan.from_dict(stored))
     return Clock(**clock)

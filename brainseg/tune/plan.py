@@ -22,7 +22,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from brainseg.settings import quiet
-from brainseg.settings.config import EPOCH_SIZED, Pruner, Train
+from brainseg.settings.config import EPOCH_SIZED, Pruner, Settings, Train, Tune
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tune.sampler import TrialSeededSampler
 from brainseg.tune.space import Param, load_search_space, recipe_params
@@ -77,10 +77,9 @@ class Fidelity:
                                    unit="seconds")
 
 
-def fidelity_from(tune: dict, train: dict) -> Fidelity:
-    f = Fidelity(int(tune.get("size") or train["size"]),
-                 tune.get("steps_per_epoch") or train.get("steps_per_epoch"),
-                 int(tune.get("min_resource", 1)), int(tune["epochs"]), int(tune.get("reduction_factor", 3)))
+def fidelity_from(tune: Tune, train: Train) -> Fidelity:
+    f = Fidelity(tune.size or train.size, tune.steps_per_epoch or train.steps_per_epoch,
+                 tune.min_resource, tune.epochs, tune.reduction_factor)
     if f.max_resource < 1 or not 1 <= f.min_resource <= f.max_resource:
         raise ConfigError(f"tune.min_resource ({f.min_resource}) must be in 1..tune.epochs ({f.max_resource})")
     if f.reduction_factor < 2:
@@ -168,20 +167,20 @@ def study_budget(plan: StudyPlan, refit: bool) -> StudyBudget | None:
     The refit trains with the recipe's ``train.budget_minutes``, so a budgeted study that refits
     needs one."""
     t = plan.tune
-    if t.get("budget_minutes") is None:
+    if t.budget_minutes is None:
         return None
-    recipe = plan.settings["train"].get("budget_minutes")
+    recipe = plan.settings.train.budget_minutes
     if refit and recipe is None:
         raise ConfigError("tune.budget_minutes: the refit trains with the recipe's train.budget_minutes, which is "
                           "null; set train.budget_minutes or use --no-refit")
-    return StudyBudget(float(t["budget_minutes"]) * 60, float(recipe) * 60 if refit else 0.0,
-                       float(t.get("reserve_minutes") or 0) * 60 if refit else 0.0, int(t.get("target_trials") or 12),
-                       int(t.get("rungs") or 3), int(t.get("reduction_factor") or 3), plan.workers)
+    return StudyBudget(float(t.budget_minutes) * 60, float(recipe) * 60 if refit else 0.0,
+                       float(t.reserve_minutes) * 60 if refit else 0.0, t.target_trials, t.rungs,
+                       t.reduction_factor, plan.workers)
 
 
 @dataclasses.dataclass
 class StudyPlan:
-    settings: dict
+    settings: Settings
     study_name: str
     storage_url: str
     n_trials: int
@@ -195,35 +194,31 @@ class StudyPlan:
     storage_ref: str = ""     # env:VAR or file:PATH when storage_url came from one: what a worker's --storage gets
 
     @property
-    def tune(self) -> dict:
-        return self.settings["tune"]
+    def tune(self) -> Tune:
+        return self.settings.tune
 
 
-def plan_from_settings(settings: dict, study_name: str | None, storage: str | None,
+def plan_from_settings(settings: Settings, study_name: str | None, storage: str | None,
                        n_trials: int | None, timeout: float | None) -> StudyPlan:
     """Resolve and check every tuning input before anything is created (bad input fails here)."""
-    t = settings["tune"]
-    if t["pruner"] not in PRUNERS:
-        raise ConfigError(f"tune.pruner: {t['pruner']!r} is not one of {', '.join(PRUNERS)}")
-    space_path = Path(t["search_space"])
+    t = settings.tune
+    if t.pruner not in PRUNERS:
+        raise ConfigError(f"tune.pruner: {t.pruner!r} is not one of {', '.join(PRUNERS)}")
+    space_path = Path(t.search_space)
     space = load_search_space(space_path)
-    fid = fidelity_from(t, settings["train"])
-    base = fid.trial_settings(settings["train"])
+    fid = fidelity_from(t, settings.train)
+    base = fid.trial_settings(settings.train.model_dump())
     Train.from_dict(base)
-    Train.from_dict({**settings["train"]})
     from brainseg.models.factory import check_names
 
     check_names(base["arch"], base["encoder"])
-    recipe = recipe_params(settings["train"], space, space_path) if t.get("enqueue_recipe", True) else {}
-    workers, threads = int(t.get("workers", 1) or 1), int(t.get("threads", 0) or 0)
-    if workers < 1 or threads < 0:
-        raise ConfigError(f"tune.workers ({workers}) must be >= 1 and tune.threads ({threads}) >= 0")
+    recipe = recipe_params(settings.train.model_dump(), space, space_path) if t.enqueue_recipe else {}
     # on a budget the clock decides how many trials run; tune.n_trials (--n-trials) only caps them
-    ref = storage or t["storage"]
+    ref = storage or t.storage
     url = resolve_storage(ref)
-    return StudyPlan(settings, study_name or t["study_name"], url,
-                     int(n_trials or t["n_trials"]), float(timeout or t["timeout"]), space, space_path,
-                     fid, recipe, workers, threads, storage_ref=ref if url != ref else "")
+    return StudyPlan(settings, study_name or t.study_name, url,
+                     int(n_trials or t.n_trials), float(timeout or t.timeout), space, space_path,
+                     fid, recipe, t.workers, t.threads, storage_ref=ref if url != ref else "")
 
 
 def open_plan_study(plan: StudyPlan, worker: int = 0, storage=None) -> optuna.Study:
@@ -231,14 +226,14 @@ def open_plan_study(plan: StudyPlan, worker: int = 0, storage=None) -> optuna.St
 
     The sampler is a :class:`TrialSeededSampler` (seed per trial: study, trial number, ``worker``).
     """
-    storage = storage if storage is not None else make_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
+    storage = storage if storage is not None else make_storage(plan.storage_url, int(plan.tune.heartbeat))
     study = optuna.create_study(study_name=plan.study_name, storage=storage, direction="maximize",
-                                pruner=make_pruner(plan.tune["pruner"], plan.fidelity), load_if_exists=True)
+                                pruner=make_pruner(plan.tune.pruner, plan.fidelity), load_if_exists=True)
     n = len(study.get_trials(deepcopy=False))
     if n == 0 and plan.recipe:
         study.enqueue_trial(plan.recipe, user_attrs={"recipe": "hand-set"}, skip_if_exists=True)
-    study.sampler = TrialSeededSampler(int(plan.tune["sampler_seed"]), plan.study_name, worker,
-                                       int(plan.tune.get("n_startup_trials", 4)))
+    study.sampler = TrialSeededSampler(plan.tune.sampler_seed, plan.study_name, worker,
+                                       plan.tune.n_startup_trials)
     return study
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import optuna
 
 from brainseg.registry.promotion import register_segmenter
-from brainseg.settings.config import EPOCH_SIZED, Train
+from brainseg.settings.config import EPOCH_SIZED, Settings, Train
 from brainseg.tracking import mlflow_runs
 from brainseg.training.checkpoint import DEFAULT_ROOT
 from brainseg.tune.clock import Clock
@@ -26,11 +26,11 @@ def refit_config(plan: StudyPlan, best: optuna.trial.FrozenTrial, minutes: float
     """The best trial's parameters at full fidelity (``train`` settings). On a budget (``minutes``)
     it is the recipe's own run (its resolution schedule) for that many minutes; else it trains for
     as many batches as the trial did."""
-    train = plan.settings["train"]
+    train = plan.settings.train.model_dump()
     if minutes is not None:
         return Train.from_dict({**apply_params(train, best.params), "budget_minutes": minutes})
     trial_epochs = max(best.intermediate_values) if best.intermediate_values else plan.fidelity.max_resource
-    epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, train.get("steps_per_epoch"))
+    epochs = refit_epochs(trial_epochs, plan.fidelity.steps_per_epoch, plan.settings.train.steps_per_epoch)
     return Train.from_dict({**apply_params(train, best.params), "epochs": epochs, **EPOCH_SIZED})
 
 
@@ -46,8 +46,8 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     settings, best = plan.settings, study.best_trial
     minutes = None
     if clock is not None:
-        reserve = float(plan.tune.get("reserve_minutes") or 0) * 60
-        minutes = refit_minutes(settings["train"].get("budget_minutes"), clock.left(), reserve)
+        reserve = float(plan.tune.reserve_minutes) * 60
+        minutes = refit_minutes(settings.train.budget_minutes, clock.left(), reserve)
     cfg = refit_config(plan, best, minutes)
     length = f"{minutes:.1f} min" if minutes is not None else f"{cfg.epochs} epochs"
     echo(f"refit: trial {best.number}'s configuration at {cfg.size} px for {length}"
@@ -66,7 +66,7 @@ def refit_best(plan: StudyPlan, ctx, study: optuna.Study, parent: str, register:
     return finish_refit(owed, settings, ctx, cfg, res)
 
 
-def finish_refit(owed: dict, settings: dict, ctx, cfg: Train, res: dict) -> dict:
+def finish_refit(owed: dict, settings: Settings, ctx, cfg: Train, res: dict) -> dict:
     """What a finished refit run ``res`` owes its study (``owed``: study, parent run, trial,
     register): the registration if asked, the study run's tags and metric. The refit's summary."""
     parent, trial, m = owed["parent"], owed["trial"], res["metrics"]

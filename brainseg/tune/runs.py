@@ -121,15 +121,15 @@ def study_storage(url: str, heartbeat: int):
 def parent_params(plan: StudyPlan) -> dict:
     t, f = plan.tune, plan.fidelity
     return {"study.name": plan.study_name, "study.storage": redact(plan.storage_url),
-            "study.sampler": "TPESampler, seeded per trial number", "study.sampler_seed": t["sampler_seed"],
-            "study.pruner": t["pruner"], "study.objective": OBJECTIVE,
+            "study.sampler": "TPESampler, seeded per trial number", "study.sampler_seed": t.sampler_seed,
+            "study.pruner": t.pruner, "study.objective": OBJECTIVE,
             "study.resource": f.unit,  # epochs, or seconds of training (a study on a budget)
             "study.size_px": f.size, "study.steps_per_epoch": f.steps_per_epoch,
             "study.min_resource": f.min_resource, "study.max_resource": f.max_resource,
             "study.reduction_factor": f.reduction_factor, "study.rungs": f.rungs(),
             "study.workers": plan.workers, "study.threads": plan.threads,
             "study.recipe": plan.recipe, "study.search_space": plan.space_path.read_text(),
-            "profile": plan.settings["profile"]}
+            "profile": plan.settings.profile}
 
 
 def _usable(run_id: str | None) -> bool:
@@ -148,7 +148,7 @@ def ensure_parent(study: optuna.Study, plan: StudyPlan, experiment: str, version
     project = (os.environ.get(run_context.PROJECT_ENV) if claim and not os.environ.get(run_context.PIPELINE_ENV)
                else None)
     parent = study.user_attrs.get(PARENT_ATTR)
-    tags = {**run_context.lineage_tags(version, plan.settings), "optuna.study": plan.study_name,
+    tags = {**run_context.lineage_tags(version, plan.settings.profile), "optuna.study": plan.study_name,
             "brainseg.role": "study", "state": "RUNNING"}
     if _usable(parent):
         mlflow_runs.set_tags(parent, {"state": "RUNNING"})
@@ -215,9 +215,9 @@ def objective_for(plan: StudyPlan, ctx, parent: str, progress: Progress | None =
     from brainseg.training.training_run import tracked_training
 
     fid = plan.fidelity
-    base = fid.trial_settings(plan.settings["train"])
+    base = fid.trial_settings(plan.settings.train.model_dump())
     # a trial is scored by its best epoch's val_patient_dice; choosing post-processing is the refit's
-    settings = {**plan.settings, "evaluate": {**plan.settings.get("evaluate", {}), "select_postprocessing": False}}
+    settings = plan.settings.with_changes(evaluate={"select_postprocessing": False})
     fidelity = (f"{fid.size}px, {fid.max_resource / 60:.1f} min budget" if fid.unit == "seconds"
                 else f"{fid.size}px, <= {fid.max_resource} epochs")
 

@@ -113,7 +113,7 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     """
     started = time.time() if started is None else started
     quiet_optuna()
-    storage = study_storage(plan.storage_url, int(plan.tune.get("heartbeat", 60)))
+    storage = study_storage(plan.storage_url, int(plan.tune.heartbeat))
     study = open_plan_study(plan, worker or 0, storage)  # seeds per trial number: no pid needed
     clock = None
     if worker is None and not create_only:  # the plan first, so that the study's run records what runs
@@ -129,7 +129,7 @@ def run_study(plan: StudyPlan, ctx, experiment: str, create_only: bool = False, 
     summary, status = None, "FINISHED"
     try:
         if clock is not None:
-            mlflow_runs.log_params_to(parent, {"study.budget_minutes": plan.tune["budget_minutes"],
+            mlflow_runs.log_params_to(parent, {"study.budget_minutes": plan.tune.budget_minutes,
                                             **{f"study.plan.{k}": v for k, v in study.user_attrs[PLAN_ATTR].items()}})
         search(plan, ctx, study, parent, clock, None, echo, settings_args=settings_args)
         summary = summarize_study(study, parent)

@@ -11,11 +11,11 @@ from conftest import make_project
 
 def test_variants_are_compared_on_the_same_folds_and_never_see_test_patients(tmp_path, monkeypatch):
     import brainseg.training.train
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
 
     root = make_project(tmp_path / "p", patients=12, slices=4, size=32)
     monkeypatch.chdir(root)
-    settings = load_settings("smoke", [])
+    settings = validate_settings(load_settings("smoke", []))
     seen = []
 
     def fake_train(cfg, tr, va, verbose=0):  # records what each run trains and scores on

@@ -39,7 +39,8 @@ def test_good_overrides_pass_with_their_types(monkeypatch, override, expected):
     monkeypatch.chdir(PROJECT)
     settings = validate_settings(load_settings(None, [override]))
     section, key, value = expected
-    assert settings[section][key] == value and type(settings[section][key]) is type(value)
+    got = getattr(getattr(settings, section), key)
+    assert got == value and type(got) is type(value)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -76,7 +77,7 @@ def test_the_project_defaults_and_every_profile_pass(monkeypatch):
 
     for profile in [None, *yaml.safe_load((PROJECT / "experiments" / "profiles.yaml").read_text())]:
         settings = load_settings(profile, [])
-        assert validate_settings(settings) == settings
+        assert validate_settings(settings).as_dict() == settings
 
 
 # ---------------------------------------------------------------------- manifest and split on demand
@@ -85,7 +86,7 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(project_files(tmp_path))
     import_dataset(generate(tmp_path / "src" / "kaggle_3m", patients=6, slices=4, size=32, seed=0),
                    Path("data/raw/kaggle_3m"), use_dvc=False)
-    return load_settings(None, [])
+    return validate_settings(load_settings(None, []))
 
 
 def test_missing_manifest_and_split_are_built_and_said(project):
@@ -113,7 +114,7 @@ def test_a_new_import_makes_them_stale(project, tmp_path):
 
 def test_a_manifest_of_another_folder_is_rebuilt(project, tmp_path):
     other = generate(tmp_path / "other" / "kaggle_3m", patients=3, slices=4, size=32, seed=2)
-    DataContext.from_settings({**project, "data": {**project["data"], "root": str(other)}}, echo=lambda x: None)
+    DataContext.from_settings(project.with_changes(data={"root": str(other)}), echo=lambda x: None)
     lines = []
     DataContext.from_settings(project, echo=lines.append)
     assert "manifest was built from another dataset folder" in lines[0]
@@ -121,15 +122,15 @@ def test_a_manifest_of_another_folder_is_rebuilt(project, tmp_path):
 
 def test_an_unstamped_manifest_naming_missing_files_is_stale(project):
     ensure_prepared(project, echo=lambda x: None)
-    m = Path(project["data"]["manifest"])
+    m = Path(project.data.manifest)
     m.with_suffix(".version.json").unlink()
-    assert manifest_staleness(m, Path(project["data"]["root"]), "v") is None  # all its files exist
+    assert manifest_staleness(m, Path(project.data.root), "v") is None  # all its files exist
     df = pd.read_csv(m)
     df.loc[0, "image_path"] = "data/raw/kaggle_3m/gone.tif"
     df.to_csv(m, index=False)
-    assert manifest_staleness(m, Path(project["data"]["root"]), "v") == "names files that no longer exist"
-    stamp_manifest(m, Path(project["data"]["root"]), "v")
-    assert manifest_staleness(m, Path(project["data"]["root"]), "v") is None
+    assert manifest_staleness(m, Path(project.data.root), "v") == "names files that no longer exist"
+    stamp_manifest(m, Path(project.data.root), "v")
+    assert manifest_staleness(m, Path(project.data.root), "v") is None
 
 
 def test_no_dataset_and_a_bad_dataset_say_what_to_run(project):

@@ -81,7 +81,7 @@ def test_the_handed_on_model_stores_the_settings_chosen_on_val(project):
     from brainseg.evaluation.evaluate import select_postprocessing
     from brainseg.inference.segmenter import InferenceSettings
     from brainseg.registry.model_registry import load_segmenter
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
 
     summary = json.loads(Path("reports/tune.json").read_text())
     chosen = summary["postprocessing"]
@@ -89,7 +89,7 @@ def test_the_handed_on_model_stores_the_settings_chosen_on_val(project):
     assert chosen["trial_model_uri"] == summary["best_trial_model_uri"] != chosen["model_uri"]
     trial = load_segmenter(summary["best_trial_model_uri"])
     stored = load_segmenter(summary["best_model_uri"])
-    ctx = DataContext.from_settings(load_settings())
+    ctx = DataContext.from_settings(validate_settings(load_settings()))
     rows = ctx.rows("val")
     best, table = select_postprocessing(trial, rows, load_full_images(rows), ctx.truths("val"))
     assert stored.settings == best == InferenceSettings.from_dict(chosen["inference"])

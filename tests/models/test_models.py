@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainseg.models.factory import ARCHS, OWN_ARCHS, SM_ARCHS, build_model, check_names
+from brainseg.models.factory import ARCHS, OWN_ARCHS, SM_ARCHS, build_model, check_names, set_encoder_trainable
 from brainseg.models.losses import TverskyLoss, make_loss
 from brainseg.settings.architectures import ENCODER_ARCHS, has_encoder
 from brainseg.settings.config import Train
@@ -67,6 +67,25 @@ def _tensors():
     pr = np.full((1, 4, 4, 1), 0.2, np.float32)
     pr[0, :2, :] = 0.9
     return tf.constant(gt), tf.constant(pr)
+
+
+def test_freezing_and_unfreezing_an_encoder_matches_segmentation_models():
+    """Issue 36 item 4: no private API of segmentation-models; the freeze it does when building a
+    model with ``encoder_freeze`` (all but BatchNormalization) is what set_encoder_trainable(False)
+    does, and unfreezing makes every layer trainable again."""
+    import tf_keras as keras
+    from segmentation_models.models import _utils  # the private helper, only to check against it
+
+    model = build_model(Train.from_dict({"arch": "unet", "encoder": "resnet18", "size": 64,
+                                         "freeze_encoder_epochs": 1}))
+    frozen_by_sm = {layer.name for layer in model.layers if not layer.trainable}
+    assert frozen_by_sm and all("bn" not in name for name in frozen_by_sm)  # BatchNorm stays trainable
+    set_encoder_trainable(model, True)
+    assert all(layer.trainable for layer in model.layers)
+    set_encoder_trainable(model, False)
+    ours = [layer.trainable for layer in model.layers]
+    _utils.freeze_model(model, layers=keras.layers)  # segmentation-models passes its framework's layers
+    assert ours == [layer.trainable for layer in model.layers]
 
 
 def test_weighted_loss_is_the_weighted_sum_of_its_terms():

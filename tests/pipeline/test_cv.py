@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from brainseg.settings.config import validate_settings
 from conftest import Tracking, prepared_project
 from helpers import invoke
 
@@ -178,7 +179,7 @@ def test_a_study_refit_by_cross_validation_registers_the_ensemble_with_its_evide
     monkeypatch.chdir(path)
     parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
     with Tracking(path / "mlflow.db"):
-        settings = cv.stored_settings(parent)
+        settings = validate_settings(cv.stored_settings(parent))
         ctx = DataContext.from_settings(settings)
         mlflow_runs.set_experiment("brainseg")
         summary = {"best_trial": 0, "best_params": {"lr": 0.002}, "parent_run_id": None}
@@ -229,7 +230,7 @@ def test_no_test_mask_is_read_before_the_report_and_corrupting_them_changes_only
     monkeypatch.chdir(path)
     parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
     with Tracking(path / "mlflow.db"):
-        settings = cv.stored_settings(parent)
+        settings = validate_settings(cv.stored_settings(parent))
         ctx = DataContext.from_settings(settings)
         plan = cv.plan_cv(settings, ctx)
         done = cv.finished_folds("brainseg", parent)

@@ -14,12 +14,13 @@ from brainseg.data.context import DataContext
 from brainseg.outcome import workflow
 from brainseg.outcome.cv import permutation_importances
 from brainseg.registry import modelcard, promotion
-from brainseg.settings.config import load_settings
+from brainseg.settings.config import load_settings, validate_settings
 from helpers import invoke
 
 
 def _settings() -> dict:
-    return load_settings("smoke", ["register.segmenter_name=seg-card", "register.survival_name=surv-card"])
+    return validate_settings(load_settings("smoke", ["register.segmenter_name=seg-card",
+                                                     "register.survival_name=surv-card"]))
 
 
 def _card_of(run_id: str) -> str:

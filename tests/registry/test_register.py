@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from brainseg.registry.model_registry import decide, decide_preregistered
+from brainseg.settings.config import Settings
 from brainseg.tracking import run_metrics
 from helpers import invoke
 
@@ -51,7 +52,7 @@ def _champion(name: str) -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
 
 
-def constant_run(settings: dict) -> str:
+def constant_run(settings: Settings) -> str:
     """A training-like run whose logged segmenter predicts no tumor anywhere (val Dice 0)."""
     import tempfile
     from pathlib import Path
@@ -59,10 +60,9 @@ def constant_run(settings: dict) -> str:
     import tf_keras as keras
 
     from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
     from brainseg.tracking import mlflow_runs
 
-    cfg = Train.from_dict(settings["train"])
+    cfg = settings.train
     model = keras.Sequential([keras.layers.Input((cfg.size, cfg.size, cfg.prep.n_channels)),
                               keras.layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="zeros",
                                                   bias_initializer=keras.initializers.Constant(-10.0))])
@@ -108,10 +108,10 @@ def test_register_tags_the_version_by_split_and_moves_no_alias(in_project):
 
 
 def test_the_gate_promotes_a_better_challenger_and_refuses_a_worse_one(in_project):
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
 
     name = "seg-gate"
-    settings = load_settings("smoke")
+    settings = validate_settings(load_settings("smoke"))
     summary = json.loads(open("reports/tune.json").read())
     client = mlflow.MlflowClient()
 
@@ -137,13 +137,13 @@ def test_the_register_stage_alone_never_moves_an_existing_champion(in_project):
     a better version is registered and tagged, the champion stays where it was."""
     import yaml
 
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
     from helpers import PROJECT_ROOT
 
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["register"]["cmd"]
     assert "--promote" not in stage and "--force" not in stage
     name = "seg-exp-run"
-    first, _ = _register(name, "--run", constant_run(load_settings("smoke")), "--promote")
+    first, _ = _register(name, "--run", constant_run(validate_settings(load_settings("smoke"))), "--promote")
     assert _champion(name) == first["version"]
     args = stage.split()[2:]  # brainseg register --tune ... --survival ... --out ...
     args[args.index("--survival") + 1] = "missing.json"

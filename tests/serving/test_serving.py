@@ -234,10 +234,11 @@ def real_slice(real_sample) -> Path:
 def test_champion_by_alias_gives_the_masks_and_features_of_evaluate(champion, real_sample, monkeypatch):
     from brainseg.data.context import DataContext
     from brainseg.evaluation.evaluate_run import tracked_evaluation
+    from brainseg.settings.config import validate_settings
 
     ctx = DataContext.from_folder(real_sample)
     rows = ctx.rows("test")
-    evaluated = tracked_evaluation({"profile": "test"}, CHAMPION_URI, ctx, "test")
+    evaluated = tracked_evaluation(validate_settings({"profile": "test"}), CHAMPION_URI, ctx, "test")
     assert evaluated["metrics"]["n_slices"] == len(rows) == 176
 
     monkeypatch.setenv("BRAINSEG_SERVE_MAX_ROWS", "500")  # the whole sample in one call (default limits:

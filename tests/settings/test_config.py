@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from brainseg.settings.config import PrepConfig, Train, flatten, load_settings, validate_settings
 from brainseg.settings.settings_io import ConfigError, apply_overrides, deep_merge, parse_override
@@ -199,7 +200,7 @@ def project_settings(*overrides):
 def test_settings_models_convert_good_values(override, key, value):
     got = project_settings(override)
     for part in key.split("."):
-        got = got[part]
+        got = getattr(got, part)  # typed: attributes, not keys
     assert got == value and type(got) is type(value)
 
 
@@ -219,10 +220,17 @@ def test_settings_models_refuse_bad_values_in_one_line(override, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_settings_keep_the_files_order_and_refuse_unknown_keys_anywhere():
+def test_settings_come_back_as_given_frozen_and_refuse_unknown_keys_anywhere():
     settings = load_settings(params_file=PROJECT / "params.yaml")
     checked = validate_settings(settings)
-    assert checked == settings and list(checked["train"]) == list(settings["train"])
+    assert checked.as_dict() == settings and list(checked.as_dict()["train"]) == list(settings["train"])
+    with pytest.raises(ValidationError, match="frozen"):
+        checked.train.lr = 0.5
+    with pytest.raises(ValidationError, match="frozen"):
+        checked.evaluate.threshold = 0.9
+    assert checked.with_changes(cv={"budget_minutes": 10}).cv.budget_minutes == 10 and checked.cv.budget_minutes is None
+    with pytest.raises(ConfigError, match="cv.budget_minutes: 0 "):
+        checked.with_changes(cv={"budget_minutes": 0})
     settings["survival"]["oof"]["train"]["lrr"] = 0.1
     settings["colour"] = "red"
     with pytest.raises(ConfigError) as err:

@@ -85,5 +85,5 @@ def test_a_good_override_reaches_the_training_as_a_number(project, monkeypatch):
     monkeypatch.setattr(brainseg.training.training_run, "tracked_training", record)
     result = CliRunner().invoke(app, ["train", "--set", "train.lr=1e-3", "--set", "train.epochs=2.0"])
     assert isinstance(result.exception, Started), result.output  # YAML reads 1e-3 as text: still a number
-    assert seen["settings"]["train"]["lr"] == 0.001 and seen["cfg"].lr == 0.001
-    assert seen["settings"]["train"]["epochs"] == 2 and type(seen["cfg"].epochs) is int
+    assert seen["settings"].train.lr == 0.001 and seen["cfg"].lr == 0.001
+    assert seen["settings"].train.epochs == 2 and type(seen["cfg"].epochs) is int

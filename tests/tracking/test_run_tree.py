@@ -20,7 +20,7 @@ def test_the_pipeline_under_mlflow_run_is_one_tree_in_brainseg(tmp_path, monkeyp
         launcher = c.create_run("0", run_name="mlflow-run-launcher")  # what `mlflow run` makes in Default
         monkeypatch.setenv(run_context.PROJECT_ENV, launcher.info.run_id)
         monkeypatch.delenv(run_context.PIPELINE_ENV, raising=False)
-        run_id, moved = run_pipeline.claim_launcher("abc123", {"profile": "smoke"})
+        run_id, moved = run_pipeline.claim_launcher("abc123", "smoke")
         assert moved and os.environ[run_context.PROJECT_ENV] == run_id
         pipeline = c.get_run(run_id)
         assert c.get_experiment(pipeline.info.experiment_id).name == "brainseg"
@@ -41,10 +41,10 @@ def test_the_pipeline_under_mlflow_run_is_one_tree_in_brainseg(tmp_path, monkeyp
 
 def test_without_mlflow_run_nothing_is_claimed(monkeypatch):
     monkeypatch.delenv(run_context.PROJECT_ENV, raising=False)
-    assert run_pipeline.claim_launcher("abc", {"profile": "smoke"}) == (None, False)
+    assert run_pipeline.claim_launcher("abc", "smoke") == (None, False)
     monkeypatch.setenv(run_context.PROJECT_ENV, "r1")
     monkeypatch.setenv(run_context.PIPELINE_ENV, "p1")  # a stage inside a pipeline: its launcher claims
-    assert run_pipeline.claim_launcher("abc", {"profile": "smoke"}) == (None, False)
+    assert run_pipeline.claim_launcher("abc", "smoke") == (None, False)
 
 
 def test_the_private_name_conftest_restores_is_still_mlflows(tmp_path):

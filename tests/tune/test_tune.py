@@ -204,15 +204,16 @@ def test_trial_progress_on_a_terminal_is_a_rich_display_with_the_current_trials_
 
 
 def test_a_new_study_starts_with_the_recipe_once(in_project, tmp_path):
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
     from brainseg.tune.plan import open_plan_study, plan_from_settings
 
-    plan = plan_from_settings(load_settings("smoke"), "recipe-once", f"sqlite:///{tmp_path}/o.db", 1, 60)
+    settings = validate_settings(load_settings("smoke"))
+    plan = plan_from_settings(settings, "recipe-once", f"sqlite:///{tmp_path}/o.db", 1, 60)
     study = open_plan_study(plan, worker=0)
     trial = study.ask()
     assert trial.params == {} and trial.user_attrs["recipe"] == "hand-set"
-    assert trial_config(trial, plan.fidelity.trial_settings(plan.settings["train"]), plan.space).lr == \
-        plan.settings["train"]["lr"]
+    assert trial_config(trial, plan.fidelity.trial_settings(plan.settings.train.model_dump()), plan.space).lr == \
+        plan.settings.train.lr
     assert trial.params == plan.recipe
     study.tell(trial, 0.5)
     again = open_plan_study(plan, worker=0)  # resuming: no second recipe

@@ -144,14 +144,14 @@ def test_a_budgeted_refit_needs_the_recipes_budget(project, monkeypatch):
 def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tmp_path, monkeypatch):
     """The plan and the session's deadlines are kept in the study, so a worker process (or a resumed
     session) uses the same rungs in seconds and the same last start as the launcher planned."""
-    from brainseg.settings.config import load_settings
+    from brainseg.settings.config import load_settings, validate_settings
     from brainseg.tune.clock import CLOCK_ATTR, PLAN_ATTR, worker_clock
     from brainseg.tune.plan import open_plan_study, plan_from_settings
     from brainseg.tune.study_budget import TrialPlan
     from helpers import PROJECT_ROOT
 
     monkeypatch.chdir(PROJECT_ROOT)
-    settings = load_settings("smoke", ["tune.budget_minutes=10"])
+    settings = validate_settings(load_settings("smoke", ["tune.budget_minutes=10"]))
     storage = f"sqlite:///{tmp_path}/o.db"
     launcher = plan_from_settings(settings, "shared", storage, 1, 60)
     study = open_plan_study(launcher, worker=0)
@@ -167,10 +167,10 @@ def test_a_worker_trains_at_the_launchers_fidelity_and_stops_at_its_deadlines(tm
     assert fid.unit == "seconds" and fid.rungs() == [60, 120] and fid.max_resource == 120
     assert isinstance(worker_study.pruner, optuna.pruners.SuccessiveHalvingPruner)
     assert worker_study.pruner._min_resource == 60
-    cfg = fid.trial_settings(settings["train"])
+    cfg = fid.trial_settings(settings.train.model_dump())
     assert cfg["budget_minutes"] == 2 and cfg["progressive_size"] is None
     # without a budget in its settings a worker keeps the epoch fidelity
-    plain = plan_from_settings(load_settings("smoke"), "shared", storage, 1, 60)
+    plain = plan_from_settings(validate_settings(load_settings("smoke")), "shared", storage, 1, 60)
     assert worker_clock(plain, open_plan_study(plain, worker=2)) is None and plain.fidelity.unit == "epochs"
 
 
