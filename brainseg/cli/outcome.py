@@ -48,16 +48,31 @@ def survival(features_csv: Annotated[Path, typer.Option("--features", help="Per-
              clinical_csv: Annotated[Optional[Path], typer.Option("--clinical", help="data.csv (default: "
                                                                   "data.root/data.csv).")] = None,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/survival"),
+             skip_unsupported: Annotated[bool, typer.Option("--skip-unsupported", help="If data.csv cannot support "
+                                                            "the death01 cross-validation (no death01 for the "
+                                                            "patients, or fewer than 2 of a class), write reports "
+                                                            "saying so and exit 0 (the pipeline's survival stage).")]
+             = False,
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Repeated-CV comparison of death01 candidates, then the final pipeline of params.yaml, in MLflow."""
     from brainseg.data.clinical import ClinicalError
-    from brainseg.outcome.workflow import run_survival
+    from brainseg.outcome.workflow import run_survival, survival_skip_reason, write_skipped_survival
 
     settings = settings_or_fail(profile, set_)
     if not features_csv.is_file():
         fail(f"{features_csv}: per-patient features not found; compute them first with `brainseg features "
              f"--truth --out {features_csv.parent}` (ground-truth masks) or `brainseg features --oof --out "
              f"{features_csv.parent}` (predicted masks), or pass --features CSV", 2)
+    try:
+        reason = survival_skip_reason(settings, features_csv=features_csv, clinical_csv=clinical_csv)
+    except (FileNotFoundError, ClinicalError, ValueError, KeyError) as exc:
+        fail(str(exc), 2)
+    if reason and not skip_unsupported:
+        fail(reason, 2)
+    if reason:
+        write_skipped_survival(output, reason)
+        out.print(f"survival: skipped: {reason} -> {output / 'cv.json'}", markup=False, highlight=False)
+        return
     try:
         s = run_survival(settings, features_csv=features_csv, out_dir=output, clinical_csv=clinical_csv,
                          compare_csvs=compare_csv or [], experiment=EXPERIMENT + "-survival")

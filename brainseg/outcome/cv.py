@@ -28,6 +28,52 @@ def inner_folds_for(y: pd.Series, outer_folds: int, wanted: int = 5) -> int:
     return max(2, min(wanted, minority * (outer_folds - 1) // outer_folds))
 
 
+MIN_PER_CLASS = 2  # the least of each class a stratified CV takes: cross_validate's folds drop to it, not below
+
+
+def too_few_per_class(y: pd.Series) -> str | None:
+    """Why a stratified CV cannot score the 0/1 labels ``y`` (one per patient), in words: fewer than
+    MIN_PER_CLASS patients of a class (more folds than that are reduced, see :func:`cross_validate`).
+    None when it can.
+
+    >>> print(too_few_per_class(pd.Series([1, 0, 0, 0, 0, 0], name="death01")))
+    death01 = 1 for 1 of 6 patients (5 with 0): the cross-validation needs at least 2 patients of each death01 class
+    >>> too_few_per_class(pd.Series([1, 0, 1, 0], name="death01")) is None
+    True
+    """
+    name = y.name or "target"
+    counts = y.value_counts()
+    if len(counts) >= 2 and counts.min() >= MIN_PER_CLASS:
+        return None
+    positives = int((y == 1).sum())
+    return (f"{name} = 1 for {positives} of {len(y)} patients ({len(y) - positives} with 0): the cross-validation "
+            f"needs at least {MIN_PER_CLASS} patients of each {name} class")
+
+
+def survival_unsupported(clinical: pd.DataFrame | None, patients: Sequence[str], source: str = "data.csv"
+                         ) -> str | None:
+    """Why data.csv's rows cannot support the death01 CV of the imaged ``patients``, in words, or None.
+
+    ``clinical``: :func:`brainseg.data.clinical.read_clinical`'s frame (indexed by Patient), None when
+    there is no ``source`` file. Reasons: no file, no death01 for any of ``patients``, fewer than
+    MIN_PER_CLASS of a class among those with one (:func:`too_few_per_class`). Values other than 0/1
+    are not a reason to skip: None, and the survival workflow refuses them by name.
+    """
+    n = len(patients)
+    if clinical is None:
+        return f"{source} not found: no {TARGET} for the {n} patients"
+    column = clinical[TARGET] if TARGET in clinical.columns else pd.Series(dtype=float)
+    column = pd.to_numeric(column, errors="coerce").set_axis(column.index.astype(str))
+    known = column.reindex([str(p) for p in patients]).dropna()
+    if known.empty:
+        return f"{source} has no {TARGET} for the {n} patients"
+    if not set(known) <= {0, 1}:
+        return None
+    reason = too_few_per_class(known.astype(int).rename(TARGET))
+    unknown = f" ({n - len(known)} of the {n} patients have no {TARGET})" if len(known) < n else ""
+    return f"{source}: {reason}{unknown}" if reason else None
+
+
 def cross_validate(pipeline_factory: Callable[[], Pipeline], X: pd.DataFrame, y: pd.Series,
                    folds: int = 5, repeats: int = 5, seed: int = 0,
                    return_estimators: bool = False) -> dict:
@@ -41,10 +87,10 @@ def cross_validate(pipeline_factory: Callable[[], Pipeline], X: pd.DataFrame, y:
     P(death01=1) averaged over repeats; ``c_median`` the median C chosen by logreg's inner CV.
     Folds drop to the minority class count when it is smaller (recorded in ``notes``).
     """
+    refusal = too_few_per_class(y)
+    if refusal:
+        raise ValueError(refusal)
     counts = y.value_counts()
-    if len(counts) < 2 or counts.min() < 2:
-        raise ValueError(f"need at least 2 patients of each {y.name or 'target'} class, "
-                         f"got {counts.to_dict()}")
     notes = []
     n_splits = min(folds, int(counts.min()))
     if n_splits < folds:

@@ -3,7 +3,9 @@
 ``compute_features`` writes slices.csv, patients.csv and source.json (which masks, which data
 version, whether the data is synthetic); ``run_survival`` reads them, compares the candidates
 with repeated CV, fits the final pipeline declared in params.yaml (``survival.final``) and logs
-everything to MLflow, then writes cv.json, metrics.json, comparison.csv and importances.csv.
+everything to MLflow, then writes cv.json, metrics.json, comparison.csv and importances.csv. Where
+data.csv cannot support the cross-validation (``survival_skip_reason``), ``write_skipped_survival``
+writes cv.json and metrics.json saying why instead, with no score and no model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from brainseg.data.layout import find_root
 from brainseg.data.manifest import scan
 from brainseg.data.synth import is_synthetic
 from brainseg.data.version import data_version
-from brainseg.outcome.cv import common_patients, compare, find_result, inner_folds_for, permutation_importances
+from brainseg.outcome.cv import (
+    common_patients,
+    compare,
+    find_result,
+    inner_folds_for,
+    permutation_importances,
+    survival_unsupported,
+)
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
 from brainseg.outcome.oof import oof_masks
@@ -32,6 +41,7 @@ from brainseg.registry.modelcard import survival_failures
 from brainseg.settings.config import EPOCH_SIZED, Settings, Train
 
 SOURCE_FILE = "source.json"
+REPORT_FILES = ("cv.json", "metrics.json", "comparison.csv", "importances.csv", "coefficients.csv")
 # ------------------------------------------------------------------------------------ features
 def compute_features(settings: Settings, *, out_dir: Path, root: Path | None = None, truth: bool = False,
                      model: str | None = None, oof: bool = False, echo: Callable[[str], None] = print) -> dict:
@@ -177,6 +187,29 @@ def run_survival(settings: Settings, *, features_csv: Path, out_dir: Path, clini
                          "balanced_accuracy": final.cv["balanced_accuracy_mean"], "brier": final.cv["brier_mean"]},
                "failures": fit.failures, "results": [{**summary_row(r), "key": r.key} for r in fit.results]}
     _write_reports(Path(out_dir), summary, fit.results, fit.importance, fit.coefs)
+    return summary
+
+
+def survival_skip_reason(settings: dict, *, features_csv: Path, clinical_csv: Path | None = None) -> str | None:
+    """Why the data cannot support ``brainseg survival`` (:func:`brainseg.outcome.cv.survival_unsupported`:
+    no data.csv, no death01 for the patients of ``features_csv``, too few of a class), or None.
+    Reads data.csv and the features' patients; a data.csv that cannot be read raises ClinicalError."""
+    path = Path(clinical_csv or Path(settings["data"]["root"]) / "data.csv")
+    patients = read_features(features_csv)[0]["patient"].astype(str).tolist()
+    return survival_unsupported(read_clinical(path) if path.is_file() else None, patients, str(path))
+
+
+def write_skipped_survival(out_dir: Path, reason: str) -> dict:
+    """The survival stage's outputs when it did not run: cv.json and metrics.json say so and why (no
+    score, no model); the other reports of an earlier run are removed, so that none is taken for
+    this data's. Returns the summary written to cv.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    summary = {"skipped": True, "reason": reason}
+    (out_dir / "cv.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps({"survival_skipped": True}, indent=2))
     return summary
 
 

@@ -119,9 +119,9 @@ def register_models(settings: Settings, *, tune_summary: Path | None, run_id: st
                     echo=print) -> dict:
     """``brainseg register``: the segmenter of run ``run_id`` (else the model ``tune_summary`` hands
     on: the full-fidelity refit, or the best trial with TTA and post-processing chosen on val) and the
-    survival model of ``survival_summary`` (skipped when missing), each tagged with its validation / CV
-    figures and gated if ``promote`` (default: register.promote). Returns each model's result; echoes
-    each decision.
+    survival model of ``survival_summary`` (skipped when missing, or when it says why the survival
+    stage did not run), each tagged with its validation / CV figures and gated if ``promote``
+    (default: register.promote). Returns each model's result; echoes each decision.
     FileNotFoundError / ValueError (with nothing registered) when there is nothing to register."""
 
     promote = settings.register_.promote if promote is None else promote
@@ -147,9 +147,11 @@ def register_models(settings: Settings, *, tune_summary: Path | None, run_id: st
     results["segmenter"] = register_segmenter(settings, ctx, run_id, model_uri, promote=promote, force=force,
                                               trained_in=trained_in)
     echo(results["segmenter"]["decision"])
-    if survival_summary and survival_summary.is_file():
-        results["survival"] = register_survival(settings, json.loads(survival_summary.read_text()),
-                                                promote=promote, force=force)
+    survival = json.loads(survival_summary.read_text()) if survival_summary and survival_summary.is_file() else None
+    if survival and survival.get("skipped"):  # the survival stage did not run (brainseg survival --skip-unsupported)
+        echo(f"survival: not registered: {survival['reason']}")
+    elif survival:
+        results["survival"] = register_survival(settings, survival, promote=promote, force=force)
         echo(results["survival"]["decision"])
     else:
         echo(f"survival: {survival_summary} not found, not registered")

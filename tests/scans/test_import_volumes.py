@@ -4,17 +4,19 @@ Synthetic volumes (fast): BraTS and nnU-Net names, the label rule, the in-plane 
 with its spacing, the spacing in the manifest, and every refusal as one line naming the file, with
 nothing replaced at --dest. The real 6-patient sample (slow): each patient's three sequences and a
 multi-class label written as NIfTI (0.9 x 0.9 x 3.3 mm, stored RAS, a non-zero origin) in BraTS
-names are imported back into exactly the original slices and masks, then `data validate`,
-`train --profile smoke`, `register` and `evaluate` run on them, and the evaluation reports the
-volumes in mL and HD95 in mm. (`brainseg run` is not used: its survival stage needs a death01 with
-both classes among the patients, which the sample's 6 patients do not give, and it takes much
-longer; the train/register/evaluate chain is the part that reads the imported data.)
+names are imported (no outcome table, as BraTS gives none) into a fresh clone, back into exactly the
+original slices and masks; then `brainseg run --profile smoke` validates, splits, tunes, registers and
+promotes the segmenter and reports on the test patient, while its survival stage is skipped in one line
+naming the reason (data.csv has no death01) and no survival model is registered; `dvc status` is
+clean after it, and the champion's evaluation of all 6 patients reports the volumes in mL and HD95
+in mm. The skip itself, fast and synthetic: tests/outcome/test_survival_skip.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from scan_files import SPACING, write_nifti
 
 from brainseg.data.manifest import SIDECAR, read_manifest
 from conftest import Tracking
-from helpers import invoke_flat, project_files, tree
+from helpers import copy_checkout, invoke_flat, pipeline_env, project_files, tree
 
 BRATS = {"flair": ("flair", 1), "pre": ("t1", 0), "post": ("t1ce", 2)}  # sequence: (BraTS suffix, RGB channel)
 
@@ -214,8 +216,8 @@ def test_a_clinical_table_follows_the_patients_under_their_new_names(project, tm
 @pytest.mark.real
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_the_real_sample_as_volumes_imports_trains_registers_and_evaluates_in_ml(real_sample, project, tmp_path,
-                                                                                 monkeypatch):
+def test_the_real_sample_as_volumes_imports_and_brainseg_run_trains_registers_and_evaluates_in_ml(
+        real_sample, tmp_path, monkeypatch):
     src = tmp_path / "volumes"
     originals = {}
     for k, folder in enumerate(sorted(p for p in real_sample.iterdir() if p.is_dir()), start=1):
@@ -226,32 +228,50 @@ def test_the_real_sample_as_volumes_imports_trains_registers_and_evaluates_in_ml
         label[masks & (np.arange(256)[None, None, :] % 3 == 0)] = 1
         write_brats(src / f"Site_Patient_{k:02d}", images, label)
         originals[f"TCGA_IM_{k:04d}_00000000"] = (images, masks)
-    code, output = invoke_flat("data", "import", src, "--no-dvc")
+    project = copy_checkout(tmp_path / "clone")  # a fresh clone: git and DVC, as a user has it
+    monkeypatch.chdir(project)
+    code, output = invoke_flat("data", "import", src)  # no --clinical: no outcome table, as BraTS gives
     assert code == 0, output
-    assert "imported 6 patients given as volumes, 176 slices" in output
+    assert "imported 6 patients given as volumes, 176 slices" in output and "tracked by DVC" in output
     root = project / "data/raw/kaggle_3m"
     for name, (images, masks) in originals.items():
         got_images, got_masks = slices_of(root / name)
         assert np.array_equal(got_images, images) and np.array_equal(got_masks > 0, masks), name  # slice for slice
-    code, output = invoke_flat("data", "validate", root)
-    assert code == 0 and "patients: 6 slices: 176" in output and "problems: 0" in output, output
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-m", "brainseg", "run", "--profile", "smoke"], cwd=project,
+                          env=pipeline_env(), capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stdout = " ".join(done.stdout.split())
+    assert "patients: 6 slices: 176" in stdout and "problems: 0" in stdout  # the validate stage
+    reason = "data/raw/kaggle_3m/data.csv has no death01 for the 6 patients"
+    assert stdout.count("survival: skipped: ") == 1  # one line, naming the reason
+    assert f"survival: skipped: {reason} -> reports/survival/cv.json" in done.stdout.splitlines()
+    assert f"survival: not registered: {reason}" in done.stdout.splitlines()
+    assert json.loads((project / "reports/survival/cv.json").read_text()) == {"skipped": True, "reason": reason}
+    assert list(json.loads((project / "reports/register.json").read_text())) == ["segmenter"]
+    assert "promotion gate: brainseg promote brainseg-segmenter 1" in stdout
+    status = subprocess.run(["dvc", "status"], cwd=project, env=pipeline_env(), capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout  # every stage completed
+
+    test_report = pd.read_csv(project / "reports/test/per_patient.csv")  # the pipeline's test report, in mL
+    assert len(test_report) >= 1 and set(test_report["distance_unit"]) == {"mm"}
+    voxel_ml = np.prod(SPACING) / 1000
+    truth_ml = {name.rsplit("_", 1)[0]: masks.sum() * voxel_ml for name, (_, masks) in originals.items()}
+    for _, row in test_report.iterrows():
+        assert row["truth_volume_ml"] == pytest.approx(truth_ml[row["patient"]], rel=1e-9)
     with Tracking(project / "mlflow.db"):
-        code, output = invoke_flat("train", "--profile", "smoke", "--progress", "none")
-        assert code == 0, output
-        run_id = re.search(r"run ([0-9a-f]{32}): best epoch", output).group(1)
-        code, output = invoke_flat("register", "--run", run_id, "--promote", "--force", "--profile", "smoke")
-        assert code == 0, output
+        import mlflow
+
+        champion = mlflow.MlflowClient().get_model_version_by_alias("brainseg-segmenter", "champion")
+        assert str(champion.version) == "1"
+        assert not mlflow.MlflowClient().search_registered_models("name = 'brainseg-survival'")
         code, output = invoke_flat("evaluate", "--model", "models:/brainseg-segmenter@champion", "--subset", "all",
                                    "--out", project / "reports/eval", "--profile", "smoke")
         assert code == 0, output
     per_patient = pd.read_csv(project / "reports/eval/per_patient.csv").set_index("patient")
     assert len(per_patient) == 6 and set(per_patient["distance_unit"]) == {"mm"}
-    voxel_ml = np.prod(SPACING) / 1000
-    for name, (_, masks) in originals.items():
-        row = per_patient.loc[name.rsplit("_", 1)[0]]
-        assert row["truth_volume_ml"] == pytest.approx(masks.sum() * voxel_ml, rel=1e-9)  # voxels x voxel volume
+    for patient, row in per_patient.iterrows():
+        assert row["truth_volume_ml"] == pytest.approx(truth_ml[patient], rel=1e-9)  # voxels x voxel volume
         assert row["pred_volume_ml"] == pytest.approx((row["tp"] + row["fp"]) * voxel_ml, rel=1e-9)
     manifest = read_manifest(project / "data/processed/manifest.csv")
     assert set(manifest["spacing_mm"]) == {"3.3,0.9,0.9"}
