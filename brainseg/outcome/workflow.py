@@ -190,11 +190,11 @@ def run_survival(settings: Settings, *, features_csv: Path, out_dir: Path, clini
     return summary
 
 
-def survival_skip_reason(settings: dict, *, features_csv: Path, clinical_csv: Path | None = None) -> str | None:
+def survival_skip_reason(settings: Settings, *, features_csv: Path, clinical_csv: Path | None = None) -> str | None:
     """Why the data cannot support ``brainseg survival`` (:func:`brainseg.outcome.cv.survival_unsupported`:
     no data.csv, no death01 for the patients of ``features_csv``, too few of a class), or None.
     Reads data.csv and the features' patients; a data.csv that cannot be read raises ClinicalError."""
-    path = Path(clinical_csv or Path(settings["data"]["root"]) / "data.csv")
+    path = Path(clinical_csv or Path(settings.data.root) / "data.csv")
     patients = read_features(features_csv)[0]["patient"].astype(str).tolist()
     return survival_unsupported(read_clinical(path) if path.is_file() else None, patients, str(path))
 

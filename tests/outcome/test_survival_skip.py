@@ -15,6 +15,7 @@ import pytest
 from brainseg.outcome.cv import survival_unsupported
 from brainseg.outcome.workflow import write_skipped_survival
 from brainseg.pipeline import workflows
+from brainseg.settings.config import validate_settings
 from helpers import invoke_flat, project_files
 
 PATIENTS = ["P1", "P2", "P3", "P4"]
@@ -89,7 +90,7 @@ def test_register_registers_no_survival_model_and_says_why(tmp_path, monkeypatch
     tune.write_text(json.dumps({"best_run_id": "r1", "best_model_uri": "models:/m-1"}))
     write_skipped_survival(tmp_path / "survival", "data.csv has no death01 for the 3 patients")
     lines = []
-    results = workflows.register_models({"register": {"promote": False}}, tune_summary=tune,
+    results = workflows.register_models(validate_settings({"register": {"promote": False}}), tune_summary=tune,
                                         survival_summary=tmp_path / "survival/cv.json", echo=lines.append)
     assert lines == ["seg v1", "survival: not registered: data.csv has no death01 for the 3 patients"]
     assert list(results) == ["segmenter"]  # nothing for the promotion gate to put through
