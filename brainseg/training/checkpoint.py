@@ -7,7 +7,9 @@ plan, the schedule, the callbacks' counters, the settings the run started with) 
 whose training ended keeps ``trained.npz``, the restored network). A save writes the new folder
 under a temporary name, renames it, then replaces ``state.json`` atomically (``os.replace``) and
 only then removes the previous folder: a crash at any moment leaves the last complete epoch
-readable. A finished run's folder is removed; :func:`interrupted` lists the rest.
+readable. A save that fails deletes what it wrote; on a full disk it notes why in ``state.json`` and
+raises :class:`DiskFull` (one line: the epoch kept, the resume command). A finished run's folder is
+removed; :func:`interrupted` lists the rest.
 
 One process at a time: the process that trains a run holds an exclusive ``flock`` on the folder's
 ``.lock`` (from its first save, or from :meth:`Checkpoint.reopen` for a resume) for as long as it
@@ -49,7 +51,8 @@ class CheckpointBusy(CheckpointError):
 
 
 class DiskFull(Exception):
-    """The disk filled while the run's model was logged; the checkpoint keeps the training (one line)."""
+    """The disk filled while the run's model was logged or an epoch was saved; the checkpoint keeps the
+    training up to its last whole epoch (one line)."""
 
 
 DISK_FULL = "disk full while logging the model"
@@ -227,7 +230,18 @@ class Checkpoint:
 
     def save(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
         """Write ``arrays`` and ``state`` as the run's checkpoint, atomically (see the module doc);
-        the first save takes the run's lock."""
+        the first save takes the run's lock. A save that fails leaves the checkpoint as it was (what
+        it wrote is deleted); on a full disk, :class:`DiskFull` naming the folder and the epoch kept."""
+        try:
+            self._write(state, arrays)
+        except Exception as exc:
+            self._discard_partial()
+            if not disk_full(exc):
+                raise
+            saving = "the trained network" if "trained" in arrays else f"epoch {int(state.get('epoch', 0))}"
+            raise self._full_while_saving(f"disk full while saving {saving}") from exc
+
+    def _write(self, state: dict, arrays: dict[str, list[np.ndarray]]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock()
         name = f"epoch-{int(state.get('epoch', 0)):04d}{'-trained' if 'trained' in arrays else ''}"
@@ -259,8 +273,39 @@ class Checkpoint:
         """Change fields of ``state.json`` (atomically), e.g. why the run stopped."""
         doc = {**self.state(), **fields}
         tmp = self.folder / f".{STATE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=1, default=float))
-        os.replace(tmp, self.folder / STATE)
+        try:
+            tmp.write_text(json.dumps(doc, indent=1, default=float))
+            os.replace(tmp, self.folder / STATE)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # no cut temporary file left on a full disk
+            raise
+
+    def _discard_partial(self) -> None:
+        """Delete what a failed save wrote: every folder ``state.json`` does not name, its temporary file."""
+        current = self._current()
+        for entry in self.folder.iterdir() if self.folder.is_dir() else []:
+            if entry.is_dir() and entry.name != current:
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(f".{STATE}.tmp-"):
+                entry.unlink(missing_ok=True)
+
+    def _full_while_saving(self, doing: str) -> DiskFull:
+        """Note ``doing`` (why the run stopped) in ``state.json`` and let go of the lock; the one-line
+        error naming what is kept."""
+        if not self.exists():  # the first save: nothing to resume from
+            self.remove()
+            return DiskFull(f"{doing} in {self.folder}/: no epoch had been saved, nothing is kept: free some "
+                            "space, then train again")
+        kept = self.state()
+        try:
+            self.update(stopped_by=doing)
+            noted = ""
+        except (OSError, CheckpointError):
+            noted = " (too full even to note why in its state.json)"
+        self.release()  # the training stops here: `brainseg checkpoints` must not show it as still running
+        whole = f"{'the trained network of ' if kept.get('trained') else ''}epoch {kept['epoch']}"
+        return DiskFull(f"{doing} in {self.folder}/: {whole} is kept whole there, nothing of the failed save "
+                        f"is left{noted}: free some space, then {resume_command(self)}")
 
     def _current(self) -> str | None:
         try:

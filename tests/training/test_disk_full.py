@@ -3,7 +3,11 @@ mounted where the MLflow store keeps models (or a run's artifacts), as root; ski
 is not permitted (the in-process cases with a faked ENOSPC still run). Before, a traceback, a cut
 model.h5 in the store and a checkpoint "stopped by a kill"; a READY version without its model card.
 Now one line, nothing partial in the store, the checkpoint kept and described, the registry holding a
-complete version or nothing; a version a killed registration left half-done is finished on retry."""
+complete version or nothing; a version a killed registration left half-done is finished on retry.
+
+The same while a training saves an epoch (a tmpfs as the checkpoint folder, or a faked ENOSPC): before,
+a traceback, the half-written epoch left beside the last whole one and a checkpoint "stopped by a
+kill"; now one line, the last whole epoch kept and described, and `brainseg train --resume` finishes."""
 
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from brainseg.registry import model_registry, modelcard
 from brainseg.registry.registration import COMPLETE, INCOMPLETE, TAG
 from brainseg.training.checkpoint import DISK_FULL
 from conftest import Tracking, make_project
+from helpers import invoke
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NAME = "brainseg-segmenter"
@@ -184,8 +190,6 @@ def test_a_registration_killed_half_way_is_finished_by_the_next(project, trained
 
 def test_a_registration_failing_half_way_undoes_itself_faked_enospc(project, trained, monkeypatch):
     """Where no tmpfs can be mounted: the card's write fails with ENOSPC in-process."""
-    from conftest import invoke
-
     run_id = _finished_run(project)
     name = "brainseg-segmenter-faked"
 
@@ -200,3 +204,116 @@ def test_a_registration_failing_half_way_undoes_itself_faked_enospc(project, tra
         assert f"registration of {name} v1 from run {run_id} failed half-way (No space left on device); undone" \
             in " ".join(done.output.split())
         assert mlflow.MlflowClient().search_registered_models(f"name = '{name}'") == []
+
+
+# ------------------------------------------------------------------ a full disk while an epoch is saved
+# The smoke network's checkpoint (its weights, Adam's two moments, the best epoch's weights: ~7.6 MB)
+# fits once on this disk, not twice: epoch 1's save fits, epoch 2's (written before epoch 1's goes) does not.
+CHECKPOINT_DISK = "10m"
+PER_EPOCH = ("loss", "val_loss", "val_patient_dice", "best_val_patient_dice", "learning_rate")
+KEPT = [".lock", "epoch-0001", "epoch-0001/best.npz", "epoch-0001/optimizer.npz", "epoch-0001/weights.npz",
+        "state.json"]
+
+
+def _entries(folder: Path) -> list[str]:
+    """Every file and folder under ``folder`` (hidden ones too: a save's temporary folder)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _whole(folder: Path) -> bool:
+    """Every array file of a saved epoch reads to its end."""
+    for path in folder.glob("*.npz"):
+        with np.load(path) as z:
+            [z[k] for k in z.files]
+    return True
+
+
+def _epochs_logged(project: Path, run_id: str) -> dict[str, list[int]]:
+    with Tracking(project / "mlflow.db"):
+        client = mlflow.MlflowClient()
+        return {name: sorted(m.step for m in client.get_metric_history(run_id, name) if m.step) for name in PER_EPOCH}
+
+
+def _the_run(project: Path):
+    with Tracking(project / "mlflow.db"):
+        [run] = mlflow.search_runs(experiment_names=["brainseg"], output_format="list")
+    return run
+
+
+def _stopped_on_a_full_disk(line: str, folder: str, resume: str) -> None:
+    """The one line: the disk is full, the folder, the epoch kept, the command that continues."""
+    assert line.startswith(f"error: disk full while saving epoch 2 in {folder}/"), line
+    assert "epoch 1 is kept" in line and line.endswith(f"free some space, then {resume}"), line
+
+
+def test_a_full_disk_while_saving_an_epoch_keeps_the_last_one_and_resume_finishes(tmp_path):
+    project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
+    disk = project / "ckpt"
+    cannot = _mount_small_disk(disk, CHECKPOINT_DISK)
+    if cannot:
+        pytest.skip(cannot)
+    try:
+        done = _brainseg(project, "train", "--profile", "smoke", "--progress", "none", "--no-test-report",
+                         "--checkpoint-dir", "ckpt")
+        [folder] = list(disk.iterdir())
+        run_id = folder.name
+        left, whole = _entries(folder), _whole(folder / "epoch-0001")
+        state = json.loads((folder / "state.json").read_text())
+        listed = _brainseg(project, "checkpoints", "--checkpoint-dir", "ckpt").stdout
+        failed, logged = _the_run(project), _epochs_logged(project, run_id)
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space again
+        resumed = _brainseg(project, "train", "--resume", "--run", run_id, "--checkpoint-dir", "ckpt",
+                            "--progress", "none")
+        after = _entries(disk)
+    finally:
+        _unmount(disk)
+    _stopped_on_a_full_disk(_error_line(done, 75), f"ckpt/{run_id}",
+                            f"brainseg train --resume --run {run_id} --checkpoint-dir ckpt")
+    assert left == KEPT and whole  # epoch 1 whole; nothing of epoch 2 (no cut .npz, no temporary folder)
+    assert state["epoch"] == 1 and "disk full while saving epoch 2" in state["stopped_by"]
+    assert "after epoch 1; stopped by disk full while saving epoch 2" in listed and "a kill" not in listed, listed
+    assert failed.info.status == "FAILED"  # as after a full disk while logging: ended, resumable
+    assert logged == {name: [1] for name in PER_EPOCH}  # epoch 2 was not saved, so not logged
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
+    run = _the_run(project)  # the same run, reopened and finished
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.tags["brainseg.resumed_from_epoch"] == "1"
+    assert _epochs_logged(project, run_id) == {name: [1, 2, 3, 4] for name in PER_EPOCH}  # each once
+    assert after == []  # the finished run's checkpoint is removed
+
+
+def test_a_full_disk_while_saving_an_epoch_faked_enospc(tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: epoch 2's optimizer.npz stops half-way with ENOSPC, in-process."""
+    project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    real_savez = np.savez
+
+    def savez(file, *arrays):
+        name = str(getattr(file, "name", file))
+        if ".epoch-0002." in name and name.endswith("optimizer.npz"):
+            real_savez(file, *arrays)
+            file.truncate(file.tell() // 2)  # the disk filled half-way through the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(file, *arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    done = invoke("train", "--profile", "smoke", "--progress", "none", "--no-test-report")
+    monkeypatch.setattr(np, "savez", real_savez)  # space again
+    [folder] = list((project / "checkpoints").iterdir())
+    run_id = folder.name
+    assert done.exit_code == 75 and "Traceback" not in done.output, done.output
+    [line] = [line for line in done.output.splitlines() if line.startswith("error:")]
+    _stopped_on_a_full_disk(line, f"checkpoints/{run_id}", f"brainseg train --resume --run {run_id}")
+    assert _entries(folder) == KEPT and _whole(folder / "epoch-0001")
+    listed = invoke("checkpoints").output
+    assert "after epoch 1; stopped by disk full while saving epoch 2" in listed and "a kill" not in listed, listed
+    assert _the_run(project).info.status == "FAILED"
+
+    resumed = invoke("train", "--resume", "--run", run_id, "--progress", "none")
+    assert resumed.exit_code == 0, resumed.output
+    run = _the_run(project)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert _epochs_logged(project, run_id) == {name: [1, 2, 3, 4] for name in PER_EPOCH}
+    assert not (project / "checkpoints").exists()

@@ -3,6 +3,7 @@ killed, with the same weights, optimizer, schedule, budget and counters; saves a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from test_budget import FakeClock, _arrays
 
-from brainseg.training.checkpoint import Checkpoint, CheckpointError, interrupted, resume_command
+from brainseg.training.checkpoint import Checkpoint, CheckpointError, DiskFull, interrupted, resume_command
 
 
 class Killed(BaseException):
@@ -96,7 +97,8 @@ def test_early_stopping_counts_its_patience_across_the_interruption(make_synth, 
     assert resumed.epochs_run == 3 and resumed.best_epoch == 0
 
 
-def test_a_save_that_dies_half_way_leaves_the_last_complete_epoch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, raised", [(errno.EIO, OSError), (errno.ENOSPC, DiskFull)])
+def test_a_save_that_dies_half_way_leaves_the_last_complete_epoch(tmp_path, monkeypatch, error, raised):
     import brainseg.training.checkpoint as checkpoint
 
     ckpt = Checkpoint(tmp_path / "run2")
@@ -106,16 +108,17 @@ def test_a_save_that_dies_half_way_leaves_the_last_complete_epoch(tmp_path, monk
     def dies(path, arrays):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(error, os.strerror(error))
         return original(path, arrays)
 
     original = checkpoint._save_arrays
     monkeypatch.setattr(checkpoint, "_save_arrays", dies)
-    with pytest.raises(OSError):
+    with pytest.raises(raised):
         ckpt.save({"epoch": 2, "history": {"loss": [1.0, 0.5]}}, {"weights": [np.zeros(3)], "best": [np.zeros(3)]})
     monkeypatch.undo()
     state = ckpt.state()
     assert state["epoch"] == 1 and ckpt.arrays("weights", state)[0].tolist() == [1.0, 1.0, 1.0]
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == [".lock", "epoch-0001", "state.json"]  # nothing half
     ckpt.save({"epoch": 2, "history": {"loss": [1.0, 0.5]}}, {"weights": [np.zeros(3)], "best": []})
     assert sorted(p.name for p in ckpt.folder.iterdir()) == [".lock", "epoch-0002", "state.json"]  # the debris went
 
