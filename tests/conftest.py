@@ -39,11 +39,18 @@ if _WORKERS > 1:
 # The longest files, measured (`--durations`), start first, so that no process is left with one of
 # them at the end while the other idles (`--dist loadfile` keeps a file in one process, so that its
 # module fixtures are built once).
-LONGEST_FIRST = ("test_pipeline.py", "test_pipeline_corrupted.py", "test_cv.py", "test_tune_postgres.py",
+LONGEST_FIRST = ("test_pipeline.py", "test_pipeline_corrupted.py", "test_import_volumes.py", "test_cv.py",
+                 "test_tune_postgres.py",
                  "test_tune_refit.py",
                  "test_tune_budget.py", "test_budget.py", "test_auth_server.py", "test_tracking_lost.py",
                  "test_resume_cli.py", "test_tune.py", "test_resume.py", "test_console.py",
                  "test_commands_chain.py", "test_bench.py", "test_survival.py", "test_selection.py", "test_oof.py")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one process more than the cores (at most 4): many tests wait on subprocesses, servers
+    and a browser, and two processes on two cores left CPU time unused (docs/performance.md)."""
+    return min(4, (os.cpu_count() or 1) + 1)
 
 
 def pytest_collection_modifyitems(config, items):

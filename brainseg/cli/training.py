@@ -223,7 +223,7 @@ def cv(profile: ProfileOpt = None, set_: SetOpt = None,
                      callbacks_for=lambda f: [b] if (b := epoch_progress(epochs, progress, console=out)) else [])
     except (CvRefused, ConfigError, ValueError, FileNotFoundError, BudgetError) as exc:
         fail(str(exc), 2)
-    except mlflow_runs.TrackingLost as exc:
+    except (mlflow_runs.TrackingLost, DiskFull) as exc:  # a fold's work is kept in its checkpoint
         fail(str(exc), 75)
     if res.get("folds_missing"):
         out.print(f"folds still to train: {', '.join(map(str, res['folds_missing']))} (brainseg cv --run "
