@@ -43,7 +43,7 @@ RULES = [
     (["training/**/*.py"], above("registry", "serving", "outcome", "tune", "pipeline", "app", "bench", "cli")
      + ("mlflow", "optuna", "optuna_integration", "streamlit"),
      "training calls MLflow only through tracking (training_run is the tracked run)"),
-    ([f"training/{m}.py" for m in ("train", "train_callbacks", "checkpoint", "throughput", "progress",
+    ([f"training/{m}.py" for m in ("train", "train_callbacks", "checkpoint", "full_disk", "throughput", "progress",
                                    "progress_callbacks")], above("tracking", "registry") + TOOLS,
      "fit without a tracking server (MLflow enters through callbacks and training_run)"),
     (["training/budget.py"], above(*PACKAGES[1:]) + TOOLS + TF,

@@ -28,7 +28,7 @@ def run_pipeline(profile: ProfileOpt = None,
     cpu profile's values into params.yaml (`brainseg profile use cpu`; DVC then re-runs what they
     change). `dvc repro` / `dvc exp run` alone never move `@champion` (register.promote: false).
     """
-    from brainseg.pipeline.run_pipeline import FINAL_WORDS, run_all_stages
+    from brainseg.pipeline.run_pipeline import final_words, run_all_stages
 
     try:
         run_all_stages(profile, use_dvc=dvc, promote=promote, echo=out.print)
@@ -36,7 +36,7 @@ def run_pipeline(profile: ProfileOpt = None,
         fail(str(exc), 2)
     except subprocess.CalledProcessError as exc:
         fail(f"pipeline stage failed: {' '.join(map(str, exc.cmd))} (exit {exc.returncode})", exc.returncode or 1)
-    out.print(FINAL_WORDS, markup=False, highlight=False)
+    out.print(final_words(), markup=False, highlight=False)
     from brainseg.tracking import mlflow_runs
 
     link = run_notes.ui_link(mlflow_runs.set_experiment(EXPERIMENT).experiment_id)

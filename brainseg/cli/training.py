@@ -19,10 +19,10 @@ from brainseg.training.checkpoint import (
     DEFAULT_ROOT,
     Checkpoint,
     CheckpointError,
-    DiskFull,
     interrupted,
     resume_command,
 )
+from brainseg.training.full_disk import DiskFull
 
 # Deferred into the commands: brainseg.{tracking.mlflow_runs, training.training_run, data.context, models}
 # pull in TensorFlow, MLflow or pandas (`brainseg --help` stays fast), and brainseg.training.progress_callbacks

@@ -40,6 +40,7 @@ from brainseg.tracking.run_context import PIPELINE_ENV, PIPELINE_TAG
 DVC_FILE = Path("dvc.yaml")
 PARAMS_FILE = Path("params.yaml")
 REGISTER_REPORT = Path("reports/register.json")
+SURVIVAL_REPORT = Path("reports/survival/cv.json")
 PIPELINE_EXPERIMENT = "brainseg"  # where the pipeline's runs go (cli.common.EXPERIMENT)
 LOCK_NAME = "brainseg-run.lock"
 
@@ -156,3 +157,17 @@ Done. Next:
   dvc metrics show                                              # test report (test_*), survival CV figures
   dvc exp run -S survival.repeats=3                             # an experiment: registers, never moves @champion
 """
+
+
+def final_words(survival_report: Path = SURVIVAL_REPORT) -> str:
+    """:data:`FINAL_WORDS`, without the survival model's lines when the survival stage did not run (data
+    with no usable death01: ``brainseg survival --skip-unsupported``), saying why instead."""
+    try:
+        skipped = json.loads(survival_report.read_text()) if survival_report.is_file() else {}
+    except ValueError:
+        skipped = {}
+    if not skipped.get("skipped"):
+        return FINAL_WORDS
+    lines = [line.replace(", survival CV figures", "") for line in FINAL_WORDS.splitlines()
+             if not any(word in line for word in ("brainseg-survival", "--survival", "survival."))]
+    return "\n".join(lines) + f"\n(no survival model: {skipped.get('reason', 'the survival stage did not run')})\n"

@@ -25,7 +25,6 @@ Pure I/O of NumPy arrays and JSON: no TensorFlow, no MLflow.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from brainseg.settings import locks
+from brainseg.training.full_disk import DISK_FULL, DiskFull, disk_full, error_chain, written_path
 
 STATE = "state.json"
 LOCK = ".lock"
@@ -50,28 +50,6 @@ class CheckpointBusy(CheckpointError):
     """Another process is training this run (it holds the checkpoint's lock)."""
 
 
-class DiskFull(Exception):
-    """The disk filled while the run's model was logged or an epoch was saved; the checkpoint keeps the
-    training up to its last whole epoch (one line)."""
-
-
-DISK_FULL = "disk full while logging the model"
-
-
-def disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an error it came from, is a full disk (ENOSPC, EDQUOT), however a library
-    wrapped it (shutil.Error, h5py's OSError without an errno, MLflow's exceptions)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def disk_full_stop(ckpt: Checkpoint, exc: BaseException) -> DiskFull:
     """Note in ``ckpt`` that the disk filled while its model was logged; the one-line error to raise."""
     try:
@@ -79,24 +57,9 @@ def disk_full_stop(ckpt: Checkpoint, exc: BaseException) -> DiskFull:
         noted = ""
     except (OSError, CheckpointError):
         noted = " (too full even to note why in its state.json)"
-    where = next((f" at {path}" for path in map(_written, _chain(exc)) if path), "")
+    where = next((f" at {path}" for path in map(written_path, error_chain(exc)) if path), "")
     return DiskFull(f"{DISK_FULL}{where}: no model was kept in the store (what was written is deleted); the "
                     f"trained network is kept in {ckpt.folder}/{noted}: free some space, then {resume_command(ckpt)}")
-
-
-def _written(exc: BaseException) -> str | None:
-    """The file a failed write was writing: a copy's destination (``filename2``; shutil.Error's list)."""
-    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
-        return str(exc.args[0][0][1])
-    return (exc.filename2 or exc.filename) if isinstance(exc, OSError) else None
-
-
-def _chain(exc: BaseException | None) -> list[BaseException]:
-    found: list[BaseException] = []
-    while exc is not None and exc not in found:
-        found.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return found
 
 
 def _save_arrays(path: Path, arrays: list[np.ndarray]) -> None:

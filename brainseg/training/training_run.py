@@ -19,7 +19,8 @@ from brainseg.inference.segmenter import InferenceSettings, Segmenter, save_mode
 from brainseg.settings.config import Settings, Train, flatten
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
 from brainseg.tracking.run_context import CHOSEN_ON_TAG
-from brainseg.training.checkpoint import Checkpoint, disk_full, disk_full_stop, resume_command
+from brainseg.training.checkpoint import Checkpoint, disk_full_stop, resume_command
+from brainseg.training.full_disk import disk_full
 from brainseg.training.train import save_trained, train, trained_result
 
 

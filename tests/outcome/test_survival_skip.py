@@ -94,3 +94,15 @@ def test_register_registers_no_survival_model_and_says_why(tmp_path, monkeypatch
                                         survival_summary=tmp_path / "survival/cv.json", echo=lines.append)
     assert lines == ["seg v1", "survival: not registered: data.csv has no death01 for the 3 patients"]
     assert list(results) == ["segmenter"]  # nothing for the promotion gate to put through
+
+
+def test_the_next_steps_offer_no_survival_model_when_its_stage_was_skipped(tmp_path):
+    from brainseg.pipeline.run_pipeline import FINAL_WORDS, final_words
+
+    report = tmp_path / "survival/cv.json"
+    assert final_words(report) == FINAL_WORDS and "brainseg-survival@champion" in FINAL_WORDS  # no report: all
+    write_skipped_survival(report.parent, "data.csv has no death01 for the 3 patients")
+    words = final_words(report)
+    assert "survival" not in words.replace("(no survival model: ", "")
+    assert words.endswith("(no survival model: data.csv has no death01 for the 3 patients)\n")
+    assert "models:/brainseg-segmenter@champion" in words and "brainseg app" in words

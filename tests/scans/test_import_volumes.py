@@ -247,6 +247,7 @@ def test_the_real_sample_as_volumes_imports_and_brainseg_run_trains_registers_an
     assert stdout.count("survival: skipped: ") == 1  # one line, naming the reason
     assert f"survival: skipped: {reason} -> reports/survival/cv.json" in done.stdout.splitlines()
     assert f"survival: not registered: {reason}" in done.stdout.splitlines()
+    assert "brainseg-survival" not in done.stdout and f"(no survival model: {reason})" in done.stdout  # next steps
     assert json.loads((project / "reports/survival/cv.json").read_text()) == {"skipped": True, "reason": reason}
     assert list(json.loads((project / "reports/register.json").read_text())) == ["segmenter"]
     assert "promotion gate: brainseg promote brainseg-segmenter 1" in stdout

@@ -25,7 +25,7 @@ import pytest
 
 from brainseg.registry import model_registry, modelcard
 from brainseg.registry.registration import COMPLETE, INCOMPLETE, TAG
-from brainseg.training.checkpoint import DISK_FULL
+from brainseg.training.full_disk import DISK_FULL
 from conftest import Tracking, make_project
 from helpers import invoke
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from test_budget import FakeClock, _arrays
 
-from brainseg.training.checkpoint import Checkpoint, CheckpointError, DiskFull, interrupted, resume_command
+from brainseg.training.checkpoint import Checkpoint, CheckpointError, interrupted, resume_command
+from brainseg.training.full_disk import DiskFull
 
 
 class Killed(BaseException):
