@@ -47,12 +47,6 @@ LONGEST_FIRST = ("test_pipeline.py", "test_pipeline_corrupted.py", "test_import_
                  "test_commands_chain.py", "test_bench.py", "test_survival.py", "test_selection.py", "test_oof.py")
 
 
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one process more than the cores (at most 4): many tests wait on subprocesses, servers
-    and a browser, and two processes on two cores left CPU time unused (docs/performance.md)."""
-    return min(4, (os.cpu_count() or 1) + 1)
-
-
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
