@@ -101,6 +101,26 @@ def threshold_net(size: int = 16):
     return model
 
 
+def threshold_model(folder: Path, size: int = 32) -> Path:
+    """:func:`threshold_net` saved as a FLAIR-only model folder (float32): a known segmenter for
+    predict, the served model and the page. Returns ``folder``."""
+    from brainseg.inference.segmenter import InferenceSettings, save_model
+    from brainseg.settings.config import Train
+
+    return save_model(threshold_net(size), Train(arch="plain_unet", size=size, channels="flair"),
+                      InferenceSettings(precision="float32"), folder)
+
+
+def json_reply(handler, code: int, payload: dict) -> None:
+    """Answer a request of an ``http.server`` handler with ``payload`` as JSON (a fake server in a test)."""
+    data = json.dumps(payload).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 # ------------------------------------------------------------------ `brainseg run` on a fresh clone
 def pipeline_env() -> dict:
     """The environment of a `brainseg run` in a test: no MLflow variables of this process, and

@@ -111,15 +111,20 @@ def value_kind(value) -> str:
 
 def decode_cell(value, row: int, limits: RequestLimits) -> bytes:
     """One request cell -> the image file's bytes, or a 400 naming the row, the column and the problem."""
-    source = f"row {row}, column {IMAGE_COLUMN!r}"
+    return base64_cell(value, f"row {row}, column {IMAGE_COLUMN!r}", "TIFF or PNG", limits)
+
+
+def base64_cell(value, source: str, kind: str, limits: RequestLimits, noun: str = "image") -> bytes:
+    """A base64 cell (an image, a volume file) -> its bytes within the body limit, or a 400 naming
+    ``source`` and what ``kind`` of file was expected; nothing is decoded past the limit."""
     if not isinstance(value, str):
-        raise bad_request(f"{source}: got {value_kind(value)}; expected a string of base64-encoded TIFF or PNG bytes")
+        raise bad_request(f"{source}: got {value_kind(value)}; expected a string of base64-encoded {kind} bytes")
     value = value.strip()
     if not value:
-        raise bad_request(f"{source}: empty string; expected base64-encoded TIFF or PNG bytes")
+        raise bad_request(f"{source}: empty string; expected base64-encoded {kind} bytes")
     too_big = limits.bytes_problem(len(value) * 3 // 4, about=True)
     if too_big:
-        raise bad_request(f"{source}: {too_big}")
+        raise bad_request(f"{source}: {too_big.replace('image', noun, 1)}")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:

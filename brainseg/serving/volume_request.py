@@ -27,7 +27,6 @@ false), the params applied, ``model_run_id`` and ``data_version``.
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import tempfile
 from pathlib import Path
@@ -42,7 +41,7 @@ from brainseg.outcome.features import PATIENT_FEATURE_COLUMNS
 from brainseg.outcome.physical import PHYSICAL_PATIENT_COLUMNS
 from brainseg.outcome.volume_features import volume_rows
 from brainseg.serving.limits import RequestLimits
-from brainseg.serving.request import PARAMS, PATIENT_COLUMN, bad_request, json_value, names, value_kind
+from brainseg.serving.request import PARAMS, PATIENT_COLUMN, bad_request, base64_cell, json_value, names, value_kind
 
 VOLUME_COLUMN, PRE_COLUMN, POST_COLUMN = "volume", "pre_volume", "post_volume"
 VOLUME_COLUMNS = (VOLUME_COLUMN, PRE_COLUMN, POST_COLUMN)
@@ -75,23 +74,6 @@ def check_table(model_input: pd.DataFrame, limits: RequestLimits) -> None:
                           f"({RequestLimits.ENV['max_rows']}); split the request")
 
 
-def _file_bytes(value, source: str, limits: RequestLimits) -> bytes | None:
-    """A cell -> the NIfTI file's bytes (None for a null pre/post cell), or a 400 naming ``source``."""
-    if not isinstance(value, str):
-        raise bad_request(f"{source}: got {value_kind(value)}; expected a string of base64-encoded NIfTI "
-                          "(.nii or .nii.gz) bytes")
-    value = value.strip()
-    if not value:
-        raise bad_request(f"{source}: empty string; expected base64-encoded NIfTI (.nii or .nii.gz) bytes")
-    too_big = limits.bytes_problem(len(value) * 3 // 4, about=True)
-    if too_big:
-        raise bad_request(f"{source}: {too_big.replace('image', 'volume file', 1)}")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise bad_request(f"{source}: not valid base64 ({exc})") from exc
-
-
 def _header_voxels(path: Path) -> int | None:
     """Spatial voxels a NIfTI header declares (None when the header does not read: the reader says why)."""
     try:
@@ -113,7 +95,7 @@ def decode_volumes(model_input: pd.DataFrame, limits: RequestLimits, volume_limi
             source = f"row {i}, column {column!r}"
             if column != VOLUME_COLUMN and value_kind(value) == "null":
                 continue  # no pre / post for this patient
-            data = _file_bytes(value, source, limits)
+            data = base64_cell(value, source, "NIfTI (.nii or .nii.gz)", limits, noun="volume file")
             path = workdir / f"r{i}-{column}.nii{'.gz' if data[:2] == GZIP_MAGIC else ''}"
             path.write_bytes(data)
             cells[column] = (path, source)

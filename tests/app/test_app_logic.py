@@ -20,7 +20,7 @@ import tifffile
 from brainseg.app import launch, logic
 from brainseg.data import imageio
 from brainseg.outcome.features import SLICE_FEATURE_COLUMNS, slice_features
-from helpers import tiff_bytes
+from helpers import json_reply, tiff_bytes
 
 FOLDER = "TCGA_CS_4941_19960909"
 
@@ -279,12 +279,7 @@ class FakeServer(http.server.BaseHTTPRequestHandler):
         self.reply(200, {"predictions": rows})
 
     def reply(self, code: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        json_reply(self, code, payload)
 
     def log_message(self, *args):
         pass

@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 from brainseg.app import launch, logic
 from brainseg.data.synth import synth_patient
 from brainseg.outcome.features import slice_features
-from helpers import invoke, threshold_net
+from helpers import invoke, json_reply, threshold_model
 
 SPACING = (3.3, 0.9, 0.9)  # (slice, row, column) mm
 
@@ -47,12 +47,9 @@ def patient() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
 
     folder = tmp_path_factory.mktemp("app-volume-model")
-    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
-               InferenceSettings(precision="float32"), folder)
+    threshold_model(folder)
     return folder
 
 
@@ -136,12 +133,7 @@ class PyfuncServer(http.server.BaseHTTPRequestHandler):
         split = body["dataframe_split"]
         frame = pd.DataFrame(split["data"], columns=split["columns"])
         answer = self.model.predict(None, frame, body.get("params"))
-        data = json.dumps({"predictions": answer.to_dict(orient="records")}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        json_reply(self, 200, {"predictions": answer.to_dict(orient="records")})
 
     def log_message(self, *args):
         pass

@@ -14,7 +14,7 @@ import tifffile
 
 from brainseg.data.importer import import_dataset
 from brainseg.data.synth import generate
-from helpers import invoke_flat, project_files, threshold_net, tree
+from helpers import invoke_flat, project_files, threshold_model, tree
 
 DATA = Path("data/raw/kaggle_3m")
 
@@ -242,12 +242,9 @@ def test_predict_that_cannot_write_says_so_and_leaves_no_partial_file(project, t
     import errno
 
     from brainseg.data import imageio
-    from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
 
     model = tmp_path / "model"
-    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
-               InferenceSettings(precision="float32"), model)
+    threshold_model(model)
     real_write, real_mkdir, writes = Path.write_bytes, Path.mkdir, []
 
     def write_bytes(self, data):

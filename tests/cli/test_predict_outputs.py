@@ -14,7 +14,7 @@ import tifffile
 
 from brainseg.data import imageio
 from brainseg.serving.limits import RequestLimits
-from helpers import invoke_flat, project_files, threshold_net
+from helpers import invoke_flat, project_files, threshold_model
 
 SIZE = 64
 
@@ -22,12 +22,9 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A fixed network (bright FLAIR pixels are tumor) saved as a model folder."""
-    from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
 
     folder = tmp_path_factory.mktemp("model")
-    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
-               InferenceSettings(precision="float32"), folder)
+    threshold_model(folder)
     return folder
 
 

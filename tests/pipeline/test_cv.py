@@ -165,22 +165,29 @@ def test_a_registered_ensemble_served_by_mlflow_answers_the_masks_of_brainseg_pr
         np.testing.assert_array_equal(mask, by_predict[f.name], err_msg=f.name)
 
 
+def stored_cv(uri: str):
+    """(the CV parent's run id, its stored settings checked, its data) in a project of ``killed_and_resumed``."""
+    from brainseg.data.context import DataContext
+    from brainseg.pipeline import cv
+
+    parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
+    settings = validate_settings(cv.stored_settings(parent))
+    return parent, settings, DataContext.from_settings(settings)
+
+
 def test_a_study_refit_by_cross_validation_registers_the_ensemble_with_its_evidence(killed_and_resumed,
                                                                                      monkeypatch):
     """`tune.refit: cv`: the best trial's configuration cross-validated, the ensemble registered with
     out-of-fold evidence (never scored on the validation patients it trained on)."""
     import mlflow
 
-    from brainseg.data.context import DataContext
-    from brainseg.pipeline import cv, study_evidence
+    from brainseg.pipeline import study_evidence
     from brainseg.tracking import mlflow_runs
 
     path, uri, _, _ = killed_and_resumed
     monkeypatch.chdir(path)
-    parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
     with Tracking(path / "mlflow.db"):
-        settings = validate_settings(cv.stored_settings(parent))
-        ctx = DataContext.from_settings(settings)
+        parent, settings, ctx = stored_cv(uri)
         mlflow_runs.set_experiment("brainseg")
         summary = {"best_trial": 0, "best_params": {"lr": 0.002}, "parent_run_id": None}
         out = study_evidence.refit_cv(settings, ctx, "brainseg", summary, register=True, echo=lambda _: None)
@@ -222,16 +229,13 @@ def test_no_test_mask_is_read_before_the_report_and_corrupting_them_changes_only
     """The choices (post-processing) and the out-of-fold figures come from the same fold models
     whatever the test masks hold; only the test report moves."""
     from brainseg.data import imageio
-    from brainseg.data.context import DataContext
     from brainseg.pipeline import cv, cv_ensemble
     from brainseg.tracking import mlflow_runs
 
     path, uri, _, _ = killed_and_resumed
     monkeypatch.chdir(path)
-    parent = runs(uri, **{"brainseg.role": "cv"})[0].info.run_id
     with Tracking(path / "mlflow.db"):
-        settings = validate_settings(cv.stored_settings(parent))
-        ctx = DataContext.from_settings(settings)
+        parent, settings, ctx = stored_cv(uri)
         plan = cv.plan_cv(settings, ctx)
         done = cv.finished_folds("brainseg", parent)
         test_masks = set(ctx.rows("test")["mask_path"])

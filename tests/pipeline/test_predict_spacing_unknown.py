@@ -8,15 +8,12 @@ import pandas as pd
 from brainseg.data.synth import generate
 from brainseg.outcome.physical import PHYSICAL_PATIENT_COLUMNS, PHYSICAL_SLICE_COLUMNS
 from brainseg.pipeline.predict import SPACING_UNKNOWN
-from helpers import invoke_flat, threshold_net
+from helpers import invoke_flat, threshold_model
 
 
 def test_slice_files_get_null_physical_columns_and_one_line_saying_why(tmp_path):
-    from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
 
-    model = save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
-                       InferenceSettings(precision="float32"), tmp_path / "model")
+    model = threshold_model(tmp_path / "model")
     root = generate(tmp_path / "kaggle_3m", patients=2, slices=4, size=64, seed=3)
     code, output = invoke_flat("predict", root, "--out", tmp_path / "out", "--model", model)
     assert code == 0, output

@@ -29,7 +29,7 @@ from brainseg.data import imageio
 from brainseg.data.synth import synth_patient
 from brainseg.serving.volume_request import VOLUME_OUTPUT_COLUMNS
 from conftest import Tracking
-from helpers import invoke, strict_json, threshold_net
+from helpers import invoke, strict_json, threshold_model
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -100,12 +100,9 @@ def patient() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from brainseg.inference.segmenter import InferenceSettings, save_model
-    from brainseg.settings.config import Train
 
     folder = tmp_path_factory.mktemp("volume-model")
-    save_model(threshold_net(32), Train(arch="plain_unet", size=32, channels="flair"),
-               InferenceSettings(precision="float32"), folder)
+    threshold_model(folder)
     return folder
 
 
