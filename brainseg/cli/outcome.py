@@ -24,6 +24,11 @@ def features(root: Annotated[Optional[Path], typer.Argument(help="Dataset folder
                                                "split fold (survival.oof), each predicting the patients it never saw.")]
              = False,
              output: Annotated[Path, typer.Option("--out")] = Path("reports/features"),
+             skip_unsupported: Annotated[bool, typer.Option("--skip-unsupported", help="With --oof: if data.csv "
+                                                            "cannot support the death01 model (the fold "
+                                                            "segmenters' only use), train none; the tables "
+                                                            "then hold no features and source.json says why "
+                                                            "(the pipeline's features stage).")] = False,
              profile: ProfileOpt = None, set_: SetOpt = None):
     """Tumor area, centroid, spread and shape per slice and per patient (slices.csv, patients.csv, source.json)."""
     from brainseg.outcome.workflow import compute_features
@@ -31,9 +36,15 @@ def features(root: Annotated[Optional[Path], typer.Argument(help="Dataset folder
     settings = settings_or_fail(profile, set_)
     try:
         res = compute_features(settings, out_dir=output, root=root, truth=truth, model=model, oof=oof,
+                               skip_unsupported=skip_unsupported,
                                echo=lambda line: console.print(line, markup=False, highlight=False))
     except (FileNotFoundError, ValueError, ConfigError) as exc:
         fail(str(exc), 2)
+    if res.get("skipped"):
+        out.print(f"features --oof: skipped: {res['reason']}; no fold segmenter trained (they serve only the "
+                  f"death01 model); {output}/ names the {res['patients']} patients without features "
+                  f"(`brainseg features --truth` or `--model URI` gives features)")
+        return
     out.print(f"features of {res['slices']} slices, {res['patients']} patients (masks: {res['features_from']}; "
               f"{'synthetic' if res['synthetic'] else 'real'} data {res['data_version'][:12]}) -> "
               f"{output}/slices.csv, patients.csv")

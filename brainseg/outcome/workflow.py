@@ -1,7 +1,10 @@
 """The ``brainseg features`` and ``brainseg survival`` workflows: read, compute, track, write.
 
 ``compute_features`` writes slices.csv, patients.csv and source.json (which masks, which data
-version, whether the data is synthetic); ``run_survival`` reads them, compares the candidates
+version, whether the data is synthetic); with ``skip_unsupported``, out-of-fold features of data
+whose data.csv cannot support the death01 model are not computed (their fold segmenters exist only
+for that model): the tables then hold the patients and slices without features, and source.json says
+why. ``run_survival`` reads them, compares the candidates
 with repeated CV, fits the final pipeline declared in params.yaml (``survival.final``) and logs
 everything to MLflow, then writes cv.json, metrics.json, comparison.csv and importances.csv. Where
 data.csv cannot support the cross-validation (``survival_skip_reason``), ``write_skipped_survival``
@@ -34,7 +37,7 @@ from brainseg.outcome.cv import (
 )
 from brainseg.outcome.features import features_for_manifest
 from brainseg.outcome.model import coefficients, join_features, make_pipeline
-from brainseg.outcome.oof import oof_masks
+from brainseg.outcome.oof import FoldReport, oof_masks
 from brainseg.outcome.runs import log_fit, summary_row
 from brainseg.registry.model_registry import load_segmenter
 from brainseg.registry.modelcard import survival_failures
@@ -44,20 +47,29 @@ SOURCE_FILE = "source.json"
 REPORT_FILES = ("cv.json", "metrics.json", "comparison.csv", "importances.csv", "coefficients.csv")
 # ------------------------------------------------------------------------------------ features
 def compute_features(settings: Settings, *, out_dir: Path, root: Path | None = None, truth: bool = False,
-                     model: str | None = None, oof: bool = False, echo: Callable[[str], None] = print) -> dict:
+                     model: str | None = None, oof: bool = False, skip_unsupported: bool = False,
+                     echo: Callable[[str], None] = print) -> dict:
     """Per-slice and per-patient features from truth masks, one model's masks, or out-of-fold masks.
 
     ``oof`` trains one cheap segmenter per split fold (``survival.oof.train`` on top of ``train``)
     on the project's manifest and split; the others read the dataset at ``root`` (default data.root).
+    ``skip_unsupported`` (with ``oof``): where data.csv cannot support the death01 model
+    (:func:`outcome_unsupported`), no fold segmenter is trained and :func:`write_skipped_features`
+    writes the tables without features; the result then has ``skipped`` and ``reason``.
     """
     if sum([truth, model is not None, oof]) != 1:
         raise ValueError("give exactly one of --truth, --model URI or --oof")
+    if skip_unsupported and not oof:
+        raise ValueError("--skip-unsupported goes with --oof (the features made for the death01 model)")
     reports = None
     if oof:
         if root is not None and Path(root).resolve() != Path(settings.data.root).resolve():
             raise ValueError("--oof uses the project's manifest and split: set data.root (--set data.root=...) "
                              "instead of a ROOT argument")
         ctx = DataContext.from_settings(settings)
+        reason = skip_unsupported and outcome_unsupported(settings, ctx.manifest["patient"].astype(str).unique())
+        if reason:
+            return write_skipped_features(Path(out_dir), ctx.manifest, ctx.root, reason)
         # fold segmenters are sized in epochs (survival.oof.train): no recipe budget or resize schedule
         cfg = Train.from_dict({**settings.train.model_dump(), **EPOCH_SIZED, **settings.survival.oof.train.given()})
         found, m = ctx.root, ctx.manifest
@@ -94,6 +106,21 @@ def compute_features(settings: Settings, *, out_dir: Path, root: Path | None = N
         pd.DataFrame(doc["folds"]).to_csv(out_dir / "folds.csv", index=False)
     (out_dir / SOURCE_FILE).write_text(json.dumps(doc, indent=2))
     return {"slices": len(slices), "patients": len(patients), "out_dir": out_dir, **doc}
+
+
+def write_skipped_features(out_dir: Path, manifest: pd.DataFrame, root: Path, reason: str) -> dict:
+    """The out-of-fold features' outputs when the data cannot support the death01 model: patients.csv
+    and slices.csv name the patients and slices with no feature column, folds.csv has no row, and
+    source.json says ``skipped`` and why (the survival stage then skips on the same reason)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    patients = manifest["patient"].astype(str).drop_duplicates().tolist()
+    manifest[["patient", "slice"]].to_csv(out_dir / "slices.csv", index=False)
+    pd.DataFrame({"patient": patients}).to_csv(out_dir / "patients.csv", index=False)
+    pd.DataFrame(columns=[f.name for f in dataclasses.fields(FoldReport)]).to_csv(out_dir / "folds.csv", index=False)
+    doc = {"masks": None, "features_from": "skipped", "skipped": True, "reason": reason, "root": str(root),
+           "data_version": data_version(root), "synthetic": is_synthetic(root, patients)}
+    (out_dir / SOURCE_FILE).write_text(json.dumps(doc, indent=2))
+    return {"slices": 0, "patients": len(patients), "out_dir": out_dir, **doc}
 
 
 def read_features(csv: Path) -> tuple[pd.DataFrame, dict]:
@@ -134,6 +161,9 @@ def fit_survival(settings: Settings, *, features_csv: Path, clinical_csv: Path |
     sv = settings.survival
     root = Path(settings.data.root)
     main_table, source = read_features(features_csv)
+    if source.get("skipped"):
+        raise ValueError(f"{features_csv}: holds no features: `brainseg features --oof --skip-unsupported` skipped "
+                         f"them ({source.get('reason')}); run `brainseg features --oof` again")
     clinical = read_clinical(Path(clinical_csv or root / "data.csv"))
     X_main, y, report = join_features(clinical, main_table)
     main_from = source["features_from"]
@@ -194,9 +224,14 @@ def survival_skip_reason(settings: Settings, *, features_csv: Path, clinical_csv
     """Why the data cannot support ``brainseg survival`` (:func:`brainseg.outcome.cv.survival_unsupported`:
     no data.csv, no death01 for the patients of ``features_csv``, too few of a class), or None.
     Reads data.csv and the features' patients; a data.csv that cannot be read raises ClinicalError."""
+    return outcome_unsupported(settings, read_features(features_csv)[0]["patient"].astype(str).tolist(), clinical_csv)
+
+
+def outcome_unsupported(settings: Settings, patients: Sequence[str], clinical_csv: Path | None = None) -> str | None:
+    """Why data.csv (``clinical_csv``, default data.root/data.csv) cannot support the death01 model
+    of ``patients`` (:func:`brainseg.outcome.cv.survival_unsupported`), or None."""
     path = Path(clinical_csv or Path(settings.data.root) / "data.csv")
-    patients = read_features(features_csv)[0]["patient"].astype(str).tolist()
-    return survival_unsupported(read_clinical(path) if path.is_file() else None, patients, str(path))
+    return survival_unsupported(read_clinical(path) if path.is_file() else None, list(patients), str(path))
 
 
 def write_skipped_survival(out_dir: Path, reason: str) -> dict:

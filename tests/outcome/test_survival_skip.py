@@ -1,7 +1,8 @@
 """The survival stage where data.csv cannot support it (imported volumes often come without outcomes):
 the reason in words (pure, a table), `brainseg survival --skip-unsupported` writing cv.json and
 metrics.json that say so (no score, no model, no stale report left), the same reason as a refusal
-without the flag, and `register` naming it instead of registering a survival model. The real sample
+without the flag, `brainseg features --oof --skip-unsupported` training no fold segmenter for a model
+that cannot be fitted, and `register` naming it instead of registering a survival model. The real sample
 through `brainseg run` is in tests/scans/test_import_volumes.py."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from brainseg.outcome.cv import survival_unsupported
 from brainseg.outcome.workflow import write_skipped_survival
 from brainseg.pipeline import workflows
 from brainseg.settings.config import validate_settings
+from conftest import make_project
 from helpers import invoke_flat, project_files
 
 PATIENTS = ["P1", "P2", "P3", "P4"]
@@ -80,6 +82,53 @@ def test_one_death_among_the_patients_is_skipped_with_the_counts(project, tmp_pa
                                "--clinical", tmp_path / "clinical.csv", "--skip-unsupported")
     assert code == 0 and output == (f"survival: skipped: {tmp_path / 'clinical.csv'}: death01 = 1 for 1 of 3 "
                                     f"patients (2 with 0): {TOO_FEW} -> reports/survival/cv.json")
+
+
+def test_features_oof_trains_no_fold_segmenter_for_data_without_death01(tmp_path, monkeypatch):
+    """The pipeline's features stage on data without outcomes: one line, no training (the fold
+    segmenters serve only the death01 model), the stage's four outputs naming the patients without
+    features; the survival stage then skips on the same reason, and survival asked for by hand on
+    these tables names them. Without --oof the flag is refused."""
+    import brainseg.outcome.workflow as workflow
+
+    project = make_project(tmp_path / "p", patients=6, slices=4, size=32)
+    monkeypatch.chdir(project)
+    data_csv = project / "data/raw/kaggle_3m/data.csv"
+    patients = pd.read_csv(data_csv)["Patient"].tolist()
+    pd.DataFrame({"Patient": patients}).to_csv(data_csv, index=False)  # an import without --clinical
+    for args in (("data", "manifest"), ("data", "split", "--set", "split.folds=3")):
+        assert invoke_flat(*args)[0] == 0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a fold segmenter was trained")
+
+    monkeypatch.setattr(workflow, "oof_masks", no_training)
+    reason = f"data/raw/kaggle_3m/data.csv has no death01 for the {len(patients)} patients"
+    code, output = invoke_flat("features", "--oof", "--skip-unsupported", "--out", "reports/features",
+                               "--set", "split.folds=3")
+    assert code == 0 and output == (f"features --oof: skipped: {reason}; no fold segmenter trained (they serve only "
+                                    f"the death01 model); reports/features/ names the {len(patients)} patients "
+                                    "without features (`brainseg features --truth` or `--model URI` gives features)")
+    out = project / "reports/features"
+    assert sorted(p.name for p in out.iterdir()) == ["folds.csv", "patients.csv", "slices.csv", "source.json"]
+    assert sorted(pd.read_csv(out / "patients.csv")["patient"]) == sorted(patients)
+    assert list(pd.read_csv(out / "slices.csv").columns) == ["patient", "slice"]
+    assert len(pd.read_csv(out / "slices.csv")) == 4 * len(patients) and pd.read_csv(out / "folds.csv").empty
+    source = json.loads((out / "source.json").read_text())
+    assert source["skipped"] is True and source["reason"] == reason and source["features_from"] == "skipped"
+    code, output = invoke_flat("survival", "--features", out / "patients.csv", "--out", "reports/survival",
+                               "--skip-unsupported")
+    assert code == 0 and output.startswith(f"survival: skipped: {reason} -> ")
+    code, output = invoke_flat("survival", "--features", out / "patients.csv", "--out", "reports/by-hand")
+    assert code == 2 and output == f"error: {reason}"
+    outcomes = tmp_path / "clinical.csv"  # outcomes that arrive later: the skipped tables are stale, and say so
+    pd.DataFrame({"Patient": patients, "death01": [0, 1] * (len(patients) // 2)}).to_csv(outcomes, index=False)
+    code, output = invoke_flat("survival", "--features", out / "patients.csv", "--out", "reports/by-hand",
+                               "--clinical", outcomes)
+    assert code == 2 and output == (f"error: {out / 'patients.csv'}: holds no features: `brainseg features --oof "
+                                    f"--skip-unsupported` skipped them ({reason}); run `brainseg features --oof` again")
+    code, output = invoke_flat("features", "--truth", "--skip-unsupported", "--out", "reports/t")
+    assert code == 2 and output == "error: --skip-unsupported goes with --oof (the features made for the death01 model)"
 
 
 def test_register_registers_no_survival_model_and_says_why(tmp_path, monkeypatch):

@@ -6,10 +6,11 @@ nothing replaced at --dest. The real 6-patient sample (slow): each patient's thr
 multi-class label written as NIfTI (0.9 x 0.9 x 3.3 mm, stored RAS, a non-zero origin) in BraTS
 names are imported (no outcome table, as BraTS gives none) into a fresh clone, back into exactly the
 original slices and masks; then `brainseg run --profile smoke` validates, splits, tunes, registers and
-promotes the segmenter and reports on the test patient, while its survival stage is skipped in one line
-naming the reason (data.csv has no death01) and no survival model is registered; `dvc status` is
-clean after it, and the champion's evaluation of all 6 patients reports the volumes in mL and HD95
-in mm. The skip itself, fast and synthetic: tests/outcome/test_survival_skip.py.
+promotes the segmenter and reports on the test patient, while its survival stage (and the out-of-fold
+segmenters that serve only it) is skipped in one line naming the reason (data.csv has no death01) and
+no survival model is registered; `dvc status` is clean after it, and the champion's evaluation of
+all 6 patients reports the volumes in mL and HD95 in mm. The skip itself, fast and synthetic:
+tests/outcome/test_survival_skip.py.
 """
 
 from __future__ import annotations
@@ -245,6 +246,8 @@ def test_the_real_sample_as_volumes_imports_and_brainseg_run_trains_registers_an
     assert "patients: 6 slices: 176" in stdout and "problems: 0" in stdout  # the validate stage
     reason = "data/raw/kaggle_3m/data.csv has no death01 for the 6 patients"
     assert stdout.count("survival: skipped: ") == 1  # one line, naming the reason
+    assert f"features --oof: skipped: {reason}; no fold segmenter trained" in stdout  # nothing trained for it
+    assert "fold 0: trained on" not in stdout
     assert f"survival: skipped: {reason} -> reports/survival/cv.json" in done.stdout.splitlines()
     assert f"survival: not registered: {reason}" in done.stdout.splitlines()
     assert "brainseg-survival" not in done.stdout and f"(no survival model: {reason})" in done.stdout  # next steps
