@@ -15,7 +15,7 @@ from pathlib import Path
 from brainseg.data.context import DataContext
 from brainseg.pipeline.study_evidence import noise_line, refit_cv, top_two_noise
 from brainseg.registry import model_registry
-from brainseg.registry.promotion import register_segmenter, register_survival
+from brainseg.registry.promotion import other_data_survival_champion, register_segmenter, register_survival
 from brainseg.settings.config import Settings
 from brainseg.settings.settings_io import ConfigError
 from brainseg.tracking import mlflow_runs, run_context, run_metrics
@@ -150,6 +150,9 @@ def register_models(settings: Settings, *, tune_summary: Path | None, run_id: st
     survival = json.loads(survival_summary.read_text()) if survival_summary and survival_summary.is_file() else None
     if survival and survival.get("skipped"):  # the survival stage did not run (brainseg survival --skip-unsupported)
         echo(f"survival: not registered: {survival['reason']}")
+        stale = other_data_survival_champion(settings, ctx.version)
+        if stale:
+            echo(stale)
     elif survival:
         results["survival"] = register_survival(settings, survival, promote=promote, force=force)
         echo(results["survival"]["decision"])

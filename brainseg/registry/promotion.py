@@ -222,6 +222,18 @@ def register_survival(settings: Settings, summary: dict, promote: bool = False, 
     return out
 
 
+def other_data_survival_champion(settings: Settings, data_version: str) -> str | None:
+    """Where the data cannot give a survival model (no death01): a line naming the survival champion
+    that stays although it was fitted on other data, or None (no champion, or one of this data)."""
+    name = settings.register_.survival_name
+    mv = model_registry.champion(name)
+    if mv is None or mv.tags.get("data_version", "") == data_version:
+        return None
+    fitted = mv.tags.get("data_version") or "of unknown version"
+    return (f"survival: {name}@champion (version {mv.version}) stays, fitted on other data ({fitted[:12]}; "
+            f"this data is {data_version[:12]}): it was not made from these patients")
+
+
 def promote(settings: Settings, name: str, version: str, force: bool = False, ctx: DataContext | None = None) -> dict:
     """``brainseg promote NAME VERSION``: the gate of whichever model ``name`` is."""
     reg = settings.register_

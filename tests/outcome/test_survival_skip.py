@@ -131,17 +131,31 @@ def test_features_oof_trains_no_fold_segmenter_for_data_without_death01(tmp_path
     assert code == 2 and output == "error: --skip-unsupported goes with --oof (the features made for the death01 model)"
 
 
-def test_register_registers_no_survival_model_and_says_why(tmp_path, monkeypatch):
+@pytest.mark.parametrize("champion_data", [None, "v-this-data", "v-other-data-0123456789"])
+def test_register_registers_no_survival_model_and_says_why(tmp_path, monkeypatch, champion_data):
+    """No survival model for this data; a survival champion of other data stays, and is named as such."""
+    from types import SimpleNamespace
+
+    from brainseg.registry import promotion
+
     monkeypatch.setattr(workflows, "register_segmenter", lambda *a, **k: {"name": "seg", "version": "1",
                                                                           "promoted": None, "decision": "seg v1"})
-    monkeypatch.setattr(workflows.DataContext, "from_settings", staticmethod(lambda settings: None))
+    monkeypatch.setattr(workflows.DataContext, "from_settings",
+                        staticmethod(lambda settings: SimpleNamespace(version="v-this-data")))
+    champion = None if champion_data is None else SimpleNamespace(version="4", tags={"data_version": champion_data})
+    monkeypatch.setattr(promotion.model_registry, "champion", lambda name: champion)
     tune = tmp_path / "tune.json"
     tune.write_text(json.dumps({"best_run_id": "r1", "best_model_uri": "models:/m-1"}))
     write_skipped_survival(tmp_path / "survival", "data.csv has no death01 for the 3 patients")
     lines = []
-    results = workflows.register_models(validate_settings({"register": {"promote": False}}), tune_summary=tune,
+    settings = validate_settings({"register": {"promote": False, "survival_name": "brainseg-survival"}})
+    results = workflows.register_models(settings, tune_summary=tune,
                                         survival_summary=tmp_path / "survival/cv.json", echo=lines.append)
-    assert lines == ["seg v1", "survival: not registered: data.csv has no death01 for the 3 patients"]
+    expected = ["seg v1", "survival: not registered: data.csv has no death01 for the 3 patients"]
+    if champion_data == "v-other-data-0123456789":
+        expected.append("survival: brainseg-survival@champion (version 4) stays, fitted on other data (v-other-data; "
+                        "this data is v-this-data): it was not made from these patients")
+    assert lines == expected
     assert list(results) == ["segmenter"]  # nothing for the promotion gate to put through
 
 
