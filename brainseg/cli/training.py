@@ -156,7 +156,9 @@ def checkpoints(checkpoint_dir: Annotated[Path, typer.Option(help="The folder `b
     if not found:
         out.print(f"no interrupted runs under {checkpoint_dir}/")
         return
-    out.print(f"{len(found)} interrupted run(s) in {checkpoint_dir}/, newest first:")
+    running = sum(st.get("running") is not None for _, st in found)
+    out.print(f"{len(found) - running} interrupted run(s)" + (f" and {running} being trained now" if running else "")
+              + f" in {checkpoint_dir}/, newest first:")
     for ckpt, st in found:
         if st.get("running") is not None:
             out.print(f"{ckpt.run_id}: being trained now by {holder_line(st['running'])}", markup=False,

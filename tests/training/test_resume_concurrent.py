@@ -138,6 +138,7 @@ def test_two_resumes_of_one_run_one_trains_the_other_is_refused_naming_it(killed
         assert "brainseg train --progress lines --resume" in line
         listed = _brainseg(project, "checkpoints").stdout
         assert f"{run_id}: being trained now by pid {second.pid}" in listed
+        assert listed.startswith("0 interrupted run(s) and 1 being trained now in checkpoints/"), listed
         seen += _until_an_epoch(second)
     finally:
         second.send_signal(signal.SIGTERM)
