@@ -3,9 +3,9 @@
 The defaults let one whole patient volume through in one request (the largest real LGG patient has
 88 slices; ``max_rows`` 128), so the stored per-patient 3-D step sees the volume over
 REST as it does in ``evaluate`` and ``brainseg predict``, while ``max_pixels`` bounds the memory of
-a request (128 slices of 256x256). ``max_body_bytes`` bounds the HTTP body before MLflow's scoring
-server reads it; only the server of :mod:`brainseg.serving.scoring_app` applies it (``mlflow models
-serve`` has no such setting).
+a request (160 slices of 256x256: a BraTS volume of 240 x 240 x 155 fits).
+``max_body_bytes`` bounds the HTTP body before MLflow's scoring server reads it; only the server
+of :mod:`brainseg.serving.scoring_app` applies it (``mlflow models serve`` has no such setting).
 
 The limits of one image (:meth:`RequestLimits.image_problem`: at least :attr:`RequestLimits.MIN_SIDE_PX`
 a side, at most ``max_image_bytes`` encoded) are the same for the served model and ``brainseg predict``:
@@ -24,7 +24,7 @@ class RequestLimits:
     """Limits per request, overridden by the ``BRAINSEG_SERVE_*`` variables of :data:`ENV`."""
 
     max_rows: int = 128
-    max_pixels: int = 8_388_608
+    max_pixels: int = 10_485_760
     max_image_bytes: int = 16 * 2**20
     max_body_bytes: int = 64 * 2**20
     body_timeout_s: int = 30  # the whole body must arrive within this (a stalled client gets a 408)

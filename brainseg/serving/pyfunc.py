@@ -28,7 +28,7 @@ the environment of the serving process when the model loads
 
 - ``BRAINSEG_SERVE_MAX_ROWS`` (default 128, more than the 88 slices of the largest real patient):
   slices per request;
-- ``BRAINSEG_SERVE_MAX_PIXELS`` (default 8,388,608 = 128 slices of 256x256): total pixels of
+- ``BRAINSEG_SERVE_MAX_PIXELS`` (default 10,485,760 = 160 slices of 256x256): total pixels of
   all slices of a request (each image also obeys the decoder's own per-image limit);
 - ``BRAINSEG_SERVE_MAX_IMAGE_BYTES`` (default 16 MiB): encoded size of one image;
 - ``BRAINSEG_SERVE_MAX_BODY_BYTES`` (default 64 MiB): the HTTP body, refused with a 413 before

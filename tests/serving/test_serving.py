@@ -132,9 +132,9 @@ def synth_images(tmp_path_factory) -> list[np.ndarray]:
 
 # --------------------------------------------------------------- in process: the pyfunc's pieces
 @pytest.mark.parametrize("env, expected", [
-    ({}, (128, 8_388_608, 16 * MiB, 64 * MiB)),
+    ({}, (128, 10_485_760, 16 * MiB, 64 * MiB)),
     ({"BRAINSEG_SERVE_MAX_ROWS": "3", "BRAINSEG_SERVE_MAX_PIXELS": "1000"}, (3, 1000, 16 * MiB, 64 * MiB)),
-    ({"BRAINSEG_SERVE_MAX_IMAGE_BYTES": " ", "BRAINSEG_SERVE_MAX_BODY_BYTES": "99"}, (128, 8_388_608, 16 * MiB, 99)),
+    ({"BRAINSEG_SERVE_MAX_IMAGE_BYTES": " ", "BRAINSEG_SERVE_MAX_BODY_BYTES": "99"}, (128, 10_485_760, 16 * MiB, 99)),
 ])
 def test_request_limits_come_from_the_environment_with_safe_defaults(env, expected):
     limits = RequestLimits.from_env(env)

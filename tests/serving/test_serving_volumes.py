@@ -201,11 +201,31 @@ def bad_volumes(patient: np.ndarray) -> dict[str, tuple[bytes, str]]:
                                            f"64x64x40 = 163,840 voxels is over the {MAX_VOXELS:,}-voxel limit "
                                            "(BRAINSEG_MAX_VOXELS)"),
         "over the request's pixels": (header_only((2048, 2048, 4)), "the request's volumes hold more than the "
-                                      "limit of 8,388,608 pixels per request (BRAINSEG_SERVE_MAX_PIXELS"),
+                                      "limit of 10,485,760 pixels per request (BRAINSEG_SERVE_MAX_PIXELS"),
         "a gzip bomb": (gzip_bomb(flair), "header says 64x64x12 uint8 voxels (49,152 bytes) but the file holds "
                                           "more data"),
         "not NIfTI": (b"just some text, not a scan", "not a readable NIfTI file"),
     }
+
+
+def test_a_brats_sized_volume_is_within_the_default_request_budget(tmp_path):
+    """A BraTS FLAIR (240 x 240 x 155) passes the served request's default pixel budget, as `brainseg
+    predict --flair` reads it (what refuses this header-only file is the reader: its data is missing);
+    a volume over the budget is refused by the budget's name."""
+    from brainseg.data.scan import VolumeLimits
+    from brainseg.serving.limits import RequestLimits
+    from brainseg.serving.request import RequestError
+    from brainseg.serving.volume_request import decode_volumes
+
+    def refusal(shape):
+        with pytest.raises(RequestError) as refused:
+            decode_volumes(pd.DataFrame({"volume": [b64(header_only(shape))]}), RequestLimits(), VolumeLimits(),
+                           tmp_path)
+        return str(refused.value)
+
+    assert refusal((240, 240, 155)).startswith("row 0, column 'volume': header says 240x240x155 uint8 voxels "
+                                               "(8,928,000 bytes) but the file holds 64: truncated")
+    assert "BRAINSEG_SERVE_MAX_PIXELS" in refusal((256, 256, 161))
 
 
 def test_each_bad_volume_gets_a_400_naming_the_cell_and_the_problem(server, patient):
