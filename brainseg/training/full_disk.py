@@ -21,16 +21,8 @@ DISK_FULL = "disk full while logging the model"
 def disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc``, or an error it came from, is a full disk (ENOSPC, EDQUOT), however a library
     wrapped it (shutil.Error, h5py's OSError without an errno, MLflow's exceptions)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
+    return any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+               or "No space left on device" in str(e) or "Disk quota exceeded" in str(e) for e in error_chain(exc))
 
 
 def written_path(exc: BaseException) -> str | None:
